@@ -1,0 +1,1 @@
+"""Flower ClientApp of lordba-fl (thin: all logic lives in lordba_fl)."""

@@ -1,0 +1,346 @@
+"""The LoRDBA layer: a double-binary low-rank adapter over a frozen (quantized) linear layer.
+
+Forward (DESIGN §1)::
+
+    y = base(x) + g * s_out * (S2 @ (s_mid * (S1 @ (s_in * x))))      S1 = sign(L1), S2 = sign(L2)
+
+The scales are folded into the two small factors, ``A = S1 * s_mid[:, None] * s_in[None, :]`` (r, in)
+and ``B = S2 * s_out[:, None]`` (out, r), so the adapter costs exactly what LoRA costs: two thin
+matmuls. One autograd function does the whole adapter path and keeps for backward only what LoRA
+keeps (the input and the ``(.., r)`` bottleneck activation) plus references to the parameters: the
+signs are computed once in forward and once more in backward from the latents, instead of keeping
+full-size sign, folded-factor or scaled-activation copies alive between the two passes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from lordba_fl.config import LoRDBAConfig
+
+# --------------------------------------------------------------------------------------------------
+# Straight-through estimators: forward is always sign(L) with sign(0) = +1; backward multiplies the
+# incoming gradient by a surrogate derivative d sign(L) / dL.
+
+
+def _smooth_ste_grad(latent: torch.Tensor, k: float) -> torch.Tensor:
+    return k * (1.0 - torch.tanh(k * latent).square())
+
+
+def _clipped_ste_grad(latent: torch.Tensor, k: float) -> torch.Tensor:
+    return (latent.abs() <= 1.0).to(latent.dtype)
+
+
+STE_REGISTRY: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "smooth": _smooth_ste_grad,
+    "clipped": _clipped_ste_grad,
+}
+
+
+def binarize(latent: torch.Tensor) -> torch.Tensor:
+    """``sign(L)`` with ``sign(0) = +1``, in the latent's dtype."""
+    return torch.where(latent < 0, -1.0, 1.0).to(latent.dtype)
+
+
+def ste_grad(name: str, latent: torch.Tensor, k: float) -> torch.Tensor:
+    """Surrogate derivative of the STE ``name`` at ``latent``."""
+    try:
+        fn = STE_REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown STE {name!r}; known: {sorted(STE_REGISTRY)}") from None
+    return fn(latent, k)
+
+
+def _ones_if_none(s: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.ones(n, dtype=like.dtype, device=like.device) if s is None else s
+
+
+class _LoRDBADelta(torch.autograd.Function):
+    """``g * ((x @ A^T) @ B^T)`` with ``A``, ``B`` folded from signs and scales; see module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, latent_a, latent_b, s_in, s_mid, s_out, scaling, ste, ste_k):
+        r, n_in = latent_a.shape
+        n_out = latent_b.shape[0]
+        s1 = binarize(latent_a)  # (r, in)
+        s2 = binarize(latent_b)  # (out, r)
+        a = s1 * _ones_if_none(s_mid, r, latent_a)[:, None] * _ones_if_none(s_in, n_in, latent_a)[None, :]  # (r, in)
+        b = s2 * _ones_if_none(s_out, n_out, latent_b)[:, None]  # (out, r)
+        del s1, s2
+        h = x @ a.to(x.dtype).t()  # (..., in) -> (..., r)
+        out = (h @ b.to(x.dtype).t()) * scaling  # (..., r) -> (..., out)
+        ctx.save_for_backward(x, h, latent_a, latent_b, s_in, s_mid, s_out)
+        ctx.scaling, ctx.ste, ctx.ste_k = scaling, ste, ste_k
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, h, latent_a, latent_b, s_in, s_mid, s_out = ctx.saved_tensors
+        r, n_in = latent_a.shape
+        n_out = latent_b.shape[0]
+        s1 = binarize(latent_a)  # (r, in)
+        s2 = binarize(latent_b)  # (out, r)
+        sin = _ones_if_none(s_in, n_in, latent_a)
+        smid = _ones_if_none(s_mid, r, latent_a)
+        sout = _ones_if_none(s_out, n_out, latent_b)
+        a = s1 * smid[:, None] * sin[None, :]  # (r, in)
+        b = s2 * sout[:, None]  # (out, r)
+
+        g = grad_out * ctx.scaling  # (..., out)
+        g2 = g.reshape(-1, n_out)  # (N, out)
+        grad_h = g2 @ b.to(g2.dtype)  # (N, out) @ (out, r) -> (N, r)
+        grad_b = (g2.t() @ h.reshape(-1, r)).to(latent_b.dtype)  # (out, N) @ (N, r) -> (out, r)
+        grad_a = (grad_h.t() @ x.reshape(-1, n_in)).to(latent_a.dtype)  # (r, N) @ (N, in) -> (r, in)
+
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_h @ a.to(grad_h.dtype)).reshape(x.shape)  # (N, r) @ (r, in) -> (..., in)
+
+        grad_la = grad_lb = grad_sin = grad_smid = grad_sout = None
+        if ctx.needs_input_grad[1]:
+            grad_la = grad_a * smid[:, None] * sin[None, :] * ste_grad(ctx.ste, latent_a, ctx.ste_k)
+        if ctx.needs_input_grad[2]:
+            grad_lb = grad_b * sout[:, None] * ste_grad(ctx.ste, latent_b, ctx.ste_k)
+        if s_in is not None and ctx.needs_input_grad[3]:
+            grad_sin = (grad_a * s1 * smid[:, None]).sum(0)  # (in,)
+        if s_mid is not None and ctx.needs_input_grad[4]:
+            grad_smid = (grad_a * s1 * sin[None, :]).sum(1)  # (r,)
+        if s_out is not None and ctx.needs_input_grad[5]:
+            grad_sout = (grad_b * s2).sum(1)  # (out,)
+        return grad_x, grad_la, grad_lb, grad_sin, grad_smid, grad_sout, None, None, None
+
+
+class LoRDBALinear(nn.Module):
+    """A frozen base linear layer plus a LoRDBA adapter.
+
+    Parameters
+    ----------
+    base_layer : nn.Module
+        The frozen layer (``nn.Linear``, bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, or
+        :class:`lordba_fl.quant.Q41Linear`); it must expose ``in_features`` and ``out_features``.
+    cfg : LoRDBAConfig
+        Rank, alpha, STE and scale set.
+    generator : torch.Generator, optional
+        Source of the scratch-init latents.
+    """
+
+    def __init__(self, base_layer: nn.Module, cfg: LoRDBAConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = int(base_layer.in_features)
+        self.out_features = int(base_layer.out_features)
+        self.rank = cfg.rank
+        self.scaling = cfg.scaling
+        self.ste = cfg.ste
+        self.ste_k = float(cfg.ste_k)
+        self.scale_names = cfg.scales
+        self.adapter_enabled = True
+        device = _module_device(base_layer)
+        r, n_in, n_out = cfg.rank, self.in_features, self.out_features
+        la = torch.randn(r, n_in, generator=generator) * cfg.init_std  # (r, in)
+        lb = torch.randn(n_out, r, generator=generator) * cfg.init_std  # (out, r)
+        self.lordba_latent_A = nn.Parameter(la.to(device))
+        self.lordba_latent_B = nn.Parameter(lb.to(device))
+        sizes = {"in": n_in, "mid": r, "out": n_out}
+        for name in ("in", "mid", "out"):
+            p = nn.Parameter(torch.ones(sizes[name], device=device)) if name in cfg.scales else None
+            self.register_parameter(f"lordba_scale_{name}", p)
+        # Scratch init is a no-op: zero the outermost scale present (LoRA's B = 0 convention).
+        with torch.no_grad():
+            self.outermost_scale().zero_()
+
+    def outermost_scale(self) -> nn.Parameter:
+        for name in ("out", "mid", "in"):
+            p = getattr(self, f"lordba_scale_{name}")
+            if p is not None:
+                return p
+        raise AssertionError("a LoRDBA layer always has at least one scale")
+
+    def scale(self, name: str) -> torch.Tensor | None:
+        return getattr(self, f"lordba_scale_{name}")
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution ``g * s_out * (S2 @ (s_mid * (S1 @ (s_in * x))))``."""
+        return _LoRDBADelta.apply(
+            x,
+            self.lordba_latent_A,
+            self.lordba_latent_B,
+            self.lordba_scale_in,
+            self.lordba_scale_mid,
+            self.lordba_scale_out,
+            self.scaling,
+            self.ste,
+            self.ste_k,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # (..., out)
+        if not self.adapter_enabled:
+            return y
+        return y + self.delta(x).to(y.dtype)
+
+    @torch.no_grad()
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact plain-LoRA factors ``(lora_A (r, in), lora_B (out, r))`` with ``B @ A * g == dW``."""
+        r = self.rank
+        s1, s2 = binarize(self.lordba_latent_A), binarize(self.lordba_latent_B)
+        sin = _ones_if_none(self.lordba_scale_in, self.in_features, s1)
+        smid = _ones_if_none(self.lordba_scale_mid, r, s1)
+        sout = _ones_if_none(self.lordba_scale_out, self.out_features, s2)
+        lora_a = s1 * sin[None, :]  # (r, in)
+        lora_b = sout[:, None] * s2 * smid[None, :]  # (out, r)
+        return lora_a, lora_b
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ``dW`` (out, in) this adapter adds to the base weight."""
+        a, b = self.lora_factors()
+        return (b @ a) * self.scaling  # (out, r) @ (r, in) -> (out, in)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
+            f"ste={self.ste}, scales={list(self.scale_names)}"
+        )
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+        return t.device
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# Attaching to a model
+
+
+def supported_base_types() -> tuple[type, ...]:
+    """Linear layer types a LoRDBA adapter can wrap."""
+    from lordba_fl.quant import Q41Linear
+
+    types: list[type] = [nn.Linear, Q41Linear]
+    try:
+        import bitsandbytes as bnb
+
+        types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
+    except ImportError:  # bitsandbytes is optional at import time; quantize_base_ names the install
+        pass
+    return tuple(types)
+
+
+def _matches(name: str, targets: Iterable[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lordba_layers(model: nn.Module) -> dict[str, LoRDBALinear]:
+    """Every LoRDBA layer of ``model`` by its module name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRDBALinear)}
+
+
+def attach_lordba_(
+    model: nn.Module,
+    cfg: LoRDBAConfig | None = None,
+    *,
+    delta_weights: dict[str, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Wrap the target linear layers of ``model`` in LoRDBA adapters, in place.
+
+    Afterwards every base parameter is frozen; the only trainable tensors are the latents and the
+    configured scales.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A transformers causal LM (or any module) whose targets are supported linear layers.
+    cfg : LoRDBAConfig, optional
+        Adapter configuration; defaults to ``LoRDBAConfig()``.
+    delta_weights : dict, optional
+        ``{module_name: dW (out, in)}``, required by ``cfg.init == "svd"``: the dense update each
+        adapter is fitted to.
+
+    Returns
+    -------
+    dict
+        For ``svd`` init, the relative Frobenius reconstruction error of every layer; else empty.
+    """
+    cfg = cfg or LoRDBAConfig()
+    if lordba_layers(model):
+        raise ValueError("model already has LoRDBA adapters; load a fresh base model to attach a new adapter")
+    supported = supported_base_types()
+    targets = {}
+    for name, module in model.named_modules():
+        if name and _matches(name, cfg.target_modules):
+            if not isinstance(module, supported):
+                raise TypeError(
+                    f"target module {name!r} is a {type(module).__name__}, not a linear layer LoRDBA can wrap "
+                    f"({', '.join(t.__name__ for t in supported)}); remove it from target_modules"
+                )
+            targets[name] = module
+    if not targets:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, supported)})
+        raise ValueError(
+            f"no module matches target_modules={list(cfg.target_modules)}; linear layers in this model are named "
+            f"{linear_names}"
+        )
+    if cfg.init == "svd":
+        if delta_weights is None:
+            raise ValueError("init='svd' needs delta_weights={module_name: dW}; pass them or use init='scratch'")
+        missing = sorted(set(targets) - set(delta_weights))
+        if missing:
+            raise ValueError(f"init='svd': delta_weights has no entry for {missing[:5]} ({len(missing)} missing)")
+        for name, m in targets.items():
+            shape = tuple(delta_weights[name].shape)
+            if shape != (m.out_features, m.in_features):
+                raise ValueError(
+                    f"delta_weights[{name!r}] has shape {shape}; the layer needs (out, in) = "
+                    f"({m.out_features}, {m.in_features})"
+                )
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    errors: dict[str, float] = {}
+    for name, base in targets.items():
+        layer = LoRDBALinear(base, cfg, generator)
+        if cfg.init == "svd":
+            from lordba_fl.init import svd_init_
+
+            errors[name] = svd_init_(layer, delta_weights[name], sweeps=cfg.svd_sweeps)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+    model.lordba_config = cfg
+    return errors
+
+
+def set_adapters_enabled_(model: nn.Module, enabled: bool) -> None:
+    """Turn every LoRDBA adapter of ``model`` on or off (off = the frozen base alone)."""
+    for layer in lordba_layers(model).values():
+        layer.adapter_enabled = enabled
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def expected_num_parameters(cfg: LoRDBAConfig, shapes: Iterable[tuple[int, int]]) -> int:
+    """Trainable parameter count of a LoRDBA adapter over layers of ``(in, out)`` shapes."""
+    total = 0
+    for n_in, n_out in shapes:
+        sizes = {"in": n_in, "mid": cfg.rank, "out": n_out}
+        total += cfg.rank * (n_in + n_out) + sum(sizes[s] for s in cfg.scales)
+    return total
+
+
+def expected_adapter_bits(cfg: LoRDBAConfig, shapes: Iterable[tuple[int, int]], scale_bits: int = 16) -> int:
+    """Information bits of a deployed adapter: ``r (in + out)`` signs plus ``scale_bits`` per scale entry."""
+    total = 0
+    for n_in, n_out in shapes:
+        sizes = {"in": n_in, "mid": cfg.rank, "out": n_out}
+        total += cfg.rank * (n_in + n_out) + scale_bits * sum(sizes[s] for s in cfg.scales)
+    return total

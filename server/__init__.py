@@ -1,0 +1,1 @@
+"""Flower ServerApp of lordba-fl (thin: all logic lives in lordba_fl)."""

@@ -1,0 +1,1 @@
+"""Benchmarks and run launchers; each bench_*.py prints JSON lines."""
