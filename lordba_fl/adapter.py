@@ -242,6 +242,27 @@ def lordba_layers(model: nn.Module) -> dict[str, LoRDBALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRDBALinear)}
 
 
+def find_targets(model: nn.Module, cfg: LoRDBAConfig) -> dict[str, nn.Module]:
+    """The modules ``attach_lordba_(model, cfg)`` would wrap, by name; errors name the fix."""
+    supported = supported_base_types()
+    targets = {}
+    for name, module in model.named_modules():
+        if name and _matches(name, cfg.target_modules):
+            if not isinstance(module, supported):
+                raise TypeError(
+                    f"target module {name!r} is a {type(module).__name__}, not a linear layer LoRDBA can wrap "
+                    f"({', '.join(t.__name__ for t in supported)}); remove it from target_modules"
+                )
+            targets[name] = module
+    if not targets:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, supported)})
+        raise ValueError(
+            f"no module matches target_modules={list(cfg.target_modules)}; linear layers in this model are named "
+            f"{linear_names}"
+        )
+    return targets
+
+
 def attach_lordba_(
     model: nn.Module,
     cfg: LoRDBAConfig | None = None,
@@ -271,22 +292,7 @@ def attach_lordba_(
     cfg = cfg or LoRDBAConfig()
     if lordba_layers(model):
         raise ValueError("model already has LoRDBA adapters; load a fresh base model to attach a new adapter")
-    supported = supported_base_types()
-    targets = {}
-    for name, module in model.named_modules():
-        if name and _matches(name, cfg.target_modules):
-            if not isinstance(module, supported):
-                raise TypeError(
-                    f"target module {name!r} is a {type(module).__name__}, not a linear layer LoRDBA can wrap "
-                    f"({', '.join(t.__name__ for t in supported)}); remove it from target_modules"
-                )
-            targets[name] = module
-    if not targets:
-        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, supported)})
-        raise ValueError(
-            f"no module matches target_modules={list(cfg.target_modules)}; linear layers in this model are named "
-            f"{linear_names}"
-        )
+    targets = find_targets(model, cfg)
     if cfg.init == "svd":
         if delta_weights is None:
             raise ValueError("init='svd' needs delta_weights={module_name: dW}; pass them or use init='scratch'")

@@ -17,12 +17,13 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lordba_fl.adapter import LoRDBALinear, attach_lordba_, lordba_layers
+from lordba_fl.adapter import attach_lordba_, find_targets, lordba_layers
 from lordba_fl.codec import CodecError, pack_signs, unpack_signs
 from lordba_fl.config import LoRDBAConfig
 
@@ -166,6 +167,17 @@ def load_lordba_(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
                 )
         if set(attached) != set(modules):
             raise LoRDBAFileError(f"{path} adapts other modules than the model's adapter; load it into a fresh base")
+    else:
+        try:
+            would_attach = set(find_targets(model, cfg))
+        except (TypeError, ValueError) as e:
+            raise LoRDBAFileError(f"{path}: its target_modules do not fit this model ({e})") from e
+        if would_attach != set(modules):
+            missing = sorted(set(modules) - would_attach)
+            raise LoRDBAFileError(
+                f"{path} adapts modules this model does not have as targets ({missing[:3]}...); load it onto the "
+                f"base it was trained on"
+            )
 
     decoded: dict[str, dict[str, torch.Tensor]] = {}
     for name, (n_in, n_out) in modules.items():
@@ -184,7 +196,8 @@ def load_lordba_(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
         raise LoRDBAFileError(f"{path} holds unexpected tensors {sorted(extra)[:3]}; the file is not a clean export")
 
     if not attached:
-        attach_lordba_(model, _with_targets(cfg, modules))
+        attach_lordba_(model, replace(cfg, init="scratch"))  # the values come from the file below
+        model.lordba_config = cfg
         attached = lordba_layers(model)
     with torch.no_grad():
         for name, parts in decoded.items():
@@ -194,14 +207,6 @@ def load_lordba_(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
             for s in cfg.scales:
                 layer.scale(s).copy_(parts[f"scale_{s}"])
     return cfg
-
-
-def _with_targets(cfg: LoRDBAConfig, modules: dict) -> LoRDBAConfig:
-    # Attach to exactly the modules in the file, whatever suffixes the original config used.
-    d = cfg.to_dict()
-    d["target_modules"] = sorted(modules)
-    d["init"] = "scratch"
-    return LoRDBAConfig.from_dict(d)
 
 
 def _decode_module(path, tensors, name, n_in, n_out, cfg, scale_dtype) -> dict[str, torch.Tensor]:
