@@ -16,6 +16,7 @@ from lordba_fl.storage import (
     export_peft_lora,
     load_lordba_,
     lordba_from_peft_lora,
+    peft_lora_config,
     save_lordba,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "load_lordba_",
     "lordba_from_peft_lora",
     "lordba_layers",
+    "peft_lora_config",
     "quantize_base_",
     "save_lordba",
     "set_adapters_enabled_",

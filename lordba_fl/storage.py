@@ -331,3 +331,21 @@ def lordba_from_peft_lora(
     base = cfg.to_dict() if cfg is not None else {"rank": r, "alpha": lora_alpha}
     base.update(target_modules=sorted(deltas), init="svd")
     return attach_lordba_(model, LoRDBAConfig.from_dict(base), delta_weights=deltas)
+
+
+def peft_lora_config(directory: str | os.PathLike | None = None, **kwargs):
+    """A PEFT ``LoraConfig`` that also wraps this project's :class:`~lordba_fl.quant.Q41Linear` base layers.
+
+    PEFT knows ``nn.Linear`` and bitsandbytes layers natively; for a ``q4_1`` base pass this config to
+    ``PeftModel.from_pretrained(model, directory, config=peft_lora_config(directory))`` or to
+    ``get_peft_model``. With ``directory``, the config is read from its ``adapter_config.json``;
+    otherwise it is built from ``kwargs``.
+    """
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from lordba_fl.quant import Q41Linear
+
+    cfg = LoraConfig.from_pretrained(str(directory)) if directory is not None else LoraConfig(**kwargs)
+    cfg._register_custom_module({Q41Linear: LoraLinear})  # PEFT's documented hook for custom layer types
+    return cfg
