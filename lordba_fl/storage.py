@@ -1,13 +1,17 @@
 """Packed on-device storage of LoRDBA adapters, and exact interop with PEFT LoRA.
 
-File format (``format_version`` 1): one safetensors file holding, per adapted module ``<name>``,
+File format (``format_version`` 1): one safetensors file with one 1-D tensor per kind, each the
+concatenation over the adapted modules in the order of the ``modules`` table:
 
-- ``<name>.sign_A``: uint8 ``(r, ceil(in / 8))``, the carrier ``S1`` bit-packed (see :mod:`lordba_fl.codec`),
-- ``<name>.sign_B``: uint8 ``(out, ceil(r / 8))``, the carrier ``S2``,
-- ``<name>.scale_in`` / ``scale_mid`` / ``scale_out``: fp16 (or fp32) channel scales, those configured,
+- ``sign_A``: uint8, each module's carrier ``S1`` (r, in) bit-packed row-wise (see :mod:`lordba_fl.codec`),
+  ``r * ceil(in / 8)`` bytes a module;
+- ``sign_B``: uint8, each ``S2`` (out, r) packed the same way, ``out * ceil(r / 8)`` bytes a module;
+- ``scale_in`` / ``scale_mid`` / ``scale_out``: fp16 (or fp32) channel scales, those configured;
 
 and string metadata: ``format``, ``format_version``, ``config`` (the :class:`LoRDBAConfig` as JSON),
-``modules`` (``{name: [in, out]}``), ``base_fingerprint``, ``base_quant`` and ``scale_dtype``.
+``modules`` (``[[name, in, out], ...]``), ``base_fingerprint``, ``base_quant`` and ``scale_dtype``.
+One tensor per kind instead of five per layer keeps the header a few kB (a per-layer layout spent
+~10% of an r = 16 file on header).
 Loading validates the whole file against the model before it changes anything.
 """
 
@@ -24,7 +28,7 @@ import torch
 from torch import nn
 
 from lordba_fl.adapter import attach_lordba_, find_targets, lordba_layers
-from lordba_fl.codec import CodecError, pack_signs, unpack_signs
+from lordba_fl.codec import CodecError, pack_signs, packed_row_bytes, unpack_signs
 from lordba_fl.config import LoRDBAConfig
 
 FORMAT = "lordba"
@@ -62,10 +66,25 @@ def base_fingerprint(model: nn.Module) -> str:
 # Packed save / load
 
 
+def _section_sizes(cfg: LoRDBAConfig, modules: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Per-module element counts of each consolidated tensor, in module order."""
+    r = cfg.rank
+    sizes = {"sign_A": [], "sign_B": []} | {f"scale_{s}": [] for s in cfg.scales}
+    for n_in, n_out in modules.values():
+        sizes["sign_A"].append(r * packed_row_bytes(n_in))
+        sizes["sign_B"].append(n_out * packed_row_bytes(r))
+        dims = {"in": n_in, "mid": r, "out": n_out}
+        for s in cfg.scales:
+            sizes[f"scale_{s}"].append(dims[s])
+    return sizes
+
+
 def save_lordba(model: nn.Module, path: str | os.PathLike, scale_dtype: str = "float16") -> int:
     """Write the model's LoRDBA adapter to a packed safetensors file; returns the file size in bytes.
 
-    The file is written to a temporary name and renamed, so a crash never leaves a partial file.
+    All layers go into a handful of 1-D tensors (one per kind), so the file header stays small next to
+    the packed signs. The file is written to a temporary name and renamed, so a crash never leaves a
+    partial file.
     """
     from safetensors.torch import save_file
 
@@ -75,19 +94,20 @@ def save_lordba(model: nn.Module, path: str | os.PathLike, scale_dtype: str = "f
     if scale_dtype not in _SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be one of {sorted(_SCALE_DTYPES)}; got {scale_dtype!r}")
     cfg: LoRDBAConfig = model.lordba_config
-    tensors: dict[str, torch.Tensor] = {}
+    parts: dict[str, list[torch.Tensor]] = {"sign_A": [], "sign_B": []} | {f"scale_{s}": [] for s in cfg.scales}
     modules = {}
     for name, layer in layers.items():
         modules[name] = [layer.in_features, layer.out_features]
-        tensors[f"{name}.sign_A"] = pack_signs(layer.lordba_latent_A.detach()).cpu()  # (r, ceil(in/8))
-        tensors[f"{name}.sign_B"] = pack_signs(layer.lordba_latent_B.detach()).cpu()  # (out, ceil(r/8))
-        for s in layer.scale_names:
-            tensors[f"{name}.scale_{s}"] = layer.scale(s).detach().to(_SCALE_DTYPES[scale_dtype]).cpu().contiguous()
+        parts["sign_A"].append(pack_signs(layer.lordba_latent_A.detach()).flatten())  # r * ceil(in/8) bytes
+        parts["sign_B"].append(pack_signs(layer.lordba_latent_B.detach()).flatten())  # out * ceil(r/8) bytes
+        for s in cfg.scales:
+            parts[f"scale_{s}"].append(layer.scale(s).detach().to(_SCALE_DTYPES[scale_dtype]))
+    tensors = {k: torch.cat(v).cpu().contiguous() for k, v in parts.items()}
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "config": json.dumps(cfg.to_dict()),
-        "modules": json.dumps(modules),
+        "modules": json.dumps([[n, i, o] for n, (i, o) in modules.items()]),
         "base_fingerprint": base_fingerprint(model),
         "base_quant": str(getattr(model, "lordba_base_quant", "none")),
         "scale_dtype": scale_dtype,
@@ -133,7 +153,9 @@ def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[LoRDBAConfig,
         raise LoRDBAFileError(f"{path}: unknown scale_dtype {scale_dtype!r}")
     try:
         cfg = LoRDBAConfig.from_dict(json.loads(metadata["config"]))
-        modules = {k: [int(v[0]), int(v[1])] for k, v in json.loads(metadata["modules"]).items()}
+        modules = {str(n): [int(i), int(o)] for n, i, o in json.loads(metadata["modules"])}
+        if not modules or any(i <= 0 or o <= 0 for i, o in modules.values()):
+            raise ValueError("empty module table or non-positive dimensions")
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise LoRDBAFileError(f"{path}: malformed metadata ({e}); re-export the adapter with save_lordba") from e
     return cfg, modules, scale_dtype
@@ -142,9 +164,9 @@ def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[LoRDBAConfig,
 def load_lordba_(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> LoRDBAConfig:
     """Load a packed LoRDBA adapter into ``model``, in place; attaches the adapter if the model has none.
 
-    Everything is validated first (format, version, base fingerprint, module names and shapes, padding
-    bits, finite scales); on any error a :class:`LoRDBAFileError` is raised and the model is untouched.
-    Latents are rebuilt as ``init_std * S`` (the file stores signs, not latent magnitudes).
+    Everything is validated first (format, version, base fingerprint, module names and shapes, section
+    sizes, padding bits, finite scales); on any error a :class:`LoRDBAFileError` is raised and the model
+    is untouched. Latents are rebuilt as ``init_std * S`` (the file stores signs, not latent magnitudes).
     """
     path = Path(path)
     tensors, metadata = _read_file(path)
@@ -167,19 +189,6 @@ def load_lordba_(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
                 )
         if set(attached) != set(modules):
             raise LoRDBAFileError(f"{path} adapts other modules than the model's adapter; load it into a fresh base")
-    else:
-        try:
-            would_attach = set(find_targets(model, cfg))
-        except (TypeError, ValueError) as e:
-            raise LoRDBAFileError(f"{path}: its target_modules do not fit this model ({e})") from e
-        if would_attach != set(modules):
-            missing = sorted(set(modules) - would_attach)
-            raise LoRDBAFileError(
-                f"{path} adapts modules this model does not have as targets ({missing[:3]}...); load it onto the "
-                f"base it was trained on"
-            )
-
-    decoded: dict[str, dict[str, torch.Tensor]] = {}
     for name, (n_in, n_out) in modules.items():
         try:
             base = attached[name] if attached else model.get_submodule(name)
@@ -190,10 +199,17 @@ def load_lordba_(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
                 f"{path}: module {name!r} is (in={n_in}, out={n_out}) in the file but "
                 f"(in={getattr(base, 'in_features', None)}, out={getattr(base, 'out_features', None)}) in the model"
             )
-        decoded[name] = _decode_module(path, tensors, name, n_in, n_out, cfg, scale_dtype)
-    extra = set(tensors) - {f"{n}.{k}" for n, d in decoded.items() for k in d}
-    if extra:
-        raise LoRDBAFileError(f"{path} holds unexpected tensors {sorted(extra)[:3]}; the file is not a clean export")
+    if not attached:
+        try:
+            would_attach = set(find_targets(model, cfg))
+        except (TypeError, ValueError) as e:
+            raise LoRDBAFileError(f"{path}: its target_modules do not fit this model ({e})") from e
+        if would_attach != set(modules):
+            raise LoRDBAFileError(
+                f"{path} adapts {len(modules)} modules but its target_modules match {len(would_attach)} in this model; "
+                f"load it onto the base it was trained on"
+            )
+    decoded = _decode(path, tensors, cfg, modules, scale_dtype)
 
     if not attached:
         attach_lordba_(model, replace(cfg, init="scratch"))  # the values come from the file below
@@ -209,31 +225,39 @@ def load_lordba_(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
     return cfg
 
 
-def _decode_module(path, tensors, name, n_in, n_out, cfg, scale_dtype) -> dict[str, torch.Tensor]:
-    r = cfg.rank
-    want = {"sign_A": ((r, (n_in + 7) // 8), torch.uint8), "sign_B": ((n_out, (r + 7) // 8), torch.uint8)}
-    sizes = {"in": n_in, "mid": r, "out": n_out}
-    for s in cfg.scales:
-        want[f"scale_{s}"] = ((sizes[s],), _SCALE_DTYPES[scale_dtype])
-    out = {}
-    for key, (shape, dtype) in want.items():
-        t = tensors.get(f"{name}.{key}")
+def _decode(path, tensors, cfg, modules, scale_dtype) -> dict[str, dict[str, torch.Tensor]]:
+    sizes = _section_sizes(cfg, modules)
+    extra = sorted(set(tensors) - set(sizes))
+    if extra:
+        raise LoRDBAFileError(f"{path} holds unexpected tensors {extra[:3]}; the file is not a clean export")
+    for key, counts in sizes.items():
+        t = tensors.get(key)
+        dtype = torch.uint8 if key.startswith("sign_") else _SCALE_DTYPES[scale_dtype]
         if t is None:
-            raise LoRDBAFileError(f"{path} lacks tensor {name}.{key}; the file is truncated or not a full export")
-        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise LoRDBAFileError(f"{path} lacks tensor {key!r}; the file is truncated or not a full export")
+        if t.dim() != 1 or t.numel() != sum(counts) or t.dtype != dtype:
             raise LoRDBAFileError(
-                f"{path}: {name}.{key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape} for rank {r}, "
-                f"in={n_in}, out={n_out}"
+                f"{path}: tensor {key!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} ({sum(counts)},) for rank "
+                f"{cfg.rank} over the {len(modules)} modules listed in the file"
             )
-        if key.startswith("sign_"):
-            try:
-                out[key] = unpack_signs(t, n_in if key == "sign_A" else r)
-            except CodecError as e:
-                raise LoRDBAFileError(f"{path}: {name}.{key}: {e}") from e
-        else:
-            if not bool(torch.isfinite(t).all()):
-                raise LoRDBAFileError(f"{path}: {name}.{key} holds NaN or Inf; the adapter diverged or the file is corrupt")
-            out[key] = t.float()
+        if not key.startswith("sign_") and not bool(torch.isfinite(t).all()):
+            raise LoRDBAFileError(f"{path}: {key} holds NaN or Inf; the adapter diverged or the file is corrupt")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    split = {k: torch.split(tensors[k], c) for k, c in sizes.items()}
+    for idx, (name, (n_in, n_out)) in enumerate(modules.items()):
+        rows_cols = {"sign_A": (cfg.rank, n_in), "sign_B": (n_out, cfg.rank)}
+        parts = {}
+        for key, chunks in split.items():
+            chunk = chunks[idx]
+            if key in rows_cols:
+                rows, cols = rows_cols[key]
+                try:
+                    parts[key] = unpack_signs(chunk.reshape(rows, packed_row_bytes(cols)), cols)
+                except CodecError as e:
+                    raise LoRDBAFileError(f"{path}: {key} of {name}: {e}") from e
+            else:
+                parts[key] = chunk.float()
+        out[name] = parts
     return out
 
 

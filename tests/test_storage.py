@@ -105,10 +105,6 @@ def _rewrite(src, dst, edit_tensors=None, edit_meta=None):
     save_file(tensors, str(dst), metadata=meta)
 
 
-def _first_layer(tensors):
-    return sorted(k for k in tensors if k.endswith(".sign_A"))[0][: -len(".sign_A")]
-
-
 def _bad_files(tmp_path, good):
     raw = good.read_bytes()
     cases = {}
@@ -121,18 +117,22 @@ def _bad_files(tmp_path, good):
     cases["foreign"] = (foreign, "is not a LoRDBA adapter")
 
     def nan_scale(t):
-        t[_first_layer(t) + ".scale_out"][0] = float("nan")
+        t["scale_out"][5] = float("nan")
 
     def wrong_shape(t):
-        name = _first_layer(t)
-        t[name + ".sign_A"] = torch.zeros(8, 3, dtype=torch.uint8)
+        t["sign_A"] = t["sign_A"][:-1].clone()
+
+    def extra(t):
+        t["lora_A"] = torch.zeros(2)
 
     def missing(t):
-        del t[_first_layer(t) + ".scale_in"]
+        del t["scale_in"]
 
     for label, edit, msg in [
         ("nan", nan_scale, "NaN or Inf"),
-        ("shape", wrong_shape, "is torch.uint8 (8, 3), expected torch.uint8 (8, 12)"),
+        # sign_A: rank 8 x ceil(in / 8) bytes: 12 modules with in = 64 (64 B) + 2 down_proj with in = 96 (96 B) = 960
+        ("shape", wrong_shape, "tensor 'sign_A' is torch.uint8 (959,), expected torch.uint8 (960,)"),
+        ("extra", extra, "unexpected tensors"),
         ("missing", missing, "lacks tensor"),
     ]:
         p = tmp_path / f"{label}.safetensors"
@@ -141,7 +141,7 @@ def _bad_files(tmp_path, good):
     for label, key, value, msg in [
         ("version", "format_version", "99", "format_version '99'"),
         ("base", "base_fingerprint", "0123456789abcdef", "another base model"),
-        ("modules", "modules", json.dumps({"model.layers.9.mlp.up_proj": [64, 96]}), "does not have"),
+        ("modules", "modules", json.dumps([["model.layers.9.mlp.up_proj", 64, 96]]), "does not have"),
         ("dims", "modules", None, "in the file but"),
         ("config", "config", "{not json", "malformed metadata"),
     ]:
@@ -149,8 +149,7 @@ def _bad_files(tmp_path, good):
 
         def edit_meta(m, key=key, value=value):
             if value is None:  # claim other dims for every module
-                mods = json.loads(m["modules"])
-                m["modules"] = json.dumps({k: [v[0] + 32, v[1]] for k, v in mods.items()})
+                m["modules"] = json.dumps([[n, i + 32, o] for n, i, o in json.loads(m["modules"])])
             else:
                 m[key] = value
 
@@ -181,8 +180,7 @@ def test_padding_bits_in_file_are_rejected(tmp_path):
     bad = tmp_path / "bad.safetensors"
 
     def edit(t):
-        name = _first_layer(t) + ".sign_B"
-        t[name] = t[name] | 0x80  # rank 5: bits 5..7 of each row are padding
+        t["sign_B"][7] |= 0x80  # rank 5: bits 5..7 of every one-byte row are padding
 
     _rewrite(good, bad, edit_tensors=edit)
     fresh = tiny_llama()
