@@ -27,7 +27,8 @@ from lordba_fl.config import LoRDBAConfig
 
 
 def _smooth_ste_grad(latent: torch.Tensor, k: float) -> torch.Tensor:
-    return k * (1.0 - torch.tanh(k * latent).square())
+    t = torch.tanh(latent * k)
+    return t.square_().neg_().add_(1.0).mul_(k)  # k * (1 - tanh(k L)^2), in place on one buffer
 
 
 def _clipped_ste_grad(latent: torch.Tensor, k: float) -> torch.Tensor:
@@ -58,20 +59,29 @@ def _ones_if_none(s: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.T
     return torch.ones(n, dtype=like.dtype, device=like.device) if s is None else s
 
 
+def _fold_a(s1, s_in, s_mid):
+    """``A = S1 * s_mid[:, None] * s_in[None, :]`` (r, in), in place on the fresh sign tensor ``s1``."""
+    if s_mid is not None:
+        s1.mul_(s_mid[:, None])
+    if s_in is not None:
+        s1.mul_(s_in[None, :])
+    return s1
+
+
+def _fold_b(s2, s_out):
+    """``B = S2 * s_out[:, None]`` (out, r), in place on the fresh sign tensor ``s2``."""
+    return s2.mul_(s_out[:, None]) if s_out is not None else s2
+
+
 class _LoRDBADelta(torch.autograd.Function):
     """``g * ((x @ A^T) @ B^T)`` with ``A``, ``B`` folded from signs and scales; see module docstring."""
 
     @staticmethod
     def forward(ctx, x, latent_a, latent_b, s_in, s_mid, s_out, scaling, ste, ste_k):
-        r, n_in = latent_a.shape
-        n_out = latent_b.shape[0]
-        s1 = binarize(latent_a)  # (r, in)
-        s2 = binarize(latent_b)  # (out, r)
-        a = s1 * _ones_if_none(s_mid, r, latent_a)[:, None] * _ones_if_none(s_in, n_in, latent_a)[None, :]  # (r, in)
-        b = s2 * _ones_if_none(s_out, n_out, latent_b)[:, None]  # (out, r)
-        del s1, s2
+        a = _fold_a(binarize(latent_a), s_in, s_mid)  # (r, in)
+        b = _fold_b(binarize(latent_b), s_out)  # (out, r)
         h = x @ a.to(x.dtype).t()  # (..., in) -> (..., r)
-        out = (h @ b.to(x.dtype).t()) * scaling  # (..., r) -> (..., out)
+        out = (h @ b.to(x.dtype).t()).mul_(scaling)  # (..., r) -> (..., out)
         ctx.save_for_backward(x, h, latent_a, latent_b, s_in, s_mid, s_out)
         ctx.scaling, ctx.ste, ctx.ste_k = scaling, ste, ste_k
         return out
@@ -81,35 +91,34 @@ class _LoRDBADelta(torch.autograd.Function):
         x, h, latent_a, latent_b, s_in, s_mid, s_out = ctx.saved_tensors
         r, n_in = latent_a.shape
         n_out = latent_b.shape[0]
-        s1 = binarize(latent_a)  # (r, in)
+        s1 = binarize(latent_a)  # (r, in), recomputed rather than kept alive since forward
         s2 = binarize(latent_b)  # (out, r)
-        sin = _ones_if_none(s_in, n_in, latent_a)
-        smid = _ones_if_none(s_mid, r, latent_a)
-        sout = _ones_if_none(s_out, n_out, latent_b)
-        a = s1 * smid[:, None] * sin[None, :]  # (r, in)
-        b = s2 * sout[:, None]  # (out, r)
+        a = _fold_a(s1.clone(), s_in, s_mid)  # (r, in)
+        b = _fold_b(s2.clone(), s_out)  # (out, r)
 
-        g = grad_out * ctx.scaling  # (..., out)
-        g2 = g.reshape(-1, n_out)  # (N, out)
+        g2 = grad_out.reshape(-1, n_out) * ctx.scaling  # (N, out)
         grad_h = g2 @ b.to(g2.dtype)  # (N, out) @ (out, r) -> (N, r)
-        grad_b = (g2.t() @ h.reshape(-1, r)).to(latent_b.dtype)  # (out, N) @ (N, r) -> (out, r)
-        grad_a = (grad_h.t() @ x.reshape(-1, n_in)).to(latent_a.dtype)  # (r, N) @ (N, in) -> (r, in)
-
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_h @ a.to(grad_h.dtype)).reshape(x.shape)  # (N, r) @ (r, in) -> (..., in)
+        grad_b = (g2.t() @ h.reshape(-1, r)).to(latent_b.dtype)  # (out, N) @ (N, r) -> (out, r)
+        grad_a = (grad_h.t() @ x.reshape(-1, n_in)).to(latent_a.dtype)  # (r, N) @ (N, in) -> (r, in)
 
-        grad_la = grad_lb = grad_sin = grad_smid = grad_sout = None
-        if ctx.needs_input_grad[1]:
-            grad_la = grad_a * smid[:, None] * sin[None, :] * ste_grad(ctx.ste, latent_a, ctx.ste_k)
-        if ctx.needs_input_grad[2]:
-            grad_lb = grad_b * sout[:, None] * ste_grad(ctx.ste, latent_b, ctx.ste_k)
-        if s_in is not None and ctx.needs_input_grad[3]:
-            grad_sin = (grad_a * s1 * smid[:, None]).sum(0)  # (in,)
-        if s_mid is not None and ctx.needs_input_grad[4]:
-            grad_smid = (grad_a * s1 * sin[None, :]).sum(1)  # (r,)
+        grad_sin = grad_smid = grad_sout = None
+        if s_in is not None or s_mid is not None:
+            ga_s1 = grad_a * s1  # (r, in): dL/dA * S1
+            if s_in is not None and ctx.needs_input_grad[3]:
+                grad_sin = s_mid @ ga_s1 if s_mid is not None else ga_s1.sum(0)  # (in,)
+            if s_mid is not None and ctx.needs_input_grad[4]:
+                grad_smid = ga_s1 @ s_in if s_in is not None else ga_s1.sum(1)  # (r,)
         if s_out is not None and ctx.needs_input_grad[5]:
             grad_sout = (grad_b * s2).sum(1)  # (out,)
+        grad_la = grad_lb = None
+        if ctx.needs_input_grad[1]:
+            # dL/dS1 = dL/dA * s_mid s_in^T = dL/dA * A / S1 = dL/dA * A * S1 (S1 = +-1)
+            grad_la = grad_a.mul_(a.mul_(s1)).mul_(ste_grad(ctx.ste, latent_a, ctx.ste_k))
+        if ctx.needs_input_grad[2]:
+            grad_lb = grad_b.mul_(b.mul_(s2)).mul_(ste_grad(ctx.ste, latent_b, ctx.ste_k))
         return grad_x, grad_la, grad_lb, grad_sin, grad_smid, grad_sout, None, None, None
 
 
@@ -138,6 +147,7 @@ class LoRDBALinear(nn.Module):
         self.ste_k = float(cfg.ste_k)
         self.scale_names = cfg.scales
         self.adapter_enabled = True
+        self._fold_cache = None
         device = _module_device(base_layer)
         r, n_in, n_out = cfg.rank, self.in_features, self.out_features
         la = torch.randn(r, n_in, generator=generator) * cfg.init_std  # (r, in)
@@ -164,6 +174,12 @@ class LoRDBALinear(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution ``g * s_out * (S2 @ (s_mid * (S1 @ (s_in * x))))``."""
+        if not torch.is_grad_enabled():
+            # Inference: fold signs and scales once and reuse them until a parameter changes
+            # (tracked by the tensors' version counters), so a forward costs what LoRA's does.
+            a, b = self._folded(x.dtype)
+            return (x @ a.t() @ b.t()).mul_(self.scaling)  # (..., in) -> (..., r) -> (..., out)
+        self._fold_cache = None
         return _LoRDBADelta.apply(
             x,
             self.lordba_latent_A,
@@ -181,6 +197,17 @@ class LoRDBALinear(nn.Module):
         if not self.adapter_enabled:
             return y
         return y + self.delta(x).to(y.dtype)
+
+    def _folded(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        params = [p for p in self.parameters(recurse=False)]
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+        cache = getattr(self, "_fold_cache", None)
+        if cache is None or cache[0] != key:
+            a = _fold_a(binarize(self.lordba_latent_A), self.lordba_scale_in, self.lordba_scale_mid)  # (r, in)
+            b = _fold_b(binarize(self.lordba_latent_B), self.lordba_scale_out)  # (out, r)
+            cache = (key, a.to(dtype), b.to(dtype))
+            self._fold_cache = cache
+        return cache[1], cache[2]
 
     @torch.no_grad()
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -238,3 +238,21 @@ def test_bf16_compute_matches_fp32_closely(ids):
     y16 = layer.delta(x.bfloat16())
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, rtol=3e-2, atol=3e-2)
+
+
+def test_inference_fold_cache_tracks_parameter_changes():
+    layer = _layer()
+    x = torch.randn(2, 3, layer.in_features)
+    with torch.no_grad():
+        y1 = layer(x)
+        torch.testing.assert_close(y1, layer(x), rtol=0, atol=0)  # served from the cache
+        layer.lordba_scale_out.mul_(2.0)  # an in-place change bumps the version counter
+        y2 = layer(x)
+        layer.lordba_latent_A.neg_()
+        y3 = layer(x)
+    s1 = torch.where(layer.lordba_latent_A < 0, -1.0, 1.0)
+    s2 = torch.where(layer.lordba_latent_B < 0, -1.0, 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(y3, _explicit(layer, x, s1, s2), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y2 - layer.base_layer(x), 2 * (y1 - layer.base_layer(x)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), y3, rtol=1e-5, atol=1e-5)  # training path agrees with the cache
