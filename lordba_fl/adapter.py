@@ -247,17 +247,10 @@ def _module_device(module: nn.Module) -> torch.device:
 
 
 def supported_base_types() -> tuple[type, ...]:
-    """Linear layer types a LoRDBA adapter can wrap."""
-    from lordba_fl.quant import Q41Linear
+    """Linear layer types a LoRDBA adapter can wrap: ``nn.Linear`` and every quantized base layer."""
+    from lordba_fl.quant import quantized_types
 
-    types: list[type] = [nn.Linear, Q41Linear]
-    try:
-        import bitsandbytes as bnb
-
-        types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
-    except ImportError:  # bitsandbytes is optional at import time; quantize_base_ names the install
-        pass
-    return tuple(types)
+    return (nn.Linear, *quantized_types())
 
 
 def _matches(name: str, targets: Iterable[str]) -> bool:

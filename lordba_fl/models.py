@@ -61,7 +61,7 @@ def _build_cache(gguf: Path, target: Path) -> None:
     try:
         import gguf as _gguf  # noqa: F401  (transformers needs it to read the file)
     except ImportError as e:
-        raise ModuleNotFoundError(f"reading the GGUF file needs the gguf package: pip install gguf") from e
+        raise ModuleNotFoundError("reading the GGUF file needs the gguf package: pip install gguf") from e
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
