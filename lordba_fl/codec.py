@@ -1,22 +1,91 @@
-"""Bit-packing of sign carriers.
+"""Bit-packing of sign carriers and the framed wire format of the federated protocol.
 
-Bit order (fixed, part of the file and wire formats): each row of a ``(rows, cols)`` sign matrix is
+**Bit order** (fixed, part of the file and wire formats): each row of a ``(rows, cols)`` sign matrix is
 packed on its own into ``ceil(cols / 8)`` bytes; element ``c`` of a row lives in byte ``c // 8`` at
 bit ``c % 8`` (least significant bit first). A set bit means ``-1``, a clear bit ``+1``, so an
 all-zero buffer is the all-``+1`` matrix (``sign(0) = +1``) and a flip mask is a plain XOR of two
 packed buffers. Padding bits at the end of each row are zero, and unpacking rejects set padding bits.
-Everything is vectorized torch and runs on the tensor's own device (CPU or CUDA).
+Packing is vectorized (numpy on CPU tensors, torch on any other device).
+
+**Frames.** One message carries one frame per kind (:class:`FrameKind`): a client's *update* (flip
+mask of its signs against the broadcast, plus scale deltas), or the server's *state*, full (signs +
+fp16 scales) or a *delta* against a version the receiver holds (flip mask + fp16 scales). A frame is::
+
+    header (92 bytes, little-endian, see _HEADER)   magic "LDBA", format version, kind, flags,
+                                                    16-byte model fingerprint, round, version,
+                                                    base version, zstd dictionary id, layer count,
+                                                    sign/scale encodings, scale set, bit and flip
+                                                    counts, raw and compressed section lengths, CRC-32
+    layer table   (zstd)  per layer: name, in, out, r, carrier offset, scale offset (AdapterSpec.table_bytes)
+    sign section  (zstd)  the carrier stream (see lordba_fl.layout): PACKED = bit-packed LSB first,
+                          or GAPS = run lengths between set bits, each as k bytes of 255 then one byte
+                          < 255 (sum = gap), chosen when sparser and smaller (flip masks usually are)
+    scale section (zstd)  FP16 = fp16 values, low bytes then high bytes; Q8 = one fp16 step per
+                          (layer, scale kind), then int8 values in [-127, 127], value = q * step
+
+The CRC-32 covers the header (with the CRC field zeroed) and every section. Decoding checks, in
+order: length, magic, format version, CRC, kind, model fingerprint, dictionary, declared sizes
+against caps computed from the receiver's own :class:`AdapterSpec` (nothing is decompressed or
+allocated beyond them), the layer table, then the sections' contents (padding, run lengths, NaN/Inf).
+Each failure raises one :class:`CodecError` subclass; decoders return new objects and never touch
+the caller's state, so a rejected frame changes nothing.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
+import struct
+import zlib
+from dataclasses import dataclass, fields
+
+import numpy as np
 import torch
+import zstandard
+
+from lordba_fl.layout import UNVERSIONED, AdapterSpec, AdapterState
 
 _BIT_WEIGHTS_CACHE: dict[torch.device, torch.Tensor] = {}
 
 
 class CodecError(ValueError):
-    """A packed buffer could not be decoded; the message says what was wrong."""
+    """A packed buffer or frame could not be decoded; the message says what was wrong."""
+
+
+class TruncatedFrameError(CodecError):
+    """The frame is shorter (or longer) than its header declares."""
+
+
+class ChecksumError(CodecError):
+    """The CRC-32 does not match: the frame was corrupted in transit or storage."""
+
+
+class FormatVersionError(CodecError):
+    """The frame was written by an incompatible codec version (or is not a lordba-fl frame)."""
+
+
+class ModelMismatchError(CodecError):
+    """The frame was made for another base model, adapter scaling, or zstd dictionary."""
+
+
+class ShapeMismatchError(CodecError):
+    """The frame's layer table, scale set or stream sizes differ from the receiver's adapter."""
+
+
+class NonFiniteError(CodecError):
+    """Scale values or quantization steps in the frame are NaN or infinite."""
+
+
+class DecompressionBombError(CodecError):
+    """A section declares or produces more bytes than the receiver's shapes allow."""
+
+
+class MalformedFrameError(CodecError):
+    """The frame is structurally invalid (unknown kind or encoding, bad run lengths, set padding bits)."""
+
+
+class BaseVersionError(CodecError):
+    """A state delta refers to a version the receiver does not hold; it must ask for the full state."""
 
 
 def _bit_weights(device: torch.device) -> torch.Tensor:
@@ -33,9 +102,16 @@ def packed_row_bytes(cols: int) -> int:
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Pack a 2-D boolean tensor row-wise, LSB first; returns uint8 ``(rows, ceil(cols / 8))``."""
+    """Pack a 2-D boolean tensor row-wise, LSB first; returns uint8 ``(rows, ceil(cols / 8))`` on its device."""
     if bits.dim() != 2:
         raise ValueError(f"pack_bits expects a 2-D (rows, cols) tensor; got shape {tuple(bits.shape)}")
+    if bits.device.type == "cpu":
+        b = bits.detach().to(torch.bool).contiguous().numpy()
+        return torch.from_numpy(np.packbits(b, axis=1, bitorder="little"))
+    return _pack_bits_torch(bits)
+
+
+def _pack_bits_torch(bits: torch.Tensor) -> torch.Tensor:
     rows, cols = bits.shape
     pad = (-cols) % 8
     b = bits.to(torch.uint8)
@@ -46,15 +122,18 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: uint8 ``(rows, ceil(cols / 8))`` -> bool ``(rows, cols)``."""
+    """Inverse of :func:`pack_bits`: uint8 ``(rows, ceil(cols / 8))`` -> bool ``(rows, cols)`` on its device."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise CodecError(f"packed signs must be a 2-D uint8 tensor; got {packed.dtype} of shape {tuple(packed.shape)}")
     if packed.shape[1] != packed_row_bytes(cols):
         raise CodecError(
             f"packed signs have {packed.shape[1]} bytes per row but {cols} columns need {packed_row_bytes(cols)}"
         )
-    bits = (packed.unsqueeze(-1) & _bit_weights(packed.device)) != 0  # (rows, nbytes, 8)
-    bits = bits.view(packed.shape[0], packed.shape[1] * 8)  # (rows, nbytes * 8)
+    if packed.device.type == "cpu":
+        bits = torch.from_numpy(np.unpackbits(packed.contiguous().numpy(), axis=1, bitorder="little").view(np.bool_))
+    else:
+        bits = (packed.unsqueeze(-1) & _bit_weights(packed.device)) != 0  # (rows, nbytes, 8)
+        bits = bits.view(packed.shape[0], packed.shape[1] * 8)  # (rows, nbytes * 8)
     if bits.shape[1] > cols and bool(bits[:, cols:].any()):
         raise CodecError("packed signs have set padding bits: the buffer is corrupt or was packed with another width")
     return bits[:, :cols]
@@ -69,3 +148,565 @@ def unpack_signs(packed: torch.Tensor, cols: int, dtype: torch.dtype = torch.flo
     """Unpack to a ``(rows, cols)`` tensor of ``+1`` / ``-1`` in ``dtype``."""
     bits = unpack_bits(packed, cols)
     return 1.0 - 2.0 * bits.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Frames
+
+MAGIC = b"LDBA"
+FRAME_FORMAT_VERSION = 1
+_HEADER = struct.Struct("<4sHBB16sIIIIIBBBBQQIIIIIII")
+HEADER_BYTES = _HEADER.size  # 92
+_CRC_OFFSET = HEADER_BYTES - 4
+_FLAG_DICTIONARY = 1
+_ESCAPE = 255  # GAPS: a byte of 255 adds 255 to the current gap; any other byte ends it
+_SPARSE_DENSITY = 0.125  # above this GAPS is never smaller than PACKED
+
+
+class FrameKind(enum.IntEnum):
+    UPDATE = 1  # client -> server: flip mask vs the broadcast + scale deltas
+    STATE_FULL = 2  # server -> client: signs + fp16 scales
+    STATE_DELTA = 3  # server -> client: flip mask vs a base version + fp16 scales
+
+
+class SignEncoding(enum.IntEnum):
+    PACKED = 0
+    GAPS = 1
+
+
+class ScaleEncoding(enum.IntEnum):
+    FP16 = 0
+    Q8 = 1
+
+
+_SCALE_ENCODINGS = {"fp16": ScaleEncoding.FP16, "q8": ScaleEncoding.Q8}
+
+
+@dataclass(frozen=True)
+class CodecOptions:
+    """Wire codec settings; every party of a federation must use the same ``dictionary``.
+
+    Parameters
+    ----------
+    level : int
+        zstd compression level (-7 fastest ... 22 smallest); 3 is zstd's default.
+    scale_encoding : str
+        Uplink scale deltas as ``"fp16"`` or ``"q8"`` (8-bit, one fp16 step per layer and scale
+        kind, stochastic rounding, so the decoded delta is unbiased). Broadcast scales are always fp16.
+    dictionary : bytes, optional
+        A zstd dictionary (:func:`train_dictionary`) used for every section.
+    """
+
+    level: int = 3
+    scale_encoding: str = "fp16"
+    dictionary: bytes | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.level, int) or not -7 <= self.level <= 22:
+            raise ValueError(f"codec level must be an integer in [-7, 22] (zstd levels); got {self.level!r}")
+        if self.scale_encoding not in _SCALE_ENCODINGS:
+            raise ValueError(f"scale_encoding must be one of {sorted(_SCALE_ENCODINGS)}; got {self.scale_encoding!r}")
+        if self.dictionary is not None and not isinstance(self.dictionary, (bytes, bytearray)):
+            raise ValueError("dictionary must be the bytes of a zstd dictionary (see train_dictionary) or None")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CodecOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown codec option(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    @property
+    def dict_id(self) -> int:
+        return _zstd_dict(self.dictionary).dict_id() if self.dictionary else 0
+
+
+@functools.lru_cache(maxsize=8)
+def _zstd_dict(data: bytes) -> zstandard.ZstdCompressionDict:
+    return zstandard.ZstdCompressionDict(bytes(data))
+
+
+@functools.lru_cache(maxsize=8)
+def _compressor(level: int, dictionary: bytes | None) -> zstandard.ZstdCompressor:
+    d = _zstd_dict(dictionary) if dictionary else None
+    return zstandard.ZstdCompressor(level=level, dict_data=d, write_content_size=True, write_checksum=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _decompressor(dictionary: bytes | None) -> zstandard.ZstdDecompressor:
+    return zstandard.ZstdDecompressor(dict_data=_zstd_dict(dictionary) if dictionary else None)
+
+
+def train_dictionary(samples: list[bytes], size: int = 16384) -> bytes:
+    """Train a zstd dictionary on example frames' sections (e.g. earlier rounds' updates)."""
+    if len(samples) < 8:
+        raise ValueError(f"training a zstd dictionary needs at least 8 samples; got {len(samples)}")
+    return zstandard.train_dictionary(size, list(samples)).as_bytes()
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """The parsed fixed header of a frame (see the module docstring)."""
+
+    format_version: int
+    kind: int
+    flags: int
+    fingerprint: bytes
+    round: int
+    version: int
+    base_version: int
+    dict_id: int
+    n_layers: int
+    sign_encoding: int
+    scale_encoding: int
+    scale_mask: int
+    reserved: int
+    n_bits: int
+    n_set: int
+    table_raw: int
+    table_comp: int
+    sign_raw: int
+    sign_comp: int
+    scale_raw: int
+    scale_comp: int
+    crc: int
+
+    @property
+    def total_bytes(self) -> int:
+        return HEADER_BYTES + self.table_comp + self.sign_comp + self.scale_comp
+
+
+@dataclass
+class Update:
+    """A client's round result in flat layout (:mod:`lordba_fl.layout`).
+
+    ``flips`` is the bool carrier-stream mask of signs the client flipped against the broadcast it
+    trained from (``version``); ``scale_delta`` is ``s_k - s^t`` (fp32, ``(n_scales,)``).
+    """
+
+    round: int
+    version: int
+    flips: torch.Tensor
+    scale_delta: torch.Tensor
+
+    @property
+    def flip_rate(self) -> float:
+        return float(self.flips.float().mean()) if self.flips.numel() else 0.0
+
+
+def _scale_mask(scales: tuple[str, ...]) -> int:
+    return sum(1 << i for i, k in enumerate(("in", "mid", "out")) if k in scales)
+
+
+def _u32(name: str, value: int) -> int:
+    if not isinstance(value, int) or not 0 <= value < UNVERSIONED:
+        raise ValueError(f"{name} must be an integer in [0, {UNVERSIONED - 1}]; got {value!r}")
+    return value
+
+
+def _as_numpy_bits(bits: torch.Tensor, n: int, what: str) -> np.ndarray:
+    if bits.dtype != torch.bool or bits.shape != (n,):
+        raise ValueError(f"{what} must be a bool tensor of shape ({n},) in carrier-stream layout; got {bits.dtype} {tuple(bits.shape)}")
+    return bits.detach().cpu().contiguous().numpy()
+
+
+def _as_numpy_f32(values: torch.Tensor, n: int, what: str) -> np.ndarray:
+    if values.shape != (n,) or not values.is_floating_point():
+        raise ValueError(f"{what} must be a float tensor of shape ({n},) in scale-stream layout; got {tuple(values.shape)}")
+    out = values.detach().float().cpu().contiguous().numpy()
+    if not np.isfinite(out).all():
+        bad = int(np.flatnonzero(~np.isfinite(out))[0])
+        raise ValueError(f"{what} has a non-finite value at index {bad}; a diverged client must not send it")
+    return out
+
+
+# ---- sign section -----------------------------------------------------------------------------
+
+
+def _popcount(packed: np.ndarray) -> int:
+    """Set bits in a uint8 array (64 bits at a time)."""
+    head = packed.size // 8 * 8
+    total = int(np.bitwise_count(packed[:head].view("<u8")).sum()) if head else 0
+    return total + int(np.bitwise_count(packed[head:]).sum())
+
+
+def _set_positions(bits: np.ndarray, packed: np.ndarray, n_set: int) -> np.ndarray:
+    """Sorted indices of the set bits (``np.flatnonzero(bits)``), faster when very sparse."""
+    if n_set * 256 > bits.size:
+        return np.flatnonzero(bits)
+    # very sparse: look only inside the few non-zero 64-bit words
+    head = packed.size // 8 * 8
+    words = np.flatnonzero(packed[:head].view("<u8"))  # (W,)
+    sub = np.unpackbits(packed[:head].view("<u8")[words].view(np.uint8), bitorder="little").view(np.bool_)  # (64 W,)
+    idx = np.flatnonzero(sub)
+    pos = words[idx >> 6] * 64 + (idx & 63)
+    tail = np.flatnonzero(bits[head * 8 :]) + head * 8
+    return np.concatenate([pos, tail]) if tail.size else pos
+
+
+def _encode_bits(bits: np.ndarray) -> tuple[int, int, bytes]:
+    """(encoding, number of set bits, raw section) for a flat bool array."""
+    n = bits.size
+    packed = np.packbits(bits, bitorder="little")  # (ceil(n / 8),)
+    n_set = _popcount(packed)
+    if n_set <= _SPARSE_DENSITY * n:
+        pos = _set_positions(bits, packed, n_set)  # (n_set,)
+        gaps = np.empty_like(pos)  # zeros before each set bit
+        gaps[:1] = pos[:1]
+        np.subtract(pos[1:], pos[:-1] + 1, out=gaps[1:])
+        if n_set and int(gaps.max()) < _ESCAPE:  # common when p >~ 0.03: one byte per gap
+            return SignEncoding.GAPS, n_set, gaps.astype(np.uint8).tobytes()
+        counts = gaps // _ESCAPE + 1  # bytes per gap
+        total = int(counts.sum())
+        if total <= packed.size:
+            stream = np.full(total, _ESCAPE, dtype=np.uint8)
+            stream[np.cumsum(counts) - 1] = (gaps % _ESCAPE).astype(np.uint8)
+            return SignEncoding.GAPS, n_set, stream.tobytes()
+    return SignEncoding.PACKED, n_set, packed.tobytes()
+
+
+def _decode_bits(encoding: int, raw: bytes, n: int, n_set: int) -> np.ndarray:
+    """Flat bool array of ``n`` bits from a raw sign section; every inconsistency raises."""
+    if encoding == SignEncoding.PACKED:
+        if len(raw) != (n + 7) // 8:
+            raise ShapeMismatchError(f"packed sign section has {len(raw)} bytes; {n} signs need {(n + 7) // 8}")
+        packed = np.frombuffer(raw, dtype=np.uint8)
+        if n % 8 and packed[-1] >> (n % 8):
+            raise MalformedFrameError("packed sign section has set padding bits past the last sign")
+        if _popcount(packed) != n_set:
+            raise MalformedFrameError(f"sign section has {_popcount(packed)} set bits; header says {n_set}")
+        return np.unpackbits(packed, count=n, bitorder="little").view(np.bool_)
+    if encoding == SignEncoding.GAPS:
+        stream = np.frombuffer(raw, dtype=np.uint8)
+        if stream.size and stream[-1] == _ESCAPE:
+            raise MalformedFrameError("run-length sign section ends inside a run (trailing 255 bytes)")
+        is_end = stream != _ESCAPE  # (S,) one terminator per set bit
+        ends = np.cumsum(is_end)  # (S,) terminators so far
+        if stream.size and int(ends[-1]) != n_set or not stream.size and n_set:
+            raise MalformedFrameError(f"run-length sign section codes {int(ends[-1]) if stream.size else 0} set bits; header says {n_set}")
+        # a run's bytes sum to its gap, so the i-th set bit sits at (sum of bytes so far) + i
+        pos = np.cumsum(stream, dtype=np.int64)
+        pos += ends
+        pos -= 1
+        if stream.size and pos[-1] >= n:
+            raise MalformedFrameError(f"run-length sign section points at bit {int(pos[-1])}; the stream has {n}")
+        pos[~is_end] = n  # escape bytes write into a spare slot
+        bits = np.zeros(n + 1, dtype=np.bool_)
+        bits[pos] = True
+        return bits[:n]
+    raise MalformedFrameError(f"unknown sign encoding {encoding}; known: {[e.name for e in SignEncoding]}")
+
+
+# ---- scale section ----------------------------------------------------------------------------
+
+
+def _encode_fp16(values: np.ndarray, what: str) -> bytes:
+    with np.errstate(over="ignore"):
+        h = values.astype(np.float16)
+    if not np.isfinite(h).all():
+        bad = int(np.flatnonzero(~np.isfinite(h))[0])
+        raise ValueError(f"{what}[{bad}] = {values[bad]:g} overflows fp16 (|x| > 65504); rescale or reset the adapter")
+    return h.view(np.uint8).reshape(-1, 2).T.tobytes()  # low bytes, then high bytes: compresses better
+
+
+def _decode_fp16(raw: bytes, n: int) -> np.ndarray:
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(2, n)
+    values = np.ascontiguousarray(planes.T).view(np.float16).reshape(n).astype(np.float32)
+    if not np.isfinite(values).all():
+        bad = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise NonFiniteError(f"scale section has a non-finite value at index {bad} (NaN or Inf)")
+    return values
+
+
+def _encode_q8(values: np.ndarray, segments: np.ndarray, rng: np.random.Generator) -> bytes:
+    starts = np.concatenate([[0], np.cumsum(segments)[:-1]])  # (S,)
+    amax = np.maximum.reduceat(np.abs(values), starts)  # (S,)
+    step32 = amax / 127.0
+    with np.errstate(over="ignore"):
+        step = step32.astype(np.float16)
+    # round the step up so |x| / step <= 127 and no value is clipped
+    step = np.where(step.astype(np.float32) < step32, np.nextafter(step, np.float16(np.inf)), step)
+    if not np.isfinite(step).all():
+        raise ValueError("a scale delta exceeds 127 * 65504 and cannot be sent as q8; use scale_encoding='fp16'")
+    full = np.repeat(step.astype(np.float32), segments)  # (n,)
+    x = np.divide(values, full, out=np.zeros_like(values), where=full > 0)
+    q = np.floor(x + rng.random(values.size, dtype=np.float32))  # stochastic rounding: E[q] = x
+    q = np.clip(q, -127, 127).astype(np.int8)
+    return step.tobytes() + q.tobytes()
+
+
+def _decode_q8(raw: bytes, segments: np.ndarray) -> np.ndarray:
+    s = segments.size
+    step = np.frombuffer(raw[: 2 * s], dtype=np.float16)
+    if not np.isfinite(step).all():
+        raise NonFiniteError("q8 scale section has a NaN or infinite quantization step")
+    if (step < 0).any():
+        raise MalformedFrameError("q8 scale section has a negative quantization step")
+    q = np.frombuffer(raw[2 * s :], dtype=np.int8)
+    if (q == -128).any():
+        raise MalformedFrameError("q8 scale section has the value -128, outside the coded range [-127, 127]")
+    return q.astype(np.float32) * np.repeat(step.astype(np.float32), segments)
+
+
+def _scale_raw_bytes(spec: AdapterSpec, encoding: int) -> int:
+    if encoding == ScaleEncoding.FP16:
+        return 2 * spec.n_scales
+    if encoding == ScaleEncoding.Q8:
+        return 2 * spec.scale_segments.size + spec.n_scales
+    raise MalformedFrameError(f"unknown scale encoding {encoding}; known: {[e.name for e in ScaleEncoding]}")
+
+
+# ---- framing ----------------------------------------------------------------------------------
+
+
+def _build(
+    kind: FrameKind,
+    spec: AdapterSpec,
+    options: CodecOptions,
+    *,
+    round: int,
+    version: int,
+    base_version: int,
+    bits: np.ndarray,
+    scale_encoding: ScaleEncoding,
+    scale_raw: bytes,
+) -> bytes:
+    comp = _compressor(options.level, options.dictionary)
+    sign_enc, n_set, sign_raw = _encode_bits(bits)
+    table_raw = spec.table_bytes()
+    sections = [comp.compress(table_raw), comp.compress(sign_raw), comp.compress(scale_raw)]
+    header = _HEADER.pack(
+        MAGIC,
+        FRAME_FORMAT_VERSION,
+        int(kind),
+        _FLAG_DICTIONARY if options.dictionary else 0,
+        spec.fingerprint,
+        _u32("round", round),
+        _u32("version", version),
+        base_version,
+        options.dict_id,
+        len(spec.layers),
+        int(sign_enc),
+        int(scale_encoding),
+        _scale_mask(spec.scales),
+        0,
+        spec.n_bits,
+        n_set,
+        len(table_raw),
+        len(sections[0]),
+        len(sign_raw),
+        len(sections[1]),
+        len(scale_raw),
+        len(sections[2]),
+        0,
+    )
+    crc = zlib.crc32(header[:_CRC_OFFSET])
+    for sec in sections:
+        crc = zlib.crc32(sec, crc)
+    return b"".join([header[:_CRC_OFFSET], crc.to_bytes(4, "little"), *sections])
+
+
+def read_header(buf: bytes | bytearray | memoryview) -> FrameHeader:
+    """Parse and check a frame's header and CRC (length, magic, version, checksum); no decompression."""
+    buf = memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf
+    if len(buf) < HEADER_BYTES:
+        raise TruncatedFrameError(f"frame has {len(buf)} bytes, less than the {HEADER_BYTES}-byte header")
+    magic, *rest = _HEADER.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise FormatVersionError(f"not a lordba-fl frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
+    h = FrameHeader(*rest)
+    if h.format_version != FRAME_FORMAT_VERSION:
+        raise FormatVersionError(
+            f"frame format version {h.format_version}; this lordba-fl reads version {FRAME_FORMAT_VERSION}: "
+            "run the same lordba-fl release on server and clients"
+        )
+    if len(buf) != h.total_bytes:
+        raise TruncatedFrameError(f"frame has {len(buf)} bytes; its header declares {h.total_bytes}")
+    crc = zlib.crc32(buf[:_CRC_OFFSET])
+    crc = zlib.crc32(buf[HEADER_BYTES:], crc)
+    if crc != h.crc:
+        raise ChecksumError(f"frame CRC-32 is {crc:#010x}, header says {h.crc:#010x}: the frame is corrupt")
+    return h
+
+
+def _decompress(section: bytes, raw_len: int, cap: int, options: CodecOptions, what: str) -> bytes:
+    if raw_len > cap:
+        raise DecompressionBombError(f"{what} declares {raw_len} bytes; this adapter's shapes allow at most {cap}")
+    try:
+        content = zstandard.frame_content_size(section)
+    except zstandard.ZstdError as e:
+        raise MalformedFrameError(f"{what} is not a zstd frame ({e})") from None
+    if content < 0:
+        raise MalformedFrameError(f"{what}'s zstd frame does not declare its size; lordba-fl always writes it")
+    if content > cap:
+        raise DecompressionBombError(f"{what}'s zstd frame declares {content} bytes; this adapter allows at most {cap}")
+    if content != raw_len:
+        raise MalformedFrameError(f"{what}'s zstd frame declares {content} bytes; the header says {raw_len}")
+    try:
+        out = _decompressor(options.dictionary).decompress(section, max_output_size=cap)
+    except zstandard.ZstdError as e:
+        raise MalformedFrameError(f"{what} failed to decompress ({e})") from None
+    if len(out) != raw_len:
+        raise MalformedFrameError(f"{what} decompressed to {len(out)} bytes; the header says {raw_len}")
+    return out
+
+
+def _parse(
+    buf: bytes, spec: AdapterSpec, options: CodecOptions, kinds: tuple[FrameKind, ...]
+) -> tuple[FrameHeader, np.ndarray, bytes]:
+    """Validate a frame against ``spec`` and return (header, carrier bits, raw scale section)."""
+    buf = bytes(buf)
+    h = read_header(buf)
+    if h.kind not in [int(k) for k in kinds]:
+        names = {int(k): k.name for k in FrameKind}
+        raise MalformedFrameError(
+            f"frame kind is {names.get(h.kind, h.kind)}; expected {' or '.join(k.name for k in kinds)}"
+        )
+    if h.fingerprint != spec.fingerprint:
+        raise ModelMismatchError(
+            f"frame was made for model fingerprint {h.fingerprint.hex()}, this adapter is "
+            f"{spec.fingerprint.hex()}: load the same base model and LoRDBA alpha/rank on both sides"
+        )
+    if h.dict_id != options.dict_id or bool(h.flags & _FLAG_DICTIONARY) != bool(options.dictionary):
+        raise ModelMismatchError(
+            f"frame was compressed with zstd dictionary id {h.dict_id}, this decoder uses {options.dict_id}: "
+            "configure the same codec dictionary on every party"
+        )
+    if h.n_layers != len(spec.layers) or h.n_bits != spec.n_bits or h.scale_mask != _scale_mask(spec.scales):
+        raise ShapeMismatchError(
+            f"frame has {h.n_layers} layers, {h.n_bits} signs, scale set mask {h.scale_mask}; this adapter has "
+            f"{len(spec.layers)} layers, {spec.n_bits} signs, mask {_scale_mask(spec.scales)} ({','.join(spec.scales)})"
+        )
+    if h.n_set > h.n_bits:
+        raise MalformedFrameError(f"header says {h.n_set} of {h.n_bits} bits are set")
+    expected_table = spec.table_bytes()
+    o1 = HEADER_BYTES + h.table_comp
+    o2 = o1 + h.sign_comp
+    table = _decompress(buf[HEADER_BYTES:o1], h.table_raw, len(expected_table), options, "layer table")
+    if table != expected_table:
+        raise ShapeMismatchError(f"frame's layer table differs from this adapter's: {spec.describe_table(table)}")
+    sign_raw = _decompress(buf[o1:o2], h.sign_raw, (spec.n_bits + 7) // 8, options, "sign section")
+    bits = _decode_bits(h.sign_encoding, sign_raw, spec.n_bits, h.n_set)
+    scale_cap = _scale_raw_bytes(spec, h.scale_encoding)
+    scale_raw = _decompress(buf[o2:], h.scale_raw, scale_cap, options, "scale section")
+    if len(scale_raw) != scale_cap:
+        raise ShapeMismatchError(f"scale section has {len(scale_raw)} bytes; this adapter's scales need {scale_cap}")
+    return h, bits, scale_raw
+
+
+# ---- public API -------------------------------------------------------------------------------
+
+
+def encode_update(
+    update: Update,
+    spec: AdapterSpec,
+    options: CodecOptions | None = None,
+    *,
+    rng: np.random.Generator | int | None = None,
+) -> bytes:
+    """Encode a client's :class:`Update` as one frame.
+
+    Parameters
+    ----------
+    update : Update
+        Flip mask ``(n_bits,)`` bool and scale deltas ``(n_scales,)`` in :mod:`lordba_fl.layout` order.
+    spec : AdapterSpec
+        The federation's adapter layout.
+    options : CodecOptions, optional
+        Compression level, scale encoding (fp16 or q8) and dictionary.
+    rng : numpy Generator or int, optional
+        Source of the q8 stochastic rounding (seed it for reproducible runs).
+    """
+    options = options or CodecOptions()
+    bits = _as_numpy_bits(update.flips, spec.n_bits, "update.flips")
+    delta = _as_numpy_f32(update.scale_delta, spec.n_scales, "update.scale_delta")
+    enc = _SCALE_ENCODINGS[options.scale_encoding]
+    if enc == ScaleEncoding.Q8:
+        raw = _encode_q8(delta, spec.scale_segments, np.random.default_rng(rng))
+    else:
+        raw = _encode_fp16(delta, "update.scale_delta")
+    return _build(
+        FrameKind.UPDATE,
+        spec,
+        options,
+        round=update.round,
+        version=update.version,
+        base_version=UNVERSIONED,
+        bits=bits,
+        scale_encoding=enc,
+        scale_raw=raw,
+    )
+
+
+def decode_update(buf: bytes, spec: AdapterSpec, options: CodecOptions | None = None) -> Update:
+    """Decode and fully validate an update frame; raises a :class:`CodecError` subclass on any defect."""
+    options = options or CodecOptions()
+    h, bits, scale_raw = _parse(buf, spec, options, (FrameKind.UPDATE,))
+    if h.scale_encoding == ScaleEncoding.Q8:
+        delta = _decode_q8(scale_raw, spec.scale_segments)
+    else:
+        delta = _decode_fp16(scale_raw, spec.n_scales)
+    return Update(h.round, h.version, torch.from_numpy(bits), torch.from_numpy(delta))
+
+
+def encode_state(
+    state: AdapterState,
+    spec: AdapterSpec,
+    options: CodecOptions | None = None,
+    *,
+    round: int = 0,
+    base: AdapterState | None = None,
+) -> bytes:
+    """Encode the broadcast state, in full or as a delta against ``base`` (a version the receiver holds).
+
+    Scales travel as fp16 in both forms, so a delta reconstructs exactly what a full frame would.
+    """
+    options = options or CodecOptions()
+    neg = _as_numpy_bits(state.negative, spec.n_bits, "state.negative")
+    raw = _encode_fp16(_as_numpy_f32(state.scales, spec.n_scales, "state.scales"), "state.scales")
+    if base is None:
+        kind, bits, base_version = FrameKind.STATE_FULL, neg, UNVERSIONED
+    else:
+        base_neg = _as_numpy_bits(base.negative, spec.n_bits, "base.negative")
+        kind, bits, base_version = FrameKind.STATE_DELTA, neg ^ base_neg, _u32("base.version", base.version)
+    return _build(
+        kind,
+        spec,
+        options,
+        round=round,
+        version=state.version,
+        base_version=base_version,
+        bits=bits,
+        scale_encoding=ScaleEncoding.FP16,
+        scale_raw=raw,
+    )
+
+
+def decode_state(
+    buf: bytes,
+    spec: AdapterSpec,
+    options: CodecOptions | None = None,
+    *,
+    base: AdapterState | None = None,
+) -> AdapterState:
+    """Decode a state frame into a new :class:`AdapterState` (``base`` is read, never modified).
+
+    A delta frame needs ``base`` at the frame's base version; otherwise :class:`BaseVersionError`
+    says to request the full state.
+    """
+    options = options or CodecOptions()
+    h, bits, scale_raw = _parse(buf, spec, options, (FrameKind.STATE_FULL, FrameKind.STATE_DELTA))
+    if h.scale_encoding != ScaleEncoding.FP16:
+        raise MalformedFrameError("state frames carry fp16 scales; this one declares another encoding")
+    scales = torch.from_numpy(_decode_fp16(scale_raw, spec.n_scales))
+    if h.kind == FrameKind.STATE_DELTA:
+        if base is None or base.version != h.base_version:
+            held = "no state" if base is None else f"version {base.version}"
+            raise BaseVersionError(
+                f"frame is a delta against version {h.base_version}, the receiver holds {held}: request the full state"
+            )
+        negative = torch.from_numpy(_as_numpy_bits(base.negative, spec.n_bits, "base.negative") ^ bits)
+    else:
+        negative = torch.from_numpy(bits)
+    return AdapterState(h.version, negative, scales)
