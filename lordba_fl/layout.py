@@ -141,8 +141,11 @@ class AdapterSpec:
         try:
             while pos < len(table):
                 n = int.from_bytes(table[pos : pos + 2], "little")
-                name = table[pos + 2 : pos + 2 + n].decode()
+                raw_name = table[pos + 2 : pos + 2 + n]
+                name = raw_name.decode()
                 vals = np.frombuffer(table[pos + 2 + n : pos + 2 + n + 40], dtype="<u8")
+                if len(raw_name) != n or vals.size != 5:
+                    return "the layer table is malformed"
                 theirs.append((name, *map(int, vals[:3])))
                 pos += 2 + n + 40
         except (UnicodeDecodeError, ValueError):

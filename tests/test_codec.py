@@ -1,9 +1,35 @@
+import numpy as np
 import pytest
 import torch
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lordba_fl.codec import CodecError, pack_bits, pack_signs, packed_row_bytes, unpack_bits, unpack_signs
+from lordba_fl.codec import (
+    HEADER_BYTES,
+    BaseVersionError,
+    CodecError,
+    CodecOptions,
+    FrameKind,
+    ModelMismatchError,
+    SignEncoding,
+    Update,
+    _decode_bits,
+    _encode_bits,
+    _pack_bits_torch,
+    decode_state,
+    decode_update,
+    encode_state,
+    encode_update,
+    pack_bits,
+    pack_signs,
+    packed_row_bytes,
+    read_header,
+    train_dictionary,
+    unpack_bits,
+    unpack_signs,
+)
+from lordba_fl.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers
 
 
 def test_bit_order_by_hand():
@@ -46,3 +72,190 @@ def test_cuda_matches_cpu():
     bits = torch.rand(33, 77) < 0.3
     assert torch.equal(pack_bits(bits.cuda()).cpu(), pack_bits(bits))
     assert torch.equal(unpack_bits(pack_bits(bits).cuda(), 77).cpu(), bits)
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.integers(0, 9), cols=st.integers(1, 70), seed=st.integers(0, 2**31 - 1))
+def test_numpy_and_torch_packing_paths_agree(rows, cols, seed):
+    # CPU tensors pack through numpy; other devices through the torch path: one format for both
+    bits = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed)) < 0.4
+    assert torch.equal(pack_bits(bits), _pack_bits_torch(bits))
+
+
+# ------------------------------------------------------------------------------------------------
+# Frames
+
+
+def _spec(shapes=((13, 7, 3), (8, 21, 3), (1, 1, 3)), scales=("in", "mid", "out"), fingerprint=b"f" * 16):
+    layers = tuple(LayerSpec(f"layers.{i}.proj", i_, o_, r) for i, (i_, o_, r) in enumerate(shapes))
+    return AdapterSpec(layers, scales, fingerprint)
+
+
+def _update(spec, p, seed=0, scale=1e-2, round=4, version=3):
+    g = torch.Generator().manual_seed(seed)
+    flips = torch.rand(spec.n_bits, generator=g) < p
+    return Update(round, version, flips, torch.randn(spec.n_scales, generator=g) * scale)
+
+
+def test_spec_layout_by_hand():
+    spec = _spec()
+    # carriers r * (in + out): 3 * 20, 3 * 29, 3 * 2; scales in + r + out: 23, 32, 5
+    assert spec.n_bits == 60 + 87 + 6 and spec.n_scales == 23 + 32 + 5
+    assert spec.carrier_offsets.tolist() == [0, 60, 147, 153]
+    assert spec.scale_segments.tolist() == [13, 3, 7, 8, 3, 21, 1, 3, 1]
+    assert spec.fp16_lora_bytes() == 2 * 153
+    flat = torch.arange(spec.n_bits)
+    a, b = split_carriers(spec, flat)["layers.1.proj"]
+    assert a.shape == (3, 8) and b.shape == (21, 3) and a[0, 0] == 60 and b[0, 0] == 60 + 24
+
+
+def test_header_layout_by_hand():
+    spec = _spec()
+    frame = encode_update(_update(spec, 0.1), spec)
+    assert frame[:4] == b"LDBA" and int.from_bytes(frame[4:6], "little") == 1 and frame[6] == FrameKind.UPDATE
+    assert frame[8:24] == b"f" * 16
+    assert int.from_bytes(frame[24:28], "little") == 4 and int.from_bytes(frame[28:32], "little") == 3
+    h = read_header(frame)
+    assert HEADER_BYTES == 92 and h.total_bytes == len(frame) and h.n_bits == 153 and h.n_layers == 3
+
+
+def test_run_length_sign_coding_by_hand():
+    bits = np.zeros(2000, dtype=bool)
+    bits[[0, 2, 1000]] = True  # gaps 0, 1, 997 = 3 * 255 + 232
+    enc, n_set, raw = _encode_bits(bits)
+    assert enc == SignEncoding.GAPS and n_set == 3 and list(raw) == [0, 1, 255, 255, 255, 232]
+    assert np.array_equal(_decode_bits(enc, raw, 2000, 3), bits)
+    # dense masks are bit-packed, LSB first
+    dense = np.zeros(10, dtype=bool)
+    dense[[0, 3, 4, 5, 9]] = True
+    enc, n_set, raw = _encode_bits(dense)
+    assert enc == SignEncoding.PACKED and n_set == 5 and list(raw) == [1 + 8 + 16 + 32, 2]
+    assert _encode_bits(np.zeros(77, dtype=bool)) == (SignEncoding.GAPS, 0, b"")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 40), st.integers(1, 9)), min_size=1, max_size=4),
+    p=st.floats(0, 1),
+    encoding=st.sampled_from(["fp16", "q8"]),
+    scales=st.sampled_from([("in", "mid", "out"), ("mid", "out"), ("in",)]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_update_round_trip(shapes, p, encoding, scales, seed):
+    spec = _spec(tuple(shapes), scales)
+    update = _update(spec, p, seed)
+    opts = CodecOptions(scale_encoding=encoding)
+    frame = encode_update(update, spec, opts, rng=seed)
+    out = decode_update(frame, spec, opts)
+    assert (out.round, out.version) == (4, 3)
+    assert torch.equal(out.flips, update.flips)  # bit-exact
+    if encoding == "fp16":
+        assert torch.equal(out.scale_delta, update.scale_delta.half().float())
+    else:
+        # every value on its segment's grid q * step, |q| <= 127, within one step of the truth
+        steps = torch.from_numpy(np.repeat(np.frombuffer(_q8_steps(frame, spec, opts), np.float16).astype(np.float32), spec.scale_segments))
+        q = torch.where(steps > 0, out.scale_delta / steps, torch.zeros_like(steps))
+        assert torch.equal(q, q.round()) and q.abs().max() <= 127
+        assert bool(((out.scale_delta - update.scale_delta).abs() <= steps).all())
+
+
+def _q8_steps(frame, spec, opts):
+    h = read_header(frame)
+    o = HEADER_BYTES + h.table_comp + h.sign_comp
+    raw = zstandard.ZstdDecompressor().decompress(frame[o:])
+    return raw[: 2 * spec.scale_segments.size]
+
+
+def test_q8_step_and_stochastic_rounding_by_hand():
+    spec = _spec(((2, 1, 1),), ("in",))  # one segment of 2 values
+    delta = torch.tensor([1.27, -0.5])
+    # step = 1.27 / 127 = 0.01 rounded *up* to fp16: the grid near 0.01 is k * 2**-17, and
+    # 1310 * 2**-17 = 0.0099945 < 0.01 <= 1311 * 2**-17 = 0.0100021
+    want_step = np.float16(1311 * 2**-17)
+    assert float(want_step) == 1311 * 2**-17 and 1310 * 2**-17 < 0.01 < float(want_step)
+    frame = encode_update(Update(0, 0, torch.zeros(spec.n_bits, dtype=torch.bool), delta), spec, CodecOptions(scale_encoding="q8"), rng=0)
+    assert np.frombuffer(_q8_steps(frame, spec, None), np.float16)[0] == want_step
+    # unbiased: the mean over many independent roundings converges to the value
+    outs = torch.stack([
+        decode_update(encode_update(Update(0, 0, torch.zeros(spec.n_bits, dtype=torch.bool), delta), spec, CodecOptions(scale_encoding="q8"), rng=s), spec, CodecOptions(scale_encoding="q8")).scale_delta
+        for s in range(2000)
+    ])
+    step = float(want_step)
+    # each value takes one of its two neighbouring grid points, with mean error < 4 sigma of the mean
+    assert set(torch.unique(outs[:, 1] / step).round().tolist()) <= {-50.0, -49.0}
+    assert abs(float(outs[:, 1].mean()) + 0.5) < 4 * step / 2 / np.sqrt(2000)
+    assert abs(float(outs[:, 0].mean()) - 1.27) < 4 * step / 2 / np.sqrt(2000)
+
+
+def test_sparse_updates_are_run_length_coded_and_small():
+    spec = _spec(((512, 512, 16),))
+    sparse = encode_update(_update(spec, 0.01, scale=0.0), spec)
+    dense = encode_update(_update(spec, 0.5, scale=0.0), spec)
+    assert read_header(sparse).sign_encoding == SignEncoding.GAPS
+    assert read_header(dense).sign_encoding == SignEncoding.PACKED
+    n = spec.n_bits
+    entropy = n * -(0.01 * np.log2(0.01) + 0.99 * np.log2(0.99)) / 8
+    assert read_header(sparse).sign_comp < 1.5 * entropy
+    assert read_header(dense).sign_comp <= n // 8 + 64  # incompressible, stored
+
+
+def test_state_full_and_delta_round_trip_across_missed_versions():
+    spec = _spec()
+    g = torch.Generator().manual_seed(1)
+    v0 = AdapterState(0, torch.rand(spec.n_bits, generator=g) < 0.5, torch.randn(spec.n_scales, generator=g))
+    v3 = AdapterState(3, v0.negative ^ (torch.rand(spec.n_bits, generator=g) < 0.05), torch.randn(spec.n_scales, generator=g))
+    full = decode_state(encode_state(v3, spec, round=3), spec)
+    assert full.version == 3 and torch.equal(full.negative, v3.negative)
+    assert torch.equal(full.scales, v3.scales.half().float())
+    before = v0.clone()
+    delta_frame = encode_state(v3, spec, round=3, base=v0)  # the client missed versions 1 and 2
+    assert read_header(delta_frame).kind == FrameKind.STATE_DELTA and read_header(delta_frame).base_version == 0
+    got = decode_state(delta_frame, spec, base=v0)
+    assert got.equals(full) and v0.equals(before)  # base untouched
+    with pytest.raises(BaseVersionError, match="request the full state"):
+        decode_state(delta_frame, spec, base=AdapterState(2, v0.negative, v0.scales))
+    with pytest.raises(BaseVersionError):
+        decode_state(delta_frame, spec)
+
+
+def test_dictionary_is_used_and_must_match():
+    spec = _spec(((64, 64, 8),))
+    samples = [encode_update(_update(spec, 0.02, seed=s), spec)[HEADER_BYTES:] for s in range(40)]
+    dictionary = train_dictionary(samples, size=4096)
+    opts = CodecOptions(dictionary=dictionary)
+    update = _update(spec, 0.02, seed=99)
+    frame = encode_update(update, spec, opts)
+    assert read_header(frame).dict_id == opts.dict_id != 0
+    assert torch.equal(decode_update(frame, spec, opts).flips, update.flips)
+    with pytest.raises(ModelMismatchError, match="dictionary"):
+        decode_update(frame, spec, CodecOptions())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"level": 30}, "level"),
+        ({"scale_encoding": "int4"}, "scale_encoding"),
+        ({"dictionary": "abc"}, "dictionary"),
+    ],
+)
+def test_bad_codec_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CodecOptions(**kwargs)
+    with pytest.raises(ValueError, match="unknown codec option"):
+        CodecOptions.from_dict({"levle": 3})
+
+
+def test_encoder_rejects_bad_updates():
+    spec = _spec()
+    u = _update(spec, 0.1)
+    with pytest.raises(ValueError, match="non-finite"):
+        encode_update(Update(0, 0, u.flips, torch.full((spec.n_scales,), float("nan"))), spec)
+    with pytest.raises(ValueError, match="overflows fp16"):
+        encode_update(Update(0, 0, u.flips, torch.full((spec.n_scales,), 1e6)), spec)
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        encode_update(Update(0, 0, u.flips[:-1], u.scale_delta), spec)
+    with pytest.raises(ValueError, match="scale-stream"):
+        encode_update(Update(0, 0, u.flips, u.scale_delta[:-1]), spec)
+    with pytest.raises(ValueError, match="round"):
+        encode_update(Update(-1, 0, u.flips, u.scale_delta), spec)
