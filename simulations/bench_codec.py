@@ -76,10 +76,12 @@ def _text_corpus() -> str:
     return "\n\n".join(inspect.getdoc(m) or "" for m in (a, collections, email, j, logging, pathlib, subprocess, unittest))
 
 
-def real_scale_deltas(rank: int, steps: int, batch: int, seq: int) -> tuple[AdapterSpec, torch.Tensor]:
+def real_scale_deltas(
+    rank: int, scales: tuple[str, ...], steps: int, batch: int, seq: int
+) -> tuple[AdapterSpec, torch.Tensor]:
     """Train only the scales of a fresh r-``rank`` adapter for ``steps`` steps; return (spec, s_k - s^0)."""
     model, tok = load_default_model()
-    attach_lordba_(model, LoRDBAConfig(rank=rank, seed=0))
+    attach_lordba_(model, LoRDBAConfig(rank=rank, scales=scales, seed=0))
     spec = AdapterSpec.from_model(model)
     before = read_scales(model, spec)
     params = [p for n, p in model.named_parameters() if "lordba_scale" in n]
@@ -98,7 +100,7 @@ def real_scale_deltas(rank: int, steps: int, batch: int, seq: int) -> tuple[Adap
     return spec, read_scales(model, spec) - before
 
 
-def gaussian_scale_deltas(rank: int) -> tuple[AdapterSpec, torch.Tensor]:
+def gaussian_scale_deltas(rank: int, scales: tuple[str, ...]) -> tuple[AdapterSpec, torch.Tensor]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lordba_fl.models import default_model_dir
@@ -110,7 +112,7 @@ def gaussian_scale_deltas(rank: int) -> tuple[AdapterSpec, torch.Tensor]:
     from lordba_fl.config import DEFAULT_TARGET_MODULES
     from lordba_fl.layout import LayerSpec, model_fingerprint
 
-    cfg = LoRDBAConfig(rank=rank)
+    cfg = LoRDBAConfig(rank=rank, scales=scales)
     layers = tuple(
         LayerSpec(n, i, o, rank) for n, (i, o) in shapes.items() if n.rsplit(".", 1)[-1] in DEFAULT_TARGET_MODULES
     )
@@ -211,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=7, help="timed runs per path, interleaved; medians are reported")
     p.add_argument("--level", type=int, default=3, help="zstd level for ours and the baseline")
     p.add_argument("--scale-deltas", choices=["real", "gaussian"], default="real")
+    p.add_argument(
+        "--scale-sets", nargs="+", default=["in,mid,out", "mid,out"], help="adapter scale sets to measure, comma-separated"
+    )
     p.add_argument("--train-steps", type=int, default=4)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=128)
@@ -218,28 +223,33 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    if args.scale_deltas == "real":
-        spec, delta = real_scale_deltas(args.rank, args.train_steps, args.batch, args.seq)
-    else:
-        spec, delta = gaussian_scale_deltas(args.rank)
-    d = delta.numpy()
-    _emit(
-        {
-            "bench": "codec_scale_deltas",
-            "source": args.scale_deltas,
-            "train_steps": args.train_steps if args.scale_deltas == "real" else None,
-            "n_scales": spec.n_scales,
-            "abs_mean": float(np.abs(d).mean()),
-            "abs_max": float(np.abs(d).max()),
-            "zero_fraction": float((d == 0).mean()),
-            "setup_s": round(time.perf_counter() - t0, 1),
-        },
-        args.out,
-    )
-    for rate in args.flip_rates:
-        rec = measure(spec, delta, rate, args.repeats, args.level)
-        rec["scale_deltas"] = args.scale_deltas
-        _emit(rec, args.out)
+    for scale_set in args.scale_sets:
+        scales = tuple(scale_set.split(","))
+        t1 = time.perf_counter()
+        if args.scale_deltas == "real":
+            spec, delta = real_scale_deltas(args.rank, scales, args.train_steps, args.batch, args.seq)
+        else:
+            spec, delta = gaussian_scale_deltas(args.rank, scales)
+        d = delta.numpy()
+        _emit(
+            {
+                "bench": "codec_scale_deltas",
+                "source": args.scale_deltas,
+                "scales": scale_set,
+                "train_steps": args.train_steps if args.scale_deltas == "real" else None,
+                "n_scales": spec.n_scales,
+                "abs_mean": float(np.abs(d).mean()),
+                "abs_max": float(np.abs(d).max()),
+                "zero_fraction": float((d == 0).mean()),
+                "setup_s": round(time.perf_counter() - t1, 1),
+            },
+            args.out,
+        )
+        for rate in args.flip_rates:
+            rec = measure(spec, delta, rate, args.repeats, args.level)
+            rec["scale_deltas"] = args.scale_deltas
+            rec["scales"] = scale_set
+            _emit(rec, args.out)
     _emit({"bench": "codec_total", "wall_s": round(time.perf_counter() - t0, 1)}, args.out)
 
 

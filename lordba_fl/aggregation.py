@@ -1,0 +1,114 @@
+"""Server-side aggregation of LoRDBA updates in latent space (DESIGN.md §3).
+
+The server holds the broadcast signs ``S^t``, fp32 scales ``s^t`` and a real-valued latent ``Λ^t``
+(never sent), all in the flat layout of :mod:`lordba_fl.layout`. Aggregators are pure: they return a
+new :class:`ServerState` and never modify the one they were given, so a round that fails half-way, or
+a reply that fails to decode, leaves the global state exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lordba_fl.codec import CodecError, CodecOptions, Update, decode_update
+from lordba_fl.layout import AdapterSpec, AdapterState
+
+
+@dataclass
+class ServerState:
+    """Global adapter (``state``: signs, fp32 scales, version) plus the server-only latent ``Λ`` (fp32)."""
+
+    state: AdapterState
+    latent: torch.Tensor
+
+    @classmethod
+    def initial(cls, state: AdapterState) -> ServerState:
+        """``Λ^0 = S^0``: the starting signs are held with full confidence."""
+        return cls(state.clone(), state.signs())
+
+    def clone(self) -> ServerState:
+        return ServerState(self.state.clone(), self.latent.clone())
+
+    def equals(self, other: ServerState) -> bool:
+        return self.state.equals(other.state) and torch.equal(self.latent, other.latent)
+
+
+def collect_updates(
+    replies: Sequence[tuple[bytes, float]], spec: AdapterSpec, options: CodecOptions | None = None, *, version: int
+) -> tuple[list[tuple[Update, float]], list[tuple[int, str]]]:
+    """Decode every reply ``(frame, num_examples)``; return (accepted, rejected ``(index, reason)``).
+
+    A reply is rejected when its frame fails to decode, it trained from another version than
+    ``version``, or its weight is not a positive finite number. Nothing is applied here.
+    """
+    accepted, rejected = [], []
+    for i, (frame, weight) in enumerate(replies):
+        try:
+            update = decode_update(frame, spec, options)
+        except CodecError as e:
+            rejected.append((i, f"{type(e).__name__}: {e}"))
+            continue
+        if update.version != version:
+            rejected.append((i, f"trained from version {update.version}, the round broadcast version {version}"))
+        elif not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+            rejected.append((i, f"num_examples must be a positive finite number; got {weight!r}"))
+        else:
+            accepted.append((update, float(weight)))
+    return accepted, rejected
+
+
+@dataclass(frozen=True)
+class LatentVote:
+    """Weighted sign vote with latent momentum and hysteresis, and FedAvg-style scale steps.
+
+    With client signs ``S_k = S^t ⊙ (1 - 2 F_k)`` and weights ``n_k``:
+    ``V = Σ n_k S_k / Σ n_k``; ``Λ' = β Λ + (1 - β) V``; a sign flips to ``sign(Λ')`` only where
+    ``|Λ'| > τ`` (ties keep the current sign); ``s' = s + η Σ n_k (s_k - s) / Σ n_k``.
+    ``β = 0, τ = 0`` is a weighted majority vote (signSGD-MV); ``η = 1`` is FedAvg on the scales.
+
+    Parameters
+    ----------
+    beta : float
+        Latent momentum in ``[0, 1)``.
+    tau : float
+        Hysteresis threshold in ``[0, 1)``.
+    eta : float
+        Server learning rate on the scales, ``> 0``.
+    """
+
+    beta: float = 0.0
+    tau: float = 0.0
+    eta: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"beta (latent momentum) must be in [0, 1); got {self.beta}")
+        if not 0.0 <= self.tau < 1.0:
+            raise ValueError(f"tau (hysteresis) must be in [0, 1): |Λ| never exceeds 1; got {self.tau}")
+        if not self.eta > 0.0:
+            raise ValueError(f"eta (server scale learning rate) must be positive; got {self.eta}")
+
+    def __call__(self, server: ServerState, updates: Sequence[tuple[Update, float]]) -> ServerState:
+        """One aggregation step; returns a new state at version ``t + 1``."""
+        if not updates:
+            raise ValueError("no updates to aggregate; keep the current state when every reply failed")
+        old = server.state
+        for update, _ in updates:
+            if update.version != old.version:
+                raise ValueError(f"update trained from version {update.version}, the server is at {old.version}")
+        total = sum(w for _, w in updates)
+        flip_mass = torch.zeros_like(server.latent)  # (n_bits,) Σ n_k F_k
+        scale_step = torch.zeros_like(old.scales)  # (n_scales,) Σ n_k d_k
+        for update, w in updates:
+            flip_mass += w * update.flips.to(flip_mass.dtype)
+            scale_step += w * update.scale_delta.to(scale_step.dtype)
+        vote = old.signs(server.latent.dtype) * (1.0 - 2.0 * flip_mass / total)  # (n_bits,) in [-1, 1]
+        latent = self.beta * server.latent + (1.0 - self.beta) * vote
+        wants = latent < 0
+        negative = torch.where((wants != old.negative) & (latent.abs() > self.tau), wants, old.negative)
+        scales = old.scales + self.eta * scale_step / total
+        return ServerState(AdapterState(old.version + 1, negative, scales), latent)
