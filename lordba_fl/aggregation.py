@@ -112,3 +112,57 @@ class LatentVote:
         negative = torch.where((wants != old.negative) & (latent.abs() > self.tau), wants, old.negative)
         scales = old.scales + self.eta * scale_step / total
         return ServerState(AdapterState(old.version + 1, negative, scales), latent)
+
+
+@dataclass(frozen=True)
+class Refit:
+    """Average the clients' exact adapter products and re-fit a LoRDBA factorization per layer.
+
+    Client ``k``'s layer product is ``ΔW_k = diag(s_out) S2 diag(s_mid) S1 diag(s_in)`` with its
+    signs ``S^t XOR F_k`` and scales ``s^t + d_k``; the server forms ``Σ n_k ΔW_k / Σ n_k`` and fits
+    signs and scales to it with the ``svd`` init (SVD + closed-form scale sweeps). The new latent is
+    the fitted signs (``±1``): global signs come from the structure of the averaged update, not votes.
+    """
+
+    spec: AdapterSpec
+    sweeps: int = 3
+
+    def __call__(self, server: ServerState, updates: Sequence[tuple[Update, float]]) -> ServerState:
+        from lordba_fl.init import fit_lordba
+        from lordba_fl.layout import split_carriers, split_scales
+
+        if not updates:
+            raise ValueError("no updates to aggregate; keep the current state when every reply failed")
+        old = server.state
+        total = sum(w for _, w in updates)
+        negative = old.negative.clone()
+        scales = old.scales.clone()
+        new_neg = split_carriers(self.spec, negative)
+        new_scales = split_scales(self.spec, scales)
+        clients = [
+            (split_carriers(self.spec, old.signs() * (1.0 - 2.0 * u.flips.float())),
+             split_scales(self.spec, old.scales + u.scale_delta.float()), w)
+            for u, w in updates
+        ]
+        for layer in self.spec.layers:
+            target = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64)  # (out, in)
+            for carriers, sc, w in clients:
+                s1, s2 = carriers[layer.name]  # (r, in), (out, r)
+                s = {k: v.double() for k, v in sc[layer.name].items()}
+                b = s2.double() * s.get("mid", torch.ones(layer.rank, dtype=torch.float64))[None, :]
+                b = b * s.get("out", torch.ones(layer.out_features, dtype=torch.float64))[:, None]  # (out, r)
+                a = s1.double() * s.get("in", torch.ones(layer.in_features, dtype=torch.float64))[None, :]  # (r, in)
+                target += (w / total) * (b @ a)
+            if not bool(target.abs().max() > 0):
+                # every client's product is zero (e.g. s_out still 0): nothing to re-fit, average the scales
+                for kind, view in new_scales[layer.name].items():
+                    view.copy_(sum(w * sc[layer.name][kind] for _, sc, w in clients) / total)
+                continue
+            l1, l2, fitted, _ = fit_lordba(target, layer.rank, self.spec.scales, self.sweeps)
+            a_neg, b_neg = new_neg[layer.name]
+            a_neg.copy_(l1 < 0)
+            b_neg.copy_(l2 < 0)
+            for kind, view in new_scales[layer.name].items():
+                view.copy_(fitted[kind].float())
+        state = AdapterState(old.version + 1, negative, scales)
+        return ServerState(state, state.signs())

@@ -70,6 +70,8 @@ class MessageBytes:
         See the module docstring.
     method : str
         The method that produced the message (``"lordba"``, ``"lora-fedavg"``, ...).
+    phase : str
+        ``"train"`` or ``"evaluate"`` (the message type).
     """
 
     round: int
@@ -79,6 +81,7 @@ class MessageBytes:
     wire_bytes: int
     fp16_lora_bytes: int
     method: str = ""
+    phase: str = "train"
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
@@ -89,10 +92,13 @@ class MessageBytes:
 
     @classmethod
     def of(
-        cls, message: Message, *, round: int, direction: str, node_id: int, fp16_lora_bytes: int, method: str = ""
+        cls, message: Message, *, round: int, direction: str, node_id: int, fp16_lora_bytes: int, method: str = "",
+        phase: str = "train",
     ) -> MessageBytes:
         """Measure ``message``."""
-        return cls(round, direction, node_id, payload_bytes(message), wire_bytes(message), fp16_lora_bytes, method)
+        return cls(
+            round, direction, node_id, payload_bytes(message), wire_bytes(message), fp16_lora_bytes, method, phase
+        )
 
 
 def _stats(values: list[int]) -> dict[str, float]:
@@ -110,14 +116,18 @@ class ByteLedger:
     def add(self, record: MessageBytes) -> None:
         self.records.append(record)
 
-    def round_summary(self, round: int) -> dict:
+    def round_summary(self, round: int, phase: str | None = "train") -> dict:
         """``{direction: {payload|wire|fp16_lora: {sum, mean, max, count}}, totals: ...}`` for one round.
 
-        ``totals`` are running sums over every round up to and including ``round``.
+        Per-round statistics cover messages of ``phase`` (None: all); ``totals`` are running sums of
+        every message (all phases) up to and including ``round``.
         """
         out: dict = {"round": round}
         for direction in DIRECTIONS:
-            recs = [r for r in self.records if r.round == round and r.direction == direction]
+            recs = [
+                r for r in self.records
+                if r.round == round and r.direction == direction and (phase is None or r.phase == phase)
+            ]
             out[direction] = {
                 kind: _stats([getattr(r, f"{kind}_bytes") for r in recs]) for kind in ("payload", "wire", "fp16_lora")
             }

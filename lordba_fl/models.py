@@ -123,3 +123,36 @@ def load_default_model(
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tok
+
+
+def _tiny_llama(quant: str = "q4_1", compute_dtype: torch.dtype = torch.float32):
+    """A randomly initialised 2-layer LLaMA (hidden 64) with SmolLM2's tokenizer: for tests and --quick runs."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lordba_fl.quant import quantize_base_
+
+    _quiet_transformers()
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(1234)
+        cfg = LlamaConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        )
+        model = LlamaForCausalLM(cfg)
+    quantize_base_(model, quant, compute_dtype=compute_dtype)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+MODELS = {"smollm2-135m": load_default_model, "tiny-llama": _tiny_llama}
+
+
+def load_model(name: str = "smollm2-135m", quant: str = "q4_1", compute_dtype: torch.dtype = torch.float32):
+    """A registered model (frozen, quantized base) and its tokenizer."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+    return MODELS[name](quant=quant, compute_dtype=compute_dtype)

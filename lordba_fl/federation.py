@@ -1,0 +1,207 @@
+"""What the ServerApp and ClientApp do, as library functions (the apps only call these).
+
+Server: build the method's global state (or resume it), run :class:`~lordba_fl.strategy.AdapterStrategy`
+through Flower's own round loop, evaluate the global model after every round, write one JSON line
+and an atomic checkpoint per round, and at the end a table, a CSV, plots, the final adapter (packed
+and as PEFT LoRA) and sample outputs.
+
+Client: the frozen quantized base with its adapter skeleton is loaded once per worker process and
+shared by every client that process runs (:data:`_WORKER` holds no per-client state); each client's
+state lives in its Flower ``context.state``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from lordba_fl.checkpoint import load_checkpoint, save_checkpoint
+from lordba_fl.data import load_task
+from lordba_fl.metering import ByteLedger
+from lordba_fl.methods import make_method
+from lordba_fl.models import load_model
+from lordba_fl.report import RunRecorder, round_row
+from lordba_fl.runconfig import RunConfig, parse_run_config
+from lordba_fl.strategy import AdapterStrategy, frame_record, read_frame
+from lordba_fl.train import evaluate_loss, generate
+
+log = logging.getLogger("lordba_fl")
+_WORKER: dict = {}
+
+
+def run_name(cfg: RunConfig) -> str:
+    return f"{cfg.method}-{cfg.aggregator}" if cfg.method == "lordba" else cfg.method
+
+
+def client_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
+    digest = hashlib.blake2b(f"{cfg.seed}/{server_round}/{partition_id}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _worker(cfg: RunConfig):
+    key = (cfg.method, cfg.model, cfg.quant, cfg.rank, cfg.alpha, cfg.scales, cfg.seed, cfg.task,
+           tuple(sorted(cfg.task_options.items())), cfg.scale_encoding, cfg.codec_level)
+    if key not in _WORKER:
+        _WORKER.clear()
+        model, tok = load_model(cfg.model, cfg.quant)
+        method = make_method(cfg)
+        model = method.adapt(model)
+        task = load_task(cfg.task, progress=False, **cfg.task_options)
+        _WORKER[key] = (model, tok, method, task)
+    return _WORKER[key]
+
+
+def _partition(context, task) -> int:
+    try:
+        pid = int(context.node_config["partition-id"])
+    except KeyError:
+        raise ValueError(
+            "node_config has no 'partition-id': start the SuperNode with --node-config 'partition-id=<i>'"
+        ) from None
+    return task.check_partition(pid)
+
+
+def _method_for(cfg: RunConfig, run_config: dict):
+    model, tok, method, task = _worker(cfg)
+    method.cfg = cfg  # training knobs may differ between runs sharing a worker
+    return model, tok, method, task
+
+
+def _config(context, fallback: dict | None) -> RunConfig:
+    import torch
+
+    torch.set_num_threads(1)  # simulated clients share the machine's cores; one thread each
+    return parse_run_config(dict(context.run_config) or fallback or {})
+
+
+def client_train(msg: Message, context, fallback_config: dict | None = None) -> Message:
+    """ClientApp train handler: decode the broadcast, train locally, reply with one frame + metrics."""
+    cfg = _config(context, fallback_config)
+    model, tok, method, task = _method_for(cfg, context.run_config)
+    pid = _partition(context, task)
+    server_round = int(msg.content["config"]["server-round"])
+    examples = task.train[pid]
+    frame, metrics = method.client_train(
+        model, tok, read_frame(msg.content), context.state, examples, server_round, client_seed(cfg, server_round, pid)
+    )
+    metrics["num-examples"] = float(len(examples))
+    metrics["held-version"] = metrics.pop("held_version")
+    metrics["partition-id"] = float(pid)
+    return Message(RecordDict({"adapter": frame_record(frame), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def client_evaluate(msg: Message, context, fallback_config: dict | None = None) -> Message:
+    """ClientApp evaluate handler: load the broadcast, report held-out loss / perplexity of this client."""
+    cfg = _config(context, fallback_config)
+    model, tok, method, task = _method_for(cfg, context.run_config)
+    pid = _partition(context, task)
+    version = method.client_load_(model, read_frame(msg.content), context.state)
+    test = task.test[pid][: cfg.eval_examples]
+    res = evaluate_loss(model, tok, test, cfg.train.seq_len)
+    res.update({"num-examples": float(len(test)), "held-version": float(version), "partition-id": float(pid)})
+    return Message(RecordDict({"metrics": MetricRecord(res)}), reply_to=msg)
+
+
+def _server_eval_sets(task, cfg: RunConfig) -> dict:
+    if task.server_eval:
+        return {name: ex[: cfg.eval_examples] for name, ex in task.server_eval.items()}
+    pooled, i = [], 0
+    while len(pooled) < cfg.eval_examples and any(i < len(t) for t in task.test):
+        pooled += [t[i] for t in task.test if i < len(t)]
+        i += 1
+    return {"pooled": pooled[: cfg.eval_examples]}
+
+
+def _accuracy(model, tok, examples) -> float:
+    from lordba_fl.data.gsm import extract_answer
+
+    hits = sum(extract_answer(generate(model, tok, ex.prompt)) == ex.answer for ex in examples)
+    return hits / max(len(examples), 1)
+
+
+def run_server(grid, run_config: dict) -> dict:
+    """The ServerApp's whole job; returns the final round's row."""
+    cfg = parse_run_config(run_config)
+    run_dir = Path(cfg.out_dir) / run_name(cfg)
+    t0 = time.time()
+    model, tok = load_model(cfg.model, cfg.quant)
+    method = make_method(cfg)
+    model = method.adapt(model)
+    method.init_server(model)
+    task = load_task(cfg.task, **cfg.task_options)
+    ledger = ByteLedger()
+    offset, rows = 0, []
+    if cfg.resume:
+        restored = load_checkpoint(run_dir, method, ledger)
+        if restored is not None:
+            offset, rows, _ = restored
+            log.info("resuming %s from round %d", run_dir, offset)
+    recorder = RunRecorder(run_dir, rows)
+    strategy = AdapterStrategy(method, cfg.clients_per_round, cfg.seed, offset, ledger)
+    eval_sets = _server_eval_sets(task, cfg)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        run_round = server_round + offset
+        if server_round == 0 and offset > 0:
+            return None
+        method.load_global_(model)
+        res = {}
+        for name, ex in eval_sets.items():
+            r = evaluate_loss(model, tok, ex, cfg.train.seq_len)
+            prefix = "" if name in ("pooled", "unseen") else f"{name}_"
+            res[f"{prefix}eval_loss"], res[f"{prefix}perplexity"] = r["eval_loss"], r["perplexity"]
+        started = strategy.round_started.get(run_round, t0)
+        row = round_row(run_round, run_name(cfg), ledger.round_summary(run_round), strategy.round_metrics.get(run_round, {}),
+                        res, time.time() - started)
+        recorder.log(row)
+        save_checkpoint(run_dir, run_round, method, ledger, recorder.rows)
+        log.info("round %d: %s", run_round, {k: row[k] for k in ("up_wire_mean", "down_wire_mean", "eval_loss") if k in row})
+        return MetricRecord({k: float(v) for k, v in res.items()})
+
+    if cfg.rounds > offset:
+        strategy.start(grid, ArrayRecord(), num_rounds=cfg.rounds - offset, timeout=3600, evaluate_fn=evaluate_fn)
+    return finish(cfg, model, tok, method, task, recorder, run_dir)
+
+
+def finish(cfg, model, tok, method, task, recorder, run_dir: Path) -> dict:
+    """Final adapter (packed + PEFT), accuracy / sample generations, table, CSV and plots."""
+    method.load_global_(model)
+    final = dict(recorder.rows[-1]) if recorder.rows else {}
+    if method.name == "lordba":
+        from lordba_fl.storage import export_peft_lora, save_lordba
+
+        save_lordba(model, run_dir / "adapter.lordba.safetensors")
+        export_peft_lora(model, run_dir / "peft_lora")
+    else:
+        model.save_pretrained(str(run_dir / "peft_lora"))
+    samples = []
+    if task.metric == "accuracy" and cfg.generate_examples > 0:
+        for name in ("unseen", "seen"):
+            ex = task.server_eval[name][: cfg.generate_examples]
+            final[f"accuracy_{name}"] = _accuracy(model, tok, ex)
+        ex = task.server_eval["unseen"][0]
+        out = generate(model, tok, ex.prompt)
+        samples.append(f"{ex.prompt}{out}\n(expected {ex.answer}; {'correct' if out and ex.answer == _extract(out) else 'wrong'})")
+    elif cfg.generate_examples > 0:
+        for name, exs in list(zip(task.clients, task.test))[: min(3, cfg.generate_examples)]:
+            samples.append(f"[{name}] {exs[0].prompt}{generate(model, tok, exs[0].prompt, max_new_tokens=40)}")
+    if recorder.rows:
+        recorder.rows[-1] = final
+        recorder.path.write_text("".join(__import__("json").dumps(r) + "\n" for r in recorder.rows))
+    print(recorder.table())
+    recorder.write_csv()
+    plots = recorder.plot()
+    for s in samples:
+        print("\n--- sample ---\n" + s)
+    print(f"\nrun folder: {run_dir}  (rounds.jsonl, rounds.csv, {', '.join(p.name for p in plots)}, final adapter)")
+    return final
+
+
+def _extract(text: str):
+    from lordba_fl.data.gsm import extract_answer
+
+    return extract_answer(text)

@@ -1,0 +1,305 @@
+"""LoRA baselines in the same harness: ``lora-fedavg``, ``ffa-lora``, ``lora-q2``, ``lora-q4``.
+
+All use PEFT LoRA (same targets, rank and alpha as LoRDBA) on the same frozen quantized base and the
+same training loop. The adapter travels as one framed buffer in a flat layout: per layer ``A``
+(``(r, in)``, row-major) then ``Bᵀ`` (``(r, out)``, row-major), so each rank-1 component's input and
+output vectors are contiguous *channels*.
+
+* ``lora-fedavg``: fp16 factors both ways, FedAvg of ``A`` and ``B``.
+* ``ffa-lora``: ``A`` frozen at its (seeded, shared) init; only ``B`` trains and travels (fp16).
+* ``lora-q2`` / ``lora-q4``: fp16 down; up, the update ``θ_k - θ`` quantized per channel to 2 / 4
+  bits (min-max affine, fp16 offset and step per channel, stochastic rounding) + zstd; the server
+  adds the weighted mean of the dequantized updates.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import torch
+import zstandard
+from torch import nn
+
+from lordba_fl.codec import ChecksumError, DecompressionBombError, FormatVersionError, MalformedFrameError
+from lordba_fl.codec import NonFiniteError, ShapeMismatchError, TruncatedFrameError
+from lordba_fl.methods import Method, register_method
+from lordba_fl.train import train_local
+
+_MAGIC = b"LORA"
+_VERSION = 1
+_HEADER = struct.Struct("<4sHBBIIQIII")  # magic, version, kind, bits, round, state version, n, raw, comp, crc
+_FP16, _QUANT = 0, 1
+
+
+# ---- frames ---------------------------------------------------------------------------------------
+
+
+def _pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
+    per = 8 // bits
+    pad = (-q.size) % per
+    q = np.concatenate([q, np.zeros(pad, np.uint8)]).reshape(-1, per)  # (bytes, per)
+    shifts = (np.arange(per, dtype=np.uint8) * bits)[None, :]
+    return np.bitwise_or.reduce(q << shifts, axis=1).astype(np.uint8)
+
+
+def _unpack_codes(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits)[None, :]
+    return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
+
+
+def quantize_channels(values: np.ndarray, segments: np.ndarray, bits: int, rng: np.random.Generator) -> bytes:
+    """Per-channel min-max quantization with stochastic rounding: fp16 (lo, step) per channel + packed codes."""
+    starts = np.concatenate([[0], np.cumsum(segments)[:-1]])
+    lo32 = np.minimum.reduceat(values, starts)
+    hi32 = np.maximum.reduceat(values, starts)
+    lo = lo32.astype(np.float16)
+    lo = np.where(lo.astype(np.float32) > lo32, np.nextafter(lo, np.float16(-np.inf)), lo)  # round down
+    levels = (1 << bits) - 1
+    step32 = (hi32 - lo.astype(np.float32)) / levels
+    step = step32.astype(np.float16)
+    step = np.where(step.astype(np.float32) < step32, np.nextafter(step, np.float16(np.inf)), step)  # round up
+    if not (np.isfinite(lo).all() and np.isfinite(step).all()):
+        raise ValueError("a LoRA update is outside fp16 range; lower the learning rate")
+    lo_full = np.repeat(lo.astype(np.float32), segments)
+    step_full = np.repeat(step.astype(np.float32), segments)
+    x = np.divide(values - lo_full, step_full, out=np.zeros_like(values), where=step_full > 0)
+    q = np.clip(np.floor(x + rng.random(values.size, dtype=np.float32)), 0, levels).astype(np.uint8)
+    return lo.tobytes() + step.tobytes() + _pack_codes(q, bits).tobytes()
+
+
+def dequantize_channels(raw: bytes, segments: np.ndarray, bits: int) -> np.ndarray:
+    s = segments.size
+    n = int(segments.sum())
+    lo = np.frombuffer(raw[: 2 * s], np.float16).astype(np.float32)
+    step = np.frombuffer(raw[2 * s : 4 * s], np.float16).astype(np.float32)
+    if not (np.isfinite(lo).all() and np.isfinite(step).all()) or (step < 0).any():
+        raise NonFiniteError("LoRA update has a non-finite or negative channel offset/step")
+    q = _unpack_codes(np.frombuffer(raw[4 * s :], np.uint8), bits, n).astype(np.float32)
+    return np.repeat(lo, segments) + q * np.repeat(step, segments)
+
+
+def _raw_size(kind: int, bits: int, segments: np.ndarray) -> int:
+    n = int(segments.sum())
+    if kind == _FP16:
+        return 2 * n
+    return 4 * segments.size + (n * bits + 7) // 8
+
+
+def encode_lora(kind: int, bits: int, round: int, version: int, payload: bytes, compress: bool) -> bytes:
+    body = zstandard.ZstdCompressor(level=3).compress(payload) if compress else payload
+    header = _HEADER.pack(_MAGIC, _VERSION, kind, bits, round, version, 0, len(payload), len(body) if compress else 0, 0)
+    crc = zlib.crc32(body, zlib.crc32(header[:-4]))
+    return header[:-4] + crc.to_bytes(4, "little") + body
+
+
+def decode_lora(frame: bytes, segments: np.ndarray, kinds: tuple[int, ...]) -> tuple[int, int, int, int, bytes]:
+    """Validate a LoRA frame against the receiver's layout; returns (kind, bits, round, version, raw payload)."""
+    if len(frame) < _HEADER.size:
+        raise TruncatedFrameError(f"LoRA frame has {len(frame)} bytes, less than its {_HEADER.size}-byte header")
+    magic, ver, kind, bits, rnd, version, _, raw_len, comp_len, crc = _HEADER.unpack_from(frame)
+    if magic != _MAGIC or ver != _VERSION:
+        raise FormatVersionError(f"not a lordba-fl LoRA frame version {_VERSION} (magic {magic!r}, version {ver})")
+    body_len = comp_len if comp_len else raw_len
+    if len(frame) != _HEADER.size + body_len:
+        raise TruncatedFrameError(f"LoRA frame has {len(frame)} bytes; its header declares {_HEADER.size + body_len}")
+    if zlib.crc32(frame[_HEADER.size :], zlib.crc32(frame[: _HEADER.size - 4])) != crc:
+        raise ChecksumError("LoRA frame CRC-32 mismatch: the frame is corrupt")
+    if kind not in kinds or (kind == _QUANT and bits not in (2, 4)):
+        raise MalformedFrameError(f"LoRA frame kind {kind} / {bits} bits is not what this method sends")
+    want = _raw_size(kind, bits, segments)
+    if raw_len != want:
+        raise (DecompressionBombError if raw_len > want else ShapeMismatchError)(
+            f"LoRA payload declares {raw_len} bytes; this adapter's shapes need {want}"
+        )
+    body = frame[_HEADER.size :]
+    if comp_len:
+        try:
+            declared = zstandard.frame_content_size(body)
+        except zstandard.ZstdError as e:
+            raise MalformedFrameError(f"LoRA payload is not a zstd frame ({e})") from None
+        if declared != want:
+            raise DecompressionBombError(f"LoRA payload's zstd frame declares {declared} bytes; expected {want}")
+        try:
+            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=want)
+        except zstandard.ZstdError as e:
+            raise MalformedFrameError(f"LoRA payload failed to decompress ({e})") from None
+    return kind, bits, rnd, version, body
+
+
+def _fp16_values(raw: bytes) -> np.ndarray:
+    values = np.frombuffer(raw, np.float16).astype(np.float32)
+    if not np.isfinite(values).all():
+        raise NonFiniteError("LoRA frame carries NaN or Inf values")
+    return values
+
+
+# ---- the methods ----------------------------------------------------------------------------------
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    """``(name, A (r, in), B (out, r))`` of every PEFT LoRA layer, in module order."""
+    out = []
+    for name, m in model.named_modules():
+        if hasattr(m, "lora_A") and isinstance(getattr(m, "lora_A"), nn.ModuleDict) and "default" in m.lora_A:
+            out.append((name, m.lora_A["default"].weight, m.lora_B["default"].weight))
+    return out
+
+
+@register_method
+class LoRAFedAvg(Method):
+    name = "lora-fedavg"
+    train_a = True  # ffa-lora freezes A
+    bits = 0  # 0: fp16 up; 2 / 4: quantized updates
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.global_values: torch.Tensor | None = None
+        self._version = 0
+
+    # ---- layout ---------------------------------------------------------------------------------
+    def adapt(self, model: nn.Module) -> nn.Module:
+        from peft import get_peft_model
+
+        from lordba_fl.config import LoRDBAConfig
+        from lordba_fl.storage import peft_lora_config
+
+        targets = list(LoRDBAConfig().target_modules)
+        cfg = peft_lora_config(r=self.cfg.rank, lora_alpha=self.cfg.alpha, target_modules=targets, lora_dropout=0.0)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.seed)  # every party builds the same initial A
+            model = get_peft_model(model, cfg)
+        model.eval()
+        self.layers_shapes = [(n, a.shape[1], b.shape[0]) for n, a, b in lora_layers(model)]
+        r = self.cfg.rank
+        seg = []
+        for _, n_in, n_out in self.layers_shapes:
+            seg += ([n_in] * r if self.train_a else []) + [n_out] * r
+        self.segments = np.array(seg, dtype=np.int64)
+        return model
+
+    def fp16_lora_bytes(self) -> int:
+        return 2 * self.cfg.rank * sum(i + o for _, i, o in self.layers_shapes)
+
+    def read_values(self, model) -> torch.Tensor:
+        parts = []
+        for _, a, b in lora_layers(model):
+            if self.train_a:
+                parts.append(a.detach().reshape(-1))
+            parts.append(b.detach().t().reshape(-1))  # Bᵀ: (r, out)
+        return torch.cat(parts).float()
+
+    @torch.no_grad()
+    def write_values_(self, model, values: torch.Tensor) -> None:
+        pos = 0
+        for _, a, b in lora_layers(model):
+            if self.train_a:
+                a.copy_(values[pos : pos + a.numel()].view_as(a))
+                pos += a.numel()
+            bt = values[pos : pos + b.numel()].view(b.shape[1], b.shape[0])  # (r, out)
+            b.copy_(bt.t())
+            pos += b.numel()
+
+    # ---- server ---------------------------------------------------------------------------------
+    def init_server(self, model) -> None:
+        self.global_values = self.read_values(model)
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def _full_frame(self, server_round: int) -> bytes:
+        payload = self.global_values.numpy().astype(np.float16)
+        if not np.isfinite(payload).all():
+            raise ValueError("global LoRA state overflows fp16")
+        return encode_lora(_FP16, 0, server_round, self._version, payload.tobytes(), compress=False)
+
+    def downlink(self, node_id: int, server_round: int) -> bytes:
+        return self._full_frame(server_round)
+
+    def aggregate(self, server_round: int, replies) -> dict:
+        accepted, rejected = [], []
+        for r in replies:
+            try:
+                accepted.append((self._decode_reply(r.frame), r.weight))
+            except (ValueError,) as e:  # CodecError is a ValueError
+                rejected.append((r.node_id, f"{type(e).__name__}: {e}"))
+        self.rejected_reasons = rejected
+        metrics = {"rejected": float(len(rejected)), "accepted": float(len(accepted))}
+        if not accepted:
+            return metrics
+        total = sum(w for _, w in accepted)
+        mean = sum(w * v for v, w in accepted) / total
+        self.global_values = self.global_values + mean if self.bits else mean
+        self._version += 1
+        return metrics
+
+    def _decode_reply(self, frame: bytes) -> torch.Tensor:
+        if self.bits:
+            _, bits, _, version, raw = decode_lora(frame, self.segments, (_QUANT,))
+            if bits != self.bits:
+                raise MalformedFrameError(f"update quantized to {bits} bits; this run uses {self.bits}")
+            values = dequantize_channels(raw, self.segments, bits)
+        else:
+            _, _, _, version, raw = decode_lora(frame, self.segments, (_FP16,))
+            values = _fp16_values(raw)
+        if version != self._version:
+            raise ValueError(f"reply trained from version {version}; the server is at {self._version}")
+        return torch.from_numpy(values.copy())
+
+    def load_global_(self, model) -> None:
+        self.write_values_(model, self.global_values)
+
+    def server_state(self):
+        return {"values": self.global_values}, {"version": self._version}
+
+    def load_server_state(self, tensors, meta) -> None:
+        self.global_values = tensors["values"].clone()
+        self._version = int(meta["version"])
+
+    # ---- client ---------------------------------------------------------------------------------
+    def client_load_(self, model, frame: bytes, state) -> int:
+        _, _, _, version, raw = decode_lora(frame, self.segments, (_FP16,))
+        self.write_values_(model, torch.from_numpy(_fp16_values(raw)))
+        return version
+
+    def client_train(self, model, tok, frame, state, examples, server_round, seed):
+        version = self.client_load_(model, frame, state)
+        start = self.read_values(model)
+        params = []
+        for _, a, b in lora_layers(model):
+            a.requires_grad_(self.train_a)
+            b.requires_grad_(True)
+            params += ([a] if self.train_a else []) + [b]
+        metrics = train_local(model, [{"params": params, "lr": self.cfg.lr}], tok, examples, self.cfg.train, seed)
+        trained = self.read_values(model)
+        if self.bits:
+            delta = (trained - start).numpy()
+            payload = quantize_channels(delta, self.segments, self.bits, np.random.default_rng(seed))
+            frame_up = encode_lora(_QUANT, self.bits, server_round, version, payload, compress=True)
+        else:
+            payload = trained.numpy().astype(np.float16)
+            frame_up = encode_lora(_FP16, 0, server_round, version, payload.tobytes(), compress=False)
+        metrics["held_version"] = float(version)
+        return frame_up, metrics
+
+
+@register_method
+class FFALoRA(LoRAFedAvg):
+    name = "ffa-lora"
+    train_a = False  # A stays at its shared, seeded init everywhere; only B is in the flat layout
+
+
+@register_method
+class LoRAQ2(LoRAFedAvg):
+    name = "lora-q2"
+    bits = 2
+
+
+@register_method
+class LoRAQ4(LoRAFedAvg):
+    name = "lora-q4"
+    bits = 4

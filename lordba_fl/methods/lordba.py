@@ -1,0 +1,188 @@
+"""``lordba``: double-binary adapters, flip masks + scale deltas up, latent-space aggregation.
+
+Client round (DESIGN.md §3): decode the broadcast (a delta against the version this node holds, or
+the full state), load the signs with latent magnitude ``m0`` (or keep this node's own magnitudes),
+train E local steps, keep at most ``flip.budget`` of the sign flips (largest latent pressure
+``|L|`` first), send the flip mask and the scale deltas. The server aggregates with the latent vote
+(β, τ, η) or ``refit`` and re-binarizes; it keeps the last ``server.history`` sign versions so each
+node gets a delta against what it last acknowledged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lordba_fl.adapter import attach_lordba_, lordba_layers
+from lordba_fl.aggregation import LatentVote, Refit, ServerState, collect_updates
+from lordba_fl.codec import CodecOptions, Update, decode_state, encode_state, encode_update
+from lordba_fl.config import LoRDBAConfig
+from lordba_fl.layout import AdapterSpec, AdapterState, read_latents, read_scales, read_state, write_state_
+from lordba_fl.methods import Method, Reply, register_method
+from lordba_fl.train import train_local
+
+HELD_KEY = "lordba.held"  # context.state: the full-state frame this node holds
+LATENT_KEY = "lordba.latent"  # context.state: a stateful node's own latents
+
+
+def budget_flips(latent: torch.Tensor, broadcast_negative: torch.Tensor, budget: float) -> torch.Tensor:
+    """Flip mask ``sign(L) XOR S`` limited to ``budget * n`` flips, keeping the largest ``|L|``."""
+    flips = (latent < 0) ^ broadcast_negative  # (n,)
+    k = int(budget * latent.numel())
+    n_flips = int(flips.sum())
+    if n_flips <= k:
+        return flips
+    pressure = torch.where(flips, latent.abs(), torch.full_like(latent, -1.0))  # (n,)
+    keep = torch.zeros_like(flips)
+    if k > 0:
+        keep[torch.topk(pressure, k).indices] = True
+    return keep
+
+
+@register_method
+class LoRDBAMethod(Method):
+    name = "lordba"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.options = CodecOptions(level=cfg.codec_level, scale_encoding=cfg.scale_encoding)
+        self.state_options = CodecOptions(level=cfg.codec_level)
+        self.spec: AdapterSpec | None = None
+        self.server: ServerState | None = None
+        self.history: dict[int, torch.Tensor] = {}
+        self.node_versions: dict[int, int] = {}
+
+    # ---- model ----------------------------------------------------------------------------------
+    def adapt(self, model: nn.Module) -> nn.Module:
+        cfg = self.cfg
+        attach_lordba_(model, LoRDBAConfig(rank=cfg.rank, alpha=cfg.alpha, scales=cfg.scales, seed=cfg.seed))
+        self.spec = AdapterSpec.from_model(model)
+        return model
+
+    def fp16_lora_bytes(self) -> int:
+        return self.spec.fp16_lora_bytes()
+
+    # ---- server ---------------------------------------------------------------------------------
+    def init_server(self, model: nn.Module) -> None:
+        self.server = ServerState.initial(read_state(model, self.spec, version=0))
+        self.history = {0: self.server.state.negative.clone()}
+        if self.cfg.aggregator == "vote":
+            self.aggregator = LatentVote(self.cfg.beta, self.cfg.tau, self.cfg.eta)
+        else:
+            self.aggregator = Refit(self.spec)
+
+    @property
+    def version(self) -> int:
+        return self.server.state.version
+
+    def downlink(self, node_id: int, server_round: int) -> bytes:
+        current = self.server.state
+        held = self.node_versions.get(node_id)
+        base = None
+        if held is not None and held in self.history:
+            base = AdapterState(held, self.history[held], current.scales)
+        return encode_state(current, self.spec, self.state_options, round=server_round, base=base)
+
+    def note_held(self, node_id: int, version: int | None) -> None:
+        if version is None or version not in self.history:
+            self.node_versions.pop(node_id, None)
+        else:
+            self.node_versions[node_id] = version
+
+    def aggregate(self, server_round: int, replies) -> dict:
+        accepted, rejected = collect_updates(
+            [(r.frame, r.weight) for r in replies], self.spec, self.options, version=self.version
+        )
+        metrics = {"rejected": float(len(rejected)), "accepted": float(len(accepted))}
+        self.rejected_reasons = [(replies[i].node_id, why) for i, why in rejected]
+        if not accepted:
+            return metrics
+        old = self.server.state
+        self.server = self.aggregator(self.server, accepted)
+        new = self.server.state
+        self.history[new.version] = new.negative.clone()
+        for v in sorted(self.history)[: max(0, len(self.history) - self.cfg.history)]:
+            del self.history[v]
+        metrics["client_flip_rate"] = sum(float(u.flips.float().mean()) for u, _ in accepted) / len(accepted)
+        metrics["global_flip_rate"] = float((new.negative ^ old.negative).float().mean())
+        return metrics
+
+    def load_global_(self, model: nn.Module) -> None:
+        write_state_(model, self.spec, self.server.state, latent_magnitude=self.cfg.flip.m0)
+
+    def server_state(self) -> tuple[dict, dict]:
+        tensors = {
+            "negative": self.server.state.negative,
+            "scales": self.server.state.scales,
+            "latent": self.server.latent,
+        }
+        for v, neg in self.history.items():
+            tensors[f"history.{v}"] = neg
+        meta = {"version": self.version, "node_versions": {str(k): v for k, v in self.node_versions.items()}}
+        return tensors, meta
+
+    def load_server_state(self, tensors: dict, meta: dict) -> None:
+        state = AdapterState(int(meta["version"]), tensors["negative"].clone(), tensors["scales"].clone())
+        self.server = ServerState(state, tensors["latent"].clone())
+        self.history = {int(k.split(".", 1)[1]): t.clone() for k, t in tensors.items() if k.startswith("history.")}
+        self.node_versions = {int(k): int(v) for k, v in meta["node_versions"].items()}
+
+    # ---- client ---------------------------------------------------------------------------------
+    def _held(self, state) -> AdapterState | None:
+        if state is None or HELD_KEY not in state:
+            return None
+        return decode_state(state[HELD_KEY]["frame"], self.spec, self.state_options)
+
+    def _receive(self, frame: bytes, state) -> AdapterState:
+        glob = decode_state(frame, self.spec, self.state_options, base=self._held(state))
+        if state is not None:
+            from flwr.app import ConfigRecord
+
+            state[HELD_KEY] = ConfigRecord({"frame": encode_state(glob, self.spec, self.state_options)})
+        return glob
+
+    def client_load_(self, model: nn.Module, frame: bytes, state) -> int:
+        glob = self._receive(frame, state)
+        write_state_(model, self.spec, glob, latent_magnitude=self.cfg.flip.m0)
+        return glob.version
+
+    def client_train(self, model, tok, frame, state, examples, server_round, seed):
+        from flwr.app import Array, ArrayRecord
+
+        cfg, flip = self.cfg, self.cfg.flip
+        glob = self._receive(frame, state)
+        own = state[LATENT_KEY]["latent"].numpy() if flip.stateful and state is not None and LATENT_KEY in state else None
+        if own is not None:
+            # a stateful node keeps its magnitudes; the broadcast decides the signs
+            layers = lordba_layers(model)
+            flat = torch.from_numpy(own.copy())
+            pos = 0
+            with torch.no_grad():
+                for m in layers.values():
+                    for p in (m.lordba_latent_A, m.lordba_latent_B):
+                        p.copy_(flat[pos : pos + p.numel()].view_as(p))
+                        pos += p.numel()
+            write_state_(model, self.spec, glob, latent_magnitude=None)
+        else:
+            write_state_(model, self.spec, glob, latent_magnitude=flip.m0)
+        latents, scales = [], []
+        for m in lordba_layers(model).values():
+            latents += [m.lordba_latent_A, m.lordba_latent_B]
+            scales += [m.scale(k) for k in self.spec.scales]
+        for p in latents:
+            p.requires_grad_(flip.latent_lr > 0)
+        for p in scales:
+            p.requires_grad_(True)
+        groups = [{"params": scales, "lr": cfg.lr}]
+        if flip.latent_lr > 0:
+            groups.append({"params": latents, "lr": flip.latent_lr})
+        metrics = train_local(model, groups, tok, examples, cfg.train, seed)
+        latent = read_latents(model, self.spec)
+        flips = budget_flips(latent, glob.negative, flip.flip_budget)
+        delta = read_scales(model, self.spec) - glob.scales
+        update = Update(server_round, glob.version, flips, delta)
+        if flip.stateful and state is not None:
+            state[LATENT_KEY] = ArrayRecord({"latent": Array(latent.numpy())})
+        metrics["flip_rate"] = float(flips.float().mean())
+        metrics["held_version"] = float(glob.version)
+        return encode_update(update, self.spec, self.options, rng=seed), metrics

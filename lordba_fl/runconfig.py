@@ -1,0 +1,197 @@
+"""The run configuration: ``[tool.flwr.app.config]`` parsed once into typed dataclasses.
+
+Keys are hyphenated and dotted (``train.local-steps``); :func:`parse_run_config` maps each onto a
+field of :class:`RunConfig` and rejects unknown keys and bad values with a message naming the fix.
+``DEFAULTS`` is the single source of the default values (pyproject mirrors it; a test checks that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from lordba_fl.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class FlipControl:
+    """How a LoRDBA client's sign flips are made rare and earned (DESIGN.md §3).
+
+    Parameters
+    ----------
+    m0 : float
+        Latent magnitude the broadcast signs are loaded with: a sign flips only after its latent
+        travels ``m0``.
+    latent_lr : float
+        Learning rate of the sign latents (0 freezes the signs: scales-only training).
+    flip_budget : float
+        Largest fraction of sign bits a client may flip per round; the top ones by latent
+        pressure ``|L|`` are kept, the rest revert (1.0 = no budget).
+    stateful : bool
+        Clients keep their own latent magnitudes across rounds (in ``context.state``).
+    """
+
+    m0: float = 0.01
+    latent_lr: float = 1e-3
+    flip_budget: float = 0.01
+    stateful: bool = False
+
+    def __post_init__(self):
+        if not self.m0 > 0:
+            raise ValueError(f"flip.m0 must be positive; got {self.m0}")
+        if self.latent_lr < 0:
+            raise ValueError(f"flip.latent-lr must be >= 0 (0 freezes the signs); got {self.latent_lr}")
+        if not 0.0 <= self.flip_budget <= 1.0:
+            raise ValueError(f"flip.budget must be a fraction in [0, 1]; got {self.flip_budget}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; see ``pyproject.toml``'s ``[tool.flwr.app.config]`` for the keys."""
+
+    method: str = "lordba"
+    model: str = "smollm2-135m"
+    quant: str = "q4_1"
+    task: str = "shakespeare"
+    task_options: dict = field(default_factory=dict)
+    rounds: int = 3
+    clients_per_round: int = 4
+    rank: int = 16
+    alpha: float = 32.0
+    scales: tuple[str, ...] = ("in", "mid", "out")
+    lr: float = 1e-3
+    train: TrainConfig = TrainConfig()
+    flip: FlipControl = FlipControl()
+    aggregator: str = "vote"
+    beta: float = 0.0
+    tau: float = 0.0
+    eta: float = 1.0
+    scale_encoding: str = "q8"
+    codec_level: int = 3
+    history: int = 4
+    eval_examples: int = 64
+    generate_examples: int = 8
+    seed: int = 0
+    out_dir: str = "results/run"
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.rounds < 1 or self.clients_per_round < 1:
+            raise ValueError("rounds and clients-per-round must be >= 1")
+        if self.aggregator not in ("vote", "refit"):
+            raise ValueError(f"aggregator must be 'vote' or 'refit'; got {self.aggregator!r}")
+        if self.rank < 1 or self.lr <= 0:
+            raise ValueError(f"rank must be >= 1 and lr > 0; got rank={self.rank}, lr={self.lr}")
+
+
+# run-config key -> (RunConfig path, type)
+_KEYS: dict[str, tuple[str, type]] = {
+    "method": ("method", str),
+    "model": ("model", str),
+    "quant": ("quant", str),
+    "task": ("task", str),
+    "rounds": ("rounds", int),
+    "clients-per-round": ("clients_per_round", int),
+    "rank": ("rank", int),
+    "alpha": ("alpha", float),
+    "scales": ("scales", str),
+    "lr": ("lr", float),
+    "train.local-steps": ("train.steps", int),
+    "train.batch-size": ("train.batch_size", int),
+    "train.grad-accum": ("train.grad_accum", int),
+    "train.seq-len": ("train.seq_len", int),
+    "train.optimizer": ("train.optimizer", str),
+    "flip.m0": ("flip.m0", float),
+    "flip.latent-lr": ("flip.latent_lr", float),
+    "flip.budget": ("flip.flip_budget", float),
+    "flip.stateful": ("flip.stateful", bool),
+    "server.aggregator": ("aggregator", str),
+    "server.beta": ("beta", float),
+    "server.tau": ("tau", float),
+    "server.eta": ("eta", float),
+    "server.history": ("history", int),
+    "codec.scale-encoding": ("scale_encoding", str),
+    "codec.level": ("codec_level", int),
+    "eval.examples": ("eval_examples", int),
+    "eval.generate": ("generate_examples", int),
+    "seed": ("seed", int),
+    "out-dir": ("out_dir", str),
+    "resume": ("resume", bool),
+}
+_TASK_PREFIX = "data."
+
+
+def _coerce(key: str, value, typ: type):
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"run config {key!r} must be true or false; got {value!r}")
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if typ is str and isinstance(value, str):
+        return value
+    try:
+        return typ(value) if isinstance(value, str) and typ is not str else _fail(key, value, typ)
+    except ValueError:
+        _fail(key, value, typ)
+
+
+def _fail(key, value, typ):
+    raise ValueError(f"run config {key!r} must be a {typ.__name__}; got {value!r}")
+
+
+def parse_run_config(run_config: dict) -> RunConfig:
+    """Typed :class:`RunConfig` from a Flower ``context.run_config`` (or any flat dict)."""
+    top: dict = {}
+    nested: dict[str, dict] = {"train": {}, "flip": {}}
+    task_options: dict = {}
+    for key, value in run_config.items():
+        if key.startswith(_TASK_PREFIX):
+            task_options[key[len(_TASK_PREFIX):].replace("-", "_")] = value
+            continue
+        if key not in _KEYS:
+            raise ValueError(f"unknown run config key {key!r}; known keys: {sorted(_KEYS)} and data.<task option>")
+        path, typ = _KEYS[key]
+        value = _coerce(key, value, typ)
+        if path == "scales":
+            value = tuple(s.strip() for s in value.split(",") if s.strip())
+        if "." in path:
+            group, name = path.split(".")
+            nested[group][name] = value
+        else:
+            top[path] = value
+    try:
+        return RunConfig(
+            **top,
+            task_options=task_options,
+            train=TrainConfig(**nested["train"]),
+            flip=FlipControl(**nested["flip"]),
+        )
+    except TypeError as e:  # pragma: no cover - keys are mapped above
+        raise ValueError(str(e)) from None
+
+
+def run_config_dict(cfg: RunConfig) -> dict:
+    """The flat run-config form of ``cfg`` (inverse of :func:`parse_run_config`)."""
+    out = {}
+    for key, (path, _) in _KEYS.items():
+        obj = cfg
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        out[key] = ",".join(obj) if path == "scales" else obj
+    for k, v in cfg.task_options.items():
+        out[_TASK_PREFIX + k.replace("_", "-")] = v
+    return out
+
+
+DEFAULTS = run_config_dict(RunConfig())
+
+
+def replace(cfg: RunConfig, **changes) -> RunConfig:
+    return dataclasses.replace(cfg, **changes)

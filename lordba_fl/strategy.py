@@ -1,0 +1,174 @@
+"""The Flower strategy every method runs under: per-node downlink frames, byte metering, safe aggregation.
+
+:class:`AdapterStrategy` subclasses Flower's ``FedAvg`` (its round loop, ``start``, is untouched) and
+delegates the maths to a :class:`lordba_fl.methods.Method`: each sampled node gets its own frame
+(a LoRDBA node gets a delta against the version it last acknowledged), every message in both
+directions is recorded as a :class:`~lordba_fl.metering.MessageBytes`, and replies that are errors,
+lack a frame, or fail to decode are dropped and logged, never applied. Node sampling is seeded per
+round, so a resumed run samples exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from lordba_fl.metering import ByteLedger, MessageBytes
+from lordba_fl.methods import Method, Reply
+
+log = logging.getLogger("lordba_fl")
+FRAME_RECORD = "adapter"
+FRAME_KEY = "frame"
+FRAME_STYPE = "lordba-fl/frame"
+
+
+def frame_record(frame: bytes) -> ArrayRecord:
+    """One framed buffer as the message's only array (raw bytes, no numpy header)."""
+    return ArrayRecord({FRAME_KEY: Array(dtype="uint8", shape=(len(frame),), stype=FRAME_STYPE, data=frame)})
+
+
+def read_frame(content: RecordDict) -> bytes:
+    """The frame of a message; a clear error when it is missing or of the wrong type."""
+    try:
+        arr = content[FRAME_RECORD][FRAME_KEY]
+    except KeyError:
+        raise ValueError(f"message has no '{FRAME_RECORD}/{FRAME_KEY}' frame; is the other side a lordba-fl app?") from None
+    if arr.stype != FRAME_STYPE:
+        raise ValueError(f"frame array has stype {arr.stype!r}, expected {FRAME_STYPE!r}")
+    return bytes(arr.data)
+
+
+class AdapterStrategy(FedAvg):
+    """FedAvg's loop with a method's frames, per-node downlinks and byte accounting.
+
+    Parameters
+    ----------
+    method : Method
+        The federated method (server side initialised).
+    clients_per_round : int
+        Nodes sampled for training and for evaluation each round; the run waits for this many.
+    seed : int
+        Seeds node sampling (per round and phase).
+    round_offset : int
+        Rounds already done (resume): Flower's round ``i`` is run round ``i + round_offset``.
+    """
+
+    def __init__(self, method: Method, clients_per_round: int, seed: int = 0, round_offset: int = 0,
+                 ledger: ByteLedger | None = None):
+        super().__init__(
+            fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=clients_per_round,
+            min_evaluate_nodes=clients_per_round, min_available_nodes=clients_per_round,
+        )
+        self.method = method
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.round_offset = round_offset
+        self.ledger = ledger or ByteLedger()
+        self.round_metrics: dict[int, dict] = {}
+        self.round_started: dict[int, float] = {}
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def _sample(self, grid, run_round: int, phase: str) -> list[int]:
+        deadline = time.time() + 600
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.clients_per_round:
+                break
+            if time.time() > deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} nodes connected after 600 s; clients-per-round is {self.clients_per_round}: "
+                    "start more SuperNodes or lower clients-per-round"
+                )
+            time.sleep(1.0)
+        rng = random.Random(f"{self.seed}/{run_round}/{phase}")
+        return sorted(rng.sample(nodes, self.clients_per_round))
+
+    def _messages(self, run_round: int, grid, phase: str, message_type: str) -> list[Message]:
+        msgs = []
+        for node in self._sample(grid, run_round, phase):
+            frame = self.method.downlink(node, run_round)
+            content = RecordDict({
+                FRAME_RECORD: frame_record(frame),
+                "config": ConfigRecord({"server-round": run_round, "version": self.method.version}),
+            })
+            msg = Message(content=content, dst_node_id=node, message_type=message_type)
+            self.ledger.add(MessageBytes.of(
+                msg, round=run_round, direction="down", node_id=node, fp16_lora_bytes=self.method.fp16_lora_bytes(),
+                method=self.method.name, phase=phase,
+            ))
+            msgs.append(msg)
+        return msgs
+
+    # ---- train ----------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
+        run_round = server_round + self.round_offset
+        self.round_started[run_round] = time.time()
+        return self._messages(run_round, grid, "train", MessageType.TRAIN)
+
+    def _collect(self, run_round: int, replies: Iterable[Message], phase: str):
+        good, metrics, failed = [], [], []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                failed.append((node, msg.error.reason))
+                self.method.note_held(node, None)  # its state is unknown now: send it the full state next
+                continue
+            self.ledger.add(MessageBytes.of(
+                msg, round=run_round, direction="up", node_id=node, fp16_lora_bytes=self.method.fp16_lora_bytes(),
+                method=self.method.name, phase=phase,
+            ))
+            try:
+                m = dict(msg.content["metrics"])
+                weight = float(m["num-examples"])
+                frame = read_frame(msg.content) if phase == "train" else b""
+                self.method.note_held(node, int(m["held-version"]))
+            except (KeyError, TypeError, ValueError) as e:
+                failed.append((node, f"malformed reply: {e}"))
+                self.method.note_held(node, None)
+                continue
+            good.append(Reply(node, frame, weight))
+            metrics.append(m)
+        for node, why in failed:
+            log.warning("round %d %s: dropped reply from node %d: %s", run_round, phase, node, why)
+        return good, metrics, failed
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        run_round = server_round + self.round_offset
+        good, metrics, failed = self._collect(run_round, replies, "train")
+        agg = self.method.aggregate(run_round, good) if good else {"accepted": 0.0, "rejected": 0.0}
+        for node, why in getattr(self.method, "rejected_reasons", []) or []:
+            log.warning("round %d: rejected update from node %d: %s", run_round, node, why)
+        out = {"clients_sampled": float(self.clients_per_round), "clients_failed": float(len(failed))}
+        out.update(agg)
+        out.update(_weighted(metrics, ("train_loss", "flip_rate")))
+        self.round_metrics.setdefault(run_round, {}).update(out)
+        return ArrayRecord(), MetricRecord({k: float(v) for k, v in out.items()})
+
+    # ---- evaluate -------------------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
+        return self._messages(server_round + self.round_offset, grid, "evaluate", MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        run_round = server_round + self.round_offset
+        _, metrics, _ = self._collect(run_round, replies, "evaluate")
+        out = {f"client_{k}": v for k, v in _weighted(metrics, ("eval_loss", "perplexity")).items()}
+        self.round_metrics.setdefault(run_round, {}).update(out)
+        return MetricRecord(out) if out else None
+
+    def summary(self) -> None:
+        log.info("AdapterStrategy: method=%s clients-per-round=%d", self.method.name, self.clients_per_round)
+
+
+def _weighted(metrics: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for key in keys:
+        pairs = [(float(m["num-examples"]), float(m[key])) for m in metrics if key in m]
+        total = sum(w for w, _ in pairs)
+        if pairs and total > 0:
+            out[key] = sum(w * v for w, v in pairs) / total
+    return out

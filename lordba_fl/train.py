@@ -1,0 +1,163 @@
+"""The one training / evaluation loop every method shares (LoRDBA and the LoRA baselines).
+
+What varies between methods is only which parameters train and with which optimizer settings: the
+caller passes parameter groups. Batches are built from :class:`lordba_fl.data.Example` lists: the
+prompt's tokens are context (label -100), the target's tokens are learned.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lordba_fl.data import Example
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings.
+
+    Parameters
+    ----------
+    steps : int
+        Optimizer steps per round (E).
+    batch_size : int
+        Examples per micro-batch.
+    grad_accum : int
+        Micro-batches per optimizer step.
+    seq_len : int
+        Tokens per example (longer ones are truncated).
+    optimizer : str
+        ``"adamw"`` or ``"sgd"``.
+    """
+
+    steps: int = 4
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 128
+    optimizer: str = "adamw"
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}; got {self.optimizer!r}")
+
+
+OPTIMIZERS = {
+    "adamw": lambda groups: torch.optim.AdamW(groups, weight_decay=0.0),
+    "sgd": lambda groups: torch.optim.SGD(groups, momentum=0.0),
+}
+
+
+def encode_examples(tok, examples: Sequence[Example], seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels per example (prompt masked), truncated to ``seq_len``."""
+    out = []
+    eos = tok.eos_token_id
+    for ex in examples:
+        p = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+        t = tok(ex.target, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        ids = (p + t)[:seq_len]
+        labels = ([IGNORE] * len(p) + t)[:seq_len]
+        if any(lab != IGNORE for lab in labels):
+            out.append((ids, labels))
+    if not out:
+        raise ValueError(f"no example keeps a target token within seq_len={seq_len}; raise seq_len")
+    return out
+
+
+def collate(items: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch: ``input_ids``, ``labels`` (-100 on padding), ``attention_mask``; (B, T)."""
+    width = max(len(ids) for ids, _ in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, (x, y) in enumerate(items):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+def train_local(
+    model: nn.Module,
+    groups: list[dict],
+    tok,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    seed: int,
+    after_step=None,
+) -> dict[str, float]:
+    """Run ``cfg.steps`` optimizer steps on shuffled micro-batches of ``examples``.
+
+    ``groups`` are torch optimizer parameter groups (each with its ``lr``); ``after_step(step)``
+    runs after every optimizer step (e.g. a flip budget). Returns mean loss and counts.
+    """
+    items = encode_examples(tok, examples, cfg.seq_len)
+    rng = random.Random(seed)
+    order: list[int] = []
+    opt = OPTIMIZERS[cfg.optimizer](groups)
+    model.train()
+    losses, seen = [], 0
+    pad = _pad_id(tok)
+    for step in range(cfg.steps):
+        opt.zero_grad(set_to_none=True)
+        for _ in range(cfg.grad_accum):
+            if len(order) < cfg.batch_size:
+                order += rng.sample(range(len(items)), len(items))
+            batch = collate([items[i] for i in order[: cfg.batch_size]], pad)
+            del order[: cfg.batch_size]
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss.item()} at step {step}; lower the learning rate")
+            (loss / cfg.grad_accum).backward()
+            losses.append(float(loss))
+            seen += batch["input_ids"].shape[0]
+        opt.step()
+        if after_step is not None:
+            after_step(step)
+    model.eval()
+    return {"train_loss": sum(losses) / len(losses), "train_examples": float(seen), "steps": float(cfg.steps)}
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, tok, examples: Sequence[Example], seq_len: int, batch_size: int = 8) -> dict:
+    """Token-weighted mean loss over the targets of ``examples`` and its perplexity."""
+    items = encode_examples(tok, examples, seq_len)
+    model.eval()
+    total, tokens = 0.0, 0
+    pad = _pad_id(tok)
+    for i in range(0, len(items), batch_size):
+        batch = collate(items[i : i + batch_size], pad)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        labels = batch["labels"][:, 1:]  # (B, T-1)
+        nll = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+        total += float(nll)
+        tokens += int((labels != IGNORE).sum())
+    loss = total / max(tokens, 1)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": float(tokens)}
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tok, prompt: str, max_new_tokens: int = 160) -> str:
+    """Greedy continuation of ``prompt``."""
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]  # (1, T)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=_pad_id(tok),
+    )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
