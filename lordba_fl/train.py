@@ -123,7 +123,7 @@ def train_local(
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss.item()} at step {step}; lower the learning rate")
             (loss / cfg.grad_accum).backward()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             seen += batch["input_ids"].shape[0]
         opt.step()
         if after_step is not None:
