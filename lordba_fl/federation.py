@@ -34,6 +34,9 @@ _WORKER: dict = {}
 
 
 def run_name(cfg: RunConfig) -> str:
+    """The run's folder under ``out-dir``: ``name`` if set, else the method (and LoRDBA aggregator)."""
+    if cfg.name:
+        return cfg.name
     return f"{cfg.method}-{cfg.aggregator}" if cfg.method == "lordba" else cfg.method
 
 

@@ -73,6 +73,7 @@ class RunConfig:
     generate_examples: int = 8
     seed: int = 0
     out_dir: str = "results/run"
+    name: str = ""
     resume: bool = False
 
     def __post_init__(self):
@@ -116,6 +117,7 @@ _KEYS: dict[str, tuple[str, type]] = {
     "eval.generate": ("generate_examples", int),
     "seed": ("seed", int),
     "out-dir": ("out_dir", str),
+    "name": ("name", str),
     "resume": ("resume", bool),
 }
 _TASK_PREFIX = "data."

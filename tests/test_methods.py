@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+
+from lordba_fl.aggregation import Refit, ServerState
+from lordba_fl.codec import CodecError, Update
+from lordba_fl.init import _product
+from lordba_fl.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers, split_scales
+from lordba_fl.methods.lora import _FP16, _QUANT, decode_lora, dequantize_channels, encode_lora, quantize_channels
+from lordba_fl.methods.lordba import budget_flips
+
+
+def test_budget_keeps_the_largest_pressure():
+    latent = torch.tensor([-0.5, -0.1, 0.2, -0.3, 0.4, -0.05])
+    broadcast_neg = torch.tensor([False, False, False, False, True, True])  # S = [+, +, +, +, -, -]
+    # wanted flips: 0 (|.5|), 1 (|.1|), 3 (|.3|), 4 (|.4|); position 5 agrees with S
+    assert budget_flips(latent, broadcast_neg, 1.0).tolist() == [True, True, False, True, True, False]
+    assert budget_flips(latent, broadcast_neg, 2 / 6).tolist() == [True, False, False, False, True, False]
+    assert not budget_flips(latent, broadcast_neg, 0.0).any()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_channel_quantization_by_hand(bits):
+    values = np.array([0.0, 1.0, 3.0, -2.0, -2.0], dtype=np.float32)  # channels [0, 1, 3] and [-2, -2]
+    segments = np.array([3, 2])
+    raw = quantize_channels(values, segments, bits, np.random.default_rng(0))
+    levels = (1 << bits) - 1
+    lo = np.frombuffer(raw[:4], np.float16)
+    step = np.frombuffer(raw[4:8], np.float16)
+    want = np.float16(3.0 / levels)
+    want = want if float(want) >= 3.0 / levels else np.nextafter(want, np.float16(np.inf))  # rounded up: no clipping
+    assert lo.tolist() == [0.0, -2.0] and step[0] == want and step[1] == 0
+    assert len(raw) == 8 + (5 * bits + 7) // 8
+    out = dequantize_channels(raw, segments, bits)
+    assert out[3] == out[4] == -2.0 and out[0] == 0.0  # a constant channel and the minimum are exact
+    assert abs(out[2] - 3.0) <= levels * (float(want) - 3.0 / levels) + 1e-6
+    assert abs(out[1] - 1.0) <= step[0] + 1e-6
+    # unbiased over many roundings
+    mean = np.mean([dequantize_channels(quantize_channels(values, segments, bits, np.random.default_rng(s)), segments, bits)
+                    for s in range(400)], axis=0)
+    assert abs(mean[1] - 1.0) < 0.05
+
+
+def test_lora_frames_are_checked():
+    segments = np.array([4, 4])
+    frame = encode_lora(_FP16, 0, 1, 0, np.ones(8, np.float16).tobytes(), compress=False)
+    assert decode_lora(frame, segments, (_FP16,))[3] == 0
+    bad = bytearray(frame)
+    bad[-1] ^= 1
+    for buf, kinds in [(frame[:-2], (_FP16,)), (bytes(bad), (_FP16,)), (frame, (_QUANT,)), (b"LORA", (_FP16,))]:
+        with pytest.raises(CodecError):
+            decode_lora(buf, segments, kinds)
+    with pytest.raises(CodecError, match="shapes need"):
+        decode_lora(frame, np.array([4, 5]), (_FP16,))
+
+
+def test_refit_of_one_client_reproduces_its_product():
+    spec = AdapterSpec((LayerSpec("l", 12, 10, 3),), ("in", "mid", "out"), b"r" * 16)
+    g = torch.Generator().manual_seed(0)
+    state = AdapterState(0, torch.rand(spec.n_bits, generator=g) < 0.5, torch.rand(spec.n_scales, generator=g) + 0.5)
+    update = Update(1, 0, torch.rand(spec.n_bits, generator=g) < 0.1, torch.randn(spec.n_scales, generator=g) * 0.1)
+    new = Refit(spec, sweeps=20)(ServerState.initial(state), [(update, 1.0), (update, 3.0)])  # two identical clients
+    assert new.state.version == 1
+
+    def product(neg, scales):
+        (s1, s2), sc = split_carriers(spec, 1.0 - 2.0 * neg.float())["l"], split_scales(spec, scales)["l"]
+        return _product(s2.double(), sc["mid"].double(), s1.double(), sc["out"].double(), sc["in"].double())
+
+    target = product(state.negative ^ update.flips, state.scales + update.scale_delta)
+    got = product(new.state.negative, new.state.scales)
+    # a rank-3 sign factorization of a rank-3 sign product: the refit is close (not exact: scales are rank-1 fits)
+    assert float((got - target).norm() / target.norm()) < 0.5
