@@ -47,13 +47,13 @@ def client_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
 
 def _worker(cfg: RunConfig):
     key = (cfg.method, cfg.model, cfg.quant, cfg.rank, cfg.alpha, cfg.scales, cfg.seed, cfg.task,
-           tuple(sorted(cfg.task_options.items())), cfg.scale_encoding, cfg.codec_level)
+           tuple(sorted(cfg.task_kwargs().items())), cfg.scale_encoding, cfg.codec_level)
     if key not in _WORKER:
         _WORKER.clear()
         model, tok = load_model(cfg.model, cfg.quant)
         method = make_method(cfg)
         model = method.adapt(model)
-        task = load_task(cfg.task, progress=False, **cfg.task_options)
+        task = load_task(cfg.task, progress=False, **cfg.task_kwargs())
         _WORKER[key] = (model, tok, method, task)
     return _WORKER[key]
 
@@ -135,7 +135,7 @@ def run_server(grid, run_config: dict) -> dict:
     method = make_method(cfg)
     model = method.adapt(model)
     method.init_server(model)
-    task = load_task(cfg.task, **cfg.task_options)
+    task = load_task(cfg.task, **cfg.task_kwargs())
     ledger = ByteLedger()
     offset, rows = 0, []
     if cfg.resume:

@@ -45,6 +45,12 @@ class FlipControl:
             raise ValueError(f"flip.budget must be a fraction in [0, 1]; got {self.flip_budget}")
 
 
+TASK_DEFAULTS = {
+    "shakespeare": {"min_lines": 100, "max_clients": 0},
+    "gsm": {"num_clients": 8, "per_template": 24, "dirichlet_alpha": 0.0},
+}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; see ``pyproject.toml``'s ``[tool.flwr.app.config]`` for the keys."""
@@ -53,7 +59,7 @@ class RunConfig:
     model: str = "smollm2-135m"
     quant: str = "q4_1"
     task: str = "shakespeare"
-    task_options: dict = field(default_factory=dict)
+    task_options: dict = field(default_factory=lambda: {k: dict(v) for k, v in TASK_DEFAULTS.items()})
     rounds: int = 3
     clients_per_round: int = 4
     rank: int = 16
@@ -75,6 +81,11 @@ class RunConfig:
     out_dir: str = "results/run"
     name: str = ""
     resume: bool = False
+
+    def task_kwargs(self) -> dict:
+        """Options of the selected task (0 means "unset" for counts and the Dirichlet alpha)."""
+        return {k: (None if v == 0 and k in ("max_clients", "dirichlet_alpha") else v)
+                for k, v in self.task_options.get(self.task, {}).items()}
 
     def __post_init__(self):
         if self.rounds < 1 or self.clients_per_round < 1:
@@ -155,10 +166,13 @@ def parse_run_config(run_config: dict) -> RunConfig:
     task_options: dict = {}
     for key, value in run_config.items():
         if key.startswith(_TASK_PREFIX):
-            task_options[key[len(_TASK_PREFIX):].replace("-", "_")] = value
+            parts = key[len(_TASK_PREFIX):].split(".")
+            if len(parts) != 2:
+                raise ValueError(f"task options are keyed data.<task>.<option>, e.g. data.gsm.num-clients; got {key!r}")
+            task_options.setdefault(parts[0], {})[parts[1].replace("-", "_")] = value
             continue
         if key not in _KEYS:
-            raise ValueError(f"unknown run config key {key!r}; known keys: {sorted(_KEYS)} and data.<task option>")
+            raise ValueError(f"unknown run config key {key!r}; known keys: {sorted(_KEYS)} and data.<task>.<option>")
         path, typ = _KEYS[key]
         value = _coerce(key, value, typ)
         if path == "scales":
@@ -168,10 +182,13 @@ def parse_run_config(run_config: dict) -> RunConfig:
             nested[group][name] = value
         else:
             top[path] = value
+    merged = {k: dict(v) for k, v in TASK_DEFAULTS.items()}
+    for task, options in task_options.items():
+        merged.setdefault(task, {}).update(options)
     try:
         return RunConfig(
             **top,
-            task_options=task_options,
+            task_options=merged,
             train=TrainConfig(**nested["train"]),
             flip=FlipControl(**nested["flip"]),
         )
@@ -187,8 +204,9 @@ def run_config_dict(cfg: RunConfig) -> dict:
         for part in path.split("."):
             obj = getattr(obj, part)
         out[key] = ",".join(obj) if path == "scales" else obj
-    for k, v in cfg.task_options.items():
-        out[_TASK_PREFIX + k.replace("_", "-")] = v
+    for task, options in cfg.task_options.items():
+        for k, v in options.items():
+            out[f"{_TASK_PREFIX}{task}.{k.replace('_', '-')}"] = v
     return out
 
 

@@ -20,7 +20,7 @@ from lordba_fl.strategy import read_frame
 pytestmark = pytest.mark.real_model  # the tiny model uses the embedded tokenizer
 
 BASE = {
-    "model": "tiny-llama", "task": "shakespeare", "data.max-clients": 4, "rounds": 2, "clients-per-round": 4,
+    "model": "tiny-llama", "task": "shakespeare", "data.shakespeare.max-clients": 4, "rounds": 2, "clients-per-round": 4,
     "rank": 4, "alpha": 8.0, "train.local-steps": 2, "train.batch-size": 2, "train.seq-len": 48,
     "eval.examples": 6, "eval.generate": 0, "flip.m0": 0.001, "flip.latent-lr": 0.05, "flip.budget": 0.05,
 }

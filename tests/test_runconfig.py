@@ -19,9 +19,10 @@ def test_pyproject_mirrors_the_defaults():
 
 def test_overrides_are_typed_and_nested():
     cfg = parse_run_config({"rank": 8, "train.local-steps": 2, "flip.stateful": True, "scales": "mid,out",
-                            "server.beta": 1, "data.min-lines": 50})
+                            "server.beta": 1, "data.shakespeare.min-lines": 50})
     assert cfg.rank == 8 and cfg.train == TrainConfig(steps=2) and cfg.flip == FlipControl(stateful=True)
-    assert cfg.scales == ("mid", "out") and cfg.beta == 1.0 and cfg.task_options == {"min_lines": 50}
+    assert cfg.scales == ("mid", "out") and cfg.beta == 1.0 and cfg.task_kwargs() == {"min_lines": 50, "max_clients": None}
+    assert cfg.task_options["gsm"]["num_clients"] == 8
 
 
 @pytest.mark.parametrize(
@@ -34,6 +35,7 @@ def test_overrides_are_typed_and_nested():
         ({"flip.budget": 2.0}, "flip.budget"),
         ({"server.aggregator": "median"}, "aggregator"),
         ({"train.local-steps": 0}, "steps must be a positive integer"),
+        ({"data.min-lines": 5}, "data.<task>.<option>"),
     ],
 )
 def test_bad_config_names_the_fix(override, match):
