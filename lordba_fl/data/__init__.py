@@ -84,4 +84,10 @@ def load_task(name: str, **options) -> FederatedTask:
 
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+    import inspect
+
+    known = set(inspect.signature(TASKS[name]).parameters)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"task {name!r} has no option(s) {unknown}; its options are {sorted(known)}")
     return TASKS[name](**options)
