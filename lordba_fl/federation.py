@@ -13,6 +13,7 @@ state lives in its Flower ``context.state``.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -183,18 +184,20 @@ def finish(cfg, model, tok, method, task, recorder, run_dir: Path) -> dict:
         model.save_pretrained(str(run_dir / "peft_lora"))
     samples = []
     if task.metric == "accuracy" and cfg.generate_examples > 0:
+        from lordba_fl.data.gsm import extract_answer
+
         for name in ("unseen", "seen"):
-            ex = task.server_eval[name][: cfg.generate_examples]
-            final[f"accuracy_{name}"] = _accuracy(model, tok, ex)
+            final[f"accuracy_{name}"] = _accuracy(model, tok, task.server_eval[name][: cfg.generate_examples])
         ex = task.server_eval["unseen"][0]
         out = generate(model, tok, ex.prompt)
-        samples.append(f"{ex.prompt}{out}\n(expected {ex.answer}; {'correct' if out and ex.answer == _extract(out) else 'wrong'})")
+        verdict = "correct" if extract_answer(out) == ex.answer else "wrong"
+        samples.append(f"{ex.prompt}{out}\n(expected {ex.answer}: {verdict})")
     elif cfg.generate_examples > 0:
         for name, exs in list(zip(task.clients, task.test))[: min(3, cfg.generate_examples)]:
             samples.append(f"[{name}] {exs[0].prompt}{generate(model, tok, exs[0].prompt, max_new_tokens=40)}")
     if recorder.rows:
         recorder.rows[-1] = final
-        recorder.path.write_text("".join(__import__("json").dumps(r) + "\n" for r in recorder.rows))
+        recorder.path.write_text("".join(json.dumps(r) + "\n" for r in recorder.rows))
     print(recorder.table())
     recorder.write_csv()
     plots = recorder.plot()
@@ -202,9 +205,3 @@ def finish(cfg, model, tok, method, task, recorder, run_dir: Path) -> dict:
         print("\n--- sample ---\n" + s)
     print(f"\nrun folder: {run_dir}  (rounds.jsonl, rounds.csv, {', '.join(p.name for p in plots)}, final adapter)")
     return final
-
-
-def _extract(text: str):
-    from lordba_fl.data.gsm import extract_answer
-
-    return extract_answer(text)
