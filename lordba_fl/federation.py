@@ -69,9 +69,9 @@ def _partition(context, task) -> int:
     return task.check_partition(pid)
 
 
-def _method_for(cfg: RunConfig, run_config: dict):
+def _method_for(cfg: RunConfig):
     model, tok, method, task = _worker(cfg)
-    method.cfg = cfg  # training knobs may differ between runs sharing a worker
+    method.cfg = cfg  # training knobs (steps, lr, flip control) may differ between runs sharing a worker
     return model, tok, method, task
 
 
@@ -85,7 +85,7 @@ def _config(context, fallback: dict | None) -> RunConfig:
 def client_train(msg: Message, context, fallback_config: dict | None = None) -> Message:
     """ClientApp train handler: decode the broadcast, train locally, reply with one frame + metrics."""
     cfg = _config(context, fallback_config)
-    model, tok, method, task = _method_for(cfg, context.run_config)
+    model, tok, method, task = _method_for(cfg)
     pid = _partition(context, task)
     server_round = int(msg.content["config"]["server-round"])
     examples = task.train[pid]
@@ -101,7 +101,7 @@ def client_train(msg: Message, context, fallback_config: dict | None = None) -> 
 def client_evaluate(msg: Message, context, fallback_config: dict | None = None) -> Message:
     """ClientApp evaluate handler: load the broadcast, report held-out loss / perplexity of this client."""
     cfg = _config(context, fallback_config)
-    model, tok, method, task = _method_for(cfg, context.run_config)
+    model, tok, method, task = _method_for(cfg)
     pid = _partition(context, task)
     version = method.client_load_(model, read_frame(msg.content), context.state)
     test = task.test[pid][: cfg.eval_examples]

@@ -122,7 +122,10 @@ def plot_runs(folder: Path) -> list[Path]:
         axes[1].plot(x, [r["total_up_wire"] + r["total_down_wire"] for r in rr], marker="o", label=name)
     axes[0].set(title="wire bytes per client-round", xlabel="round", ylabel="bytes", yscale="log")
     axes[1].set(title="cumulative wire bytes (both directions)", xlabel="round", ylabel="bytes", yscale="log")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
