@@ -113,3 +113,23 @@ def test_resume_reaches_the_same_state(tmp_path, method):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
     assert strip(full_rows) == strip(part_rows)
+
+
+def test_gsm_reports_accuracy_and_answers(tmp_path):
+    grid, run_dir, rows = _run(
+        tmp_path, method="lordba", task="gsm",
+        **{"data.gsm.num-clients": 4, "data.gsm.per-template": 2, "eval.generate": 1, "train.seq-len": 256}
+    )
+    final = rows[-1]
+    assert final["accuracy_unseen"] in (0.0, 1.0) and final["accuracy_seen"] in (0.0, 1.0)
+    assert final["eval_loss"] > 0 and "seen_eval_loss" in final
+
+
+def test_stateful_clients_keep_their_latent_magnitudes(tmp_path):
+    grid, _, rows = _run(tmp_path, method="lordba", **{"flip.stateful": True})
+    state = grid.contexts[100].state
+    assert "lordba.latent" in state and "lordba.held" in state
+    latent = torch.from_numpy(state["lordba.latent"]["latent"].numpy())
+    # trained latents moved away from the broadcast magnitude m0 = 0.001 and are carried to the next round
+    assert float((latent.abs() - 0.001).abs().max()) > 1e-3
+    assert rows[2]["clients_succeeded"] == 4
