@@ -68,7 +68,7 @@ class RunConfig:
     lr: float = 1e-3
     train: TrainConfig = TrainConfig()
     flip: FlipControl = FlipControl()
-    aggregator: str = "vote"
+    aggregator: str = "refit"
     beta: float = 0.0
     tau: float = 0.0
     eta: float = 1.0

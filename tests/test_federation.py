@@ -23,6 +23,7 @@ BASE = {
     "model": "tiny-llama", "task": "shakespeare", "data.shakespeare.max-clients": 4, "rounds": 2, "clients-per-round": 4,
     "rank": 4, "alpha": 8.0, "train.local-steps": 2, "train.batch-size": 2, "train.seq-len": 48,
     "eval.examples": 6, "eval.generate": 0, "flip.m0": 0.001, "flip.latent-lr": 0.05, "flip.budget": 0.05,
+    "server.aggregator": "vote",
 }
 
 
