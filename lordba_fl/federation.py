@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -32,6 +33,9 @@ from lordba_fl.train import evaluate_loss, generate
 
 log = logging.getLogger("lordba_fl")
 _WORKER: dict = {}
+# Counters of this worker process (not of any client): how often the base was loaded, how many
+# client calls it served. Replies carry them so every round shows the base is shared.
+WORKER_STATS = {"base_loads": 0, "clients_served": 0}
 
 
 def run_name(cfg: RunConfig) -> str:
@@ -56,7 +60,17 @@ def _worker(cfg: RunConfig):
         model = method.adapt(model)
         task = load_task(cfg.task, progress=False, **cfg.task_kwargs())
         _WORKER[key] = (model, tok, method, task)
+        WORKER_STATS["base_loads"] += 1
+    WORKER_STATS["clients_served"] += 1
     return _WORKER[key]
+
+
+def _worker_metrics() -> dict[str, float]:
+    return {
+        "worker-pid": float(os.getpid()),
+        "worker-base-loads": float(WORKER_STATS["base_loads"]),
+        "worker-clients-served": float(WORKER_STATS["clients_served"]),
+    }
 
 
 def _partition(context, task) -> int:
@@ -95,6 +109,7 @@ def client_train(msg: Message, context, fallback_config: dict | None = None) -> 
     metrics["num-examples"] = float(len(examples))
     metrics["held-version"] = metrics.pop("held_version")
     metrics["partition-id"] = float(pid)
+    metrics.update(_worker_metrics())
     return Message(RecordDict({"adapter": frame_record(frame), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -107,6 +122,7 @@ def client_evaluate(msg: Message, context, fallback_config: dict | None = None) 
     test = task.test[pid][: cfg.eval_examples]
     res = evaluate_loss(model, tok, test, cfg.train.seq_len)
     res.update({"num-examples": float(len(test)), "held-version": float(version), "partition-id": float(pid)})
+    res.update(_worker_metrics())
     return Message(RecordDict({"metrics": MetricRecord(res)}), reply_to=msg)
 
 
@@ -161,6 +177,8 @@ def run_server(grid, run_config: dict) -> dict:
         started = strategy.round_started.get(run_round, t0)
         row = round_row(run_round, run_name(cfg), ledger.round_summary(run_round), strategy.round_metrics.get(run_round, {}),
                         res, time.time() - started)
+        if run_round in strategy.round_workers:
+            row["workers"] = strategy.round_workers[run_round]  # {pid: {base_loads, clients_served}}
         recorder.log(row)
         save_checkpoint(run_dir, run_round, method, ledger, recorder.rows)
         log.info("round %d: %s", run_round, {k: row[k] for k in ("up_wire_mean", "down_wire_mean", "eval_loss") if k in row})

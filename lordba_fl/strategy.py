@@ -70,6 +70,7 @@ class AdapterStrategy(FedAvg):
         self.round_offset = round_offset
         self.ledger = ledger or ByteLedger()
         self.round_metrics: dict[int, dict] = {}
+        self.round_workers: dict[int, dict[str, dict]] = {}
         self.round_started: dict[int, float] = {}
 
     # ---- sampling -------------------------------------------------------------------------------
@@ -133,6 +134,10 @@ class AdapterStrategy(FedAvg):
                 continue
             good.append(Reply(node, frame, weight))
             metrics.append(m)
+            if "worker-pid" in m:  # the latest counters of each worker process that served this round
+                w = self.round_workers.setdefault(run_round, {}).setdefault(str(int(m["worker-pid"])), {})
+                w["base_loads"] = max(w.get("base_loads", 0), int(m["worker-base-loads"]))
+                w["clients_served"] = max(w.get("clients_served", 0), int(m["worker-clients-served"]))
         for node, why in failed:
             log.warning("round %d %s: dropped reply from node %d: %s", run_round, phase, node, why)
         return good, metrics, failed

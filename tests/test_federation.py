@@ -134,3 +134,13 @@ def test_stateful_clients_keep_their_latent_magnitudes(tmp_path):
     # trained latents moved away from the broadcast magnitude m0 = 0.001 and are carried to the next round
     assert float((latent.abs() - 0.001).abs().max()) > 1e-3
     assert rows[2]["clients_succeeded"] == 4
+
+
+def test_each_worker_loads_the_base_once_across_rounds(tmp_path):
+    _, _, rows = _run(tmp_path, method="lordba")
+    w1, w2 = rows[1]["workers"], rows[2]["workers"]
+    assert w1.keys() == w2.keys() and len(w1) == 1  # in process: one worker
+    (pid,) = w1
+    assert w2[pid]["base_loads"] == w1[pid]["base_loads"]  # no reload between rounds
+    # 4 train + 4 evaluate client calls per round, all served by the one shared base
+    assert w2[pid]["clients_served"] - w1[pid]["clients_served"] == 8

@@ -33,4 +33,8 @@ def test_simulation_engine_runs_four_clients_two_rounds(tmp_path, method):
         assert r["up_wire_sum"] > r["up_payload_sum"] > 0 and r["up_payload_mean"] == r["up_payload_sum"] / 4
         assert r["down_payload_sum"] > 0 and r["fp16_lora_bytes"] > 0
     assert rows[2]["total_up_wire"] > rows[1]["total_up_wire"]
+    # every Ray worker process loaded the frozen base exactly once and served several clients
+    workers = rows[2]["workers"]
+    assert workers and all(w["base_loads"] == 1 for w in workers.values())
+    assert sum(w["clients_served"] for w in workers.values()) >= 8
     assert "--- sample ---" in proc.stdout and (run_dir / "rounds.csv").is_file()
