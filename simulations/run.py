@@ -38,25 +38,82 @@ def project_run_config() -> dict:
         return flatten_dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
 
 
-def simulate(run_config: dict, supernodes: int | None = None, cpus_per_client: float = 1.0) -> None:
-    """Run the ServerApp and ClientApp on Flower's simulation engine with ``run_config``."""
-    from flwr.simulation import run_simulation
+def backend_resources(cpus_per_client: float, gpus_per_client: float) -> tuple[dict, dict]:
+    """(client resources, Ray init resources); fractional GPUs let several clients share one device."""
+    if cpus_per_client <= 0 or gpus_per_client < 0:
+        raise ValueError("--cpus-per-client must be > 0 and --gpus-per-client >= 0")
+    gpus = 0
+    if gpus_per_client > 0:
+        import torch
 
-    from clients.app import make_client_app
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise ValueError("--gpus-per-client > 0 but no CUDA device is visible; drop the flag to run on CPU")
+    return ({"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
+            {"num_cpus": os.cpu_count() or 2, "num_gpus": gpus})
+
+
+def _check_nodes(run_config: dict, supernodes: int | None) -> int:
     from lordba_fl.runconfig import parse_run_config
-    from server.app import make_server_app
 
     cfg = parse_run_config(run_config)  # fail fast, before Ray starts
     nodes = supernodes or cfg.clients_per_round
     if nodes < cfg.clients_per_round:
         raise ValueError(f"--supernodes {nodes} < clients-per-round {cfg.clients_per_round}: the run would wait forever")
+    return nodes
+
+
+def simulate(run_config: dict, supernodes: int | None = None, cpus_per_client: float = 1.0,
+             gpus_per_client: float = 0.0) -> None:
+    """Run the ServerApp and ClientApp on Flower's simulation engine with ``run_config``."""
+    from flwr.simulation import run_simulation
+
+    from clients.app import make_client_app
+    from server.app import make_server_app
+
+    nodes = _check_nodes(run_config, supernodes)
+    client, init = backend_resources(cpus_per_client, gpus_per_client)
     run_simulation(
         server_app=make_server_app(run_config),
         client_app=make_client_app(run_config),
         num_supernodes=nodes,
-        backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False}},
+        backend_config={"client_resources": client, "init_args": {**init, "include_dashboard": False}},
     )
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)  # Flower wants integers where they are whole
+
+
+def write_flwr_federation(name: str, supernodes: int, cpus_per_client: float, gpus_per_client: float,
+                          flwr_home: str | None = None) -> Path:
+    """Add (or replace) ``[superlink.<name>]`` in ``$FLWR_HOME/config.toml`` for ``flwr run . <name>``.
+
+    Other connections in the file are kept. Federations belong there, not in pyproject.toml.
+    """
+    import tomli_w
+
+    home = Path(flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+    path = home / "config.toml"
+    doc = tomllib.loads(path.read_text()) if path.is_file() else {}
+    client, init = backend_resources(cpus_per_client, gpus_per_client)
+    doc.setdefault("superlink", {})
+    doc["superlink"].setdefault("default", name)
+    doc["superlink"][name] = {
+        "address": ":local:",
+        "options": {
+            "num-supernodes": supernodes,
+            "backend": {
+                "client-resources": {"num-cpus": _num(client["num_cpus"]), "num-gpus": _num(client["num_gpus"])},
+                "init-args": {"num-cpus": init["num_cpus"], "num-gpus": init["num_gpus"]},
+            },
+        },
+    }
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(tomli_w.dumps(doc))
+    tmp.replace(path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,13 +123,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-config", action="append", default=[], help="overrides, e.g. \"method='lora-q2' rounds=2\"")
     p.add_argument("--supernodes", type=int, default=None, help="virtual SuperNodes (default: clients-per-round)")
     p.add_argument("--cpus-per-client", type=float, default=1.0)
+    p.add_argument("--gpus-per-client", type=float, default=0.0, help="e.g. 0.25: four clients share a GPU")
+    p.add_argument("--write-flwr-config", metavar="NAME", help="write [superlink.NAME] to $FLWR_HOME/config.toml and exit")
     p.add_argument("--quick", action="store_true", help="tiny random model, 2 short rounds")
     args = p.parse_args(argv)
     run_config = project_run_config()
     if args.quick:
         run_config.update(QUICK)
     run_config.update(parse_config_args(args.run_config) if args.run_config else {})
-    simulate(run_config, args.supernodes, args.cpus_per_client)
+    if args.write_flwr_config:
+        nodes = _check_nodes(run_config, args.supernodes)
+        path = write_flwr_federation(args.write_flwr_config, nodes, args.cpus_per_client, args.gpus_per_client)
+        print(f"wrote [superlink.{args.write_flwr_config}] to {path}; run: flwr run . {args.write_flwr_config} --stream")
+        return
+    simulate(run_config, args.supernodes, args.cpus_per_client, args.gpus_per_client)
 
 
 if __name__ == "__main__":

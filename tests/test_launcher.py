@@ -1,0 +1,26 @@
+import pytest
+
+from simulations.run import backend_resources, write_flwr_federation
+
+
+def test_federation_config_is_written_where_flower_reads_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    (tmp_path / "config.toml").write_text('[superlink]\ndefault = "x"\n\n[superlink.x]\naddress = "1.2.3.4:9093"\n')
+    write_flwr_federation("sim100", supernodes=100, cpus_per_client=1.0, gpus_per_client=0.0)
+    from flwr.cli.flower_config import read_superlink_connection
+
+    conn = read_superlink_connection("sim100")  # Flower's own parser
+    assert conn.options.num_supernodes == 100
+    assert conn.options.backend.client_resources.num_cpus == 1.0
+    assert conn.options.backend.client_resources.num_gpus == 0.0
+    assert read_superlink_connection("x").address == "1.2.3.4:9093"  # other connections kept
+
+
+def test_bad_resources_name_the_fix():
+    with pytest.raises(ValueError, match="cpus-per-client"):
+        backend_resources(0, 0)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            backend_resources(1, 0.5)
