@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from lordba_fl.checkpoint import load_checkpoint, save_checkpoint
 from lordba_fl.data import load_task
-from lordba_fl.metering import ByteLedger
+from lordba_fl.metering import ByteLedger, recorddict_bytes
 from lordba_fl.methods import make_method
 from lordba_fl.models import load_model
 from lordba_fl.report import RunRecorder, round_row
@@ -109,6 +109,7 @@ def client_train(msg: Message, context, fallback_config: dict | None = None) -> 
     metrics["num-examples"] = float(len(examples))
     metrics["held-version"] = metrics.pop("held_version")
     metrics["partition-id"] = float(pid)
+    metrics["client-state-bytes"] = float(recorddict_bytes(context.state))
     metrics.update(_worker_metrics())
     return Message(RecordDict({"adapter": frame_record(frame), "metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -34,10 +34,13 @@ def wire_bytes(message: Message) -> int:
 
 def payload_bytes(message: Message) -> int:
     """Bytes of data the message carries: array contents and ``bytes`` config values."""
-    if not message.has_content():
-        return 0
+    return recorddict_bytes(message.content) if message.has_content() else 0
+
+
+def recorddict_bytes(records) -> int:
+    """Data bytes of a ``RecordDict`` (a message's content or a node's ``context.state``)."""
     total = 0
-    for record in message.content.values():
+    for record in records.values():
         if isinstance(record, ArrayRecord):
             total += sum(len(arr.data) for arr in record.values())
         elif isinstance(record, ConfigRecord):

@@ -151,6 +151,9 @@ class AdapterStrategy(FedAvg):
         out = {"clients_sampled": float(self.clients_per_round), "clients_failed": float(len(failed))}
         out.update(agg)
         out.update(_weighted(metrics, ("train_loss", "flip_rate")))
+        states = [float(m["client-state-bytes"]) for m in metrics if "client-state-bytes" in m]
+        if states:
+            out["client_state_bytes_max"] = max(states)
         self.round_metrics.setdefault(run_round, {}).update(out)
         return ArrayRecord(), MetricRecord({k: float(v) for k, v in out.items()})
 

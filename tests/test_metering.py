@@ -71,3 +71,14 @@ def test_message_record_from_a_message_and_bad_values():
         MessageBytes(1, "sideways", 1, 0, 0, 0)
     with pytest.raises(ValueError, match="non-negative"):
         MessageBytes(1, "up", 1, -1, 0, 0)
+
+
+def test_recorddict_bytes_by_hand():
+    from lordba_fl.metering import recorddict_bytes
+
+    rd = RecordDict({
+        "a": ArrayRecord({"x": Array(dtype="uint8", shape=(5,), stype="raw", data=b"12345")}),
+        "c": ConfigRecord({"frame": b"\0" * 7, "n": 3, "many": [b"ab", b"c"]}),
+        "m": MetricRecord({"loss": 1.0}),
+    })
+    assert recorddict_bytes(rd) == 5 + 7 + 3

@@ -109,10 +109,13 @@ def load(min_lines: int = 100, max_clients: int | None = None, test_fraction: fl
 
     rows = [json.loads(line) for line in prepare(sdist, progress).open()]
     counts: dict[str, int] = {}
+    speeches: dict[str, int] = {}
     for r in rows:
         key = f"{r['play']}/{r['role']}"
         counts[key] = counts.get(key, 0) + len(r["lines"])
-    keep = sorted((k for k, c in counts.items() if c >= min_lines), key=lambda k: (-counts[k], k))
+        speeches[key] = speeches.get(key, 0) + 1
+    # a client needs one speech to train on and one held out
+    keep = sorted((k for k, c in counts.items() if c >= min_lines and speeches[k] >= 2), key=lambda k: (-counts[k], k))
     if max_clients is not None:
         keep = keep[:max_clients]
     if not keep:
