@@ -39,7 +39,7 @@ def _label(p: psutil.Process) -> str:
         return head.split(".")[0].split(" ")[0]
     joined = " ".join(cmd)
     if "default_worker.py" in joined:
-        return "ray::idle_worker"
+        return "ray worker (ClientAppActor)"
     if "simulations.run" in joined:
         return "driver (ServerApp + simulation engine)"
     for key in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env"):
