@@ -34,16 +34,9 @@ import torch
 
 from lordba_fl import LoRDBAConfig, attach_lordba_, load_default_model, save_lordba
 from lordba_fl.config import DEFAULT_TARGET_MODULES
+from simulations.common import emit
 
 VOCAB = 49152
-
-
-def _emit(record: dict, out: Path | None) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out is not None:
-        with out.open("a") as f:
-            f.write(line + "\n")
 
 
 def _rss_mb() -> float:
@@ -225,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for r in args.ranks:
-        _emit(_run_worker("file", rank=r, quant=args.quant), args.out)
+        emit(_run_worker("file", rank=r, quant=args.quant), args.out)
     for r in args.ranks:
         runs = {"lordba": [], "lora": []}
         for _ in range(args.repeats):
@@ -233,17 +226,17 @@ def main(argv: list[str] | None = None) -> None:
                 rec = _run_worker("train", rank=r, method=method, steps=args.steps, batch=args.batch, seq=args.seq,
                                   quant=args.quant)
                 runs[method].append(rec)
-                _emit(rec, args.out)
+                emit(rec, args.out)
         step = {m: statistics.median(x["step_s"] for x in v) for m, v in runs.items()}
         peak = {m: statistics.median(x["peak_rss_MB"] for x in v) for m, v in runs.items()}
-        _emit({"bench": "train_step_ratio", "rank": r, "quant": args.quant,
+        emit({"bench": "train_step_ratio", "rank": r, "quant": args.quant,
                "step_ratio": round(step["lordba"] / step["lora"], 4),
                "peak_rss_ratio": round(peak["lordba"] / peak["lora"], 4),
                "lordba_step_s": round(step["lordba"], 4), "lora_step_s": round(step["lora"], 4),
                "lordba_peak_rss_MB": peak["lordba"], "lora_peak_rss_MB": peak["lora"]}, args.out)
     for dtype in ("fp32", "bf16"):
         for r in args.ranks:
-            _emit(_run_worker("prefill", rank=r, dtype_name=dtype, tokens=args.prefill_tokens,
+            emit(_run_worker("prefill", rank=r, dtype_name=dtype, tokens=args.prefill_tokens,
                               reps=args.prefill_reps, quant=args.quant), args.out)
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import math
 import os
 import statistics
@@ -49,17 +48,9 @@ from lordba_fl.codec import (
     read_header,
 )
 from lordba_fl.layout import AdapterSpec, read_scales
+from simulations.common import emit
 
 FLIP_RATES = (0.001, 0.01, 0.05, 0.2, 0.5)
-
-
-def _emit(record: dict, out: Path | None) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            f.write(line + "\n")
 
 
 def entropy_bytes(n: int, p: float) -> float:
@@ -231,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             spec, delta = gaussian_scale_deltas(args.rank, scales)
         d = delta.numpy()
-        _emit(
+        emit(
             {
                 "bench": "codec_scale_deltas",
                 "source": args.scale_deltas,
@@ -249,8 +240,8 @@ def main(argv: list[str] | None = None) -> None:
             rec = measure(spec, delta, rate, args.repeats, args.level)
             rec["scale_deltas"] = args.scale_deltas
             rec["scales"] = scale_set
-            _emit(rec, args.out)
-    _emit({"bench": "codec_total", "wall_s": round(time.perf_counter() - t0, 1)}, args.out)
+            emit(rec, args.out)
+    emit({"bench": "codec_total", "wall_s": round(time.perf_counter() - t0, 1)}, args.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import psutil
 
+from simulations.common import emit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -132,13 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("results/scale"))
     p.add_argument("--out", type=Path, default=Path("results/bench_scale.jsonl"))
     args = p.parse_args(argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for n in args.clients:
-        rec = run_one(n, min(args.per_round, n), args.rounds, args.model, args.out_dir.resolve(), args.stateful)
-        line = json.dumps(rec)
-        print(line, flush=True)
-        with args.out.open("a") as f:
-            f.write(line + "\n")
+        emit(run_one(n, min(args.per_round, n), args.rounds, args.model, args.out_dir.resolve(), args.stateful), args.out)
 
 
 if __name__ == "__main__":

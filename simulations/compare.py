@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from simulations.common import emit
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
     "lordba-vote": "method='lordba' server.aggregator='vote'",
@@ -96,7 +98,6 @@ def main(argv: list[str] | None = None) -> None:
         rec["shared_overrides"] = args.run_config
         records.append(rec)
     base = next((r for r in records if r["method"] == "lora-fedavg"), None)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for rec in records:
         if base:
             rec["uplink_ratio_vs_lora_fedavg"] = base["uplink_bytes_per_client_round"] / rec["uplink_bytes_per_client_round"]
@@ -105,10 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             if base["final_eval_loss"] and rec["final_eval_loss"]:
                 rec["eval_loss_vs_lora_fedavg"] = rec["final_eval_loss"] / base["final_eval_loss"]
-        line = json.dumps(rec)
-        print(line, flush=True)
-        with args.out.open("a") as f:
-            f.write(line + "\n")
+        emit(rec, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from lordba_fl.aggregation import LatentVote, Refit, ServerState, collect_update
 from lordba_fl.codec import CodecOptions, Update, decode_state, encode_state, encode_update
 from lordba_fl.config import LoRDBAConfig
 from lordba_fl.layout import AdapterSpec, AdapterState, read_latents, read_scales, read_state, write_state_
-from lordba_fl.methods import Method, Reply, register_method
+from lordba_fl.methods import Method, register_method
 from lordba_fl.train import train_local
 
 HELD_KEY = "lordba.held"  # context.state: the full-state frame this node holds
