@@ -419,14 +419,18 @@ def _decode_fp16(raw: bytes, n: int) -> np.ndarray:
     return values
 
 
+def fp16_round(x32: np.ndarray, up: bool) -> np.ndarray:
+    """``x32`` to fp16 rounded up (``up``) or down instead of to nearest (inf where it overflows)."""
+    with np.errstate(over="ignore"):
+        h = x32.astype(np.float16)
+    wrong = h.astype(np.float32) < x32 if up else h.astype(np.float32) > x32
+    return np.where(wrong, np.nextafter(h, np.float16(np.inf if up else -np.inf)), h)
+
+
 def _encode_q8(values: np.ndarray, segments: np.ndarray, rng: np.random.Generator) -> bytes:
     starts = np.concatenate([[0], np.cumsum(segments)[:-1]])  # (S,)
     amax = np.maximum.reduceat(np.abs(values), starts)  # (S,)
-    step32 = amax / 127.0
-    with np.errstate(over="ignore"):
-        step = step32.astype(np.float16)
-    # round the step up so |x| / step <= 127 and no value is clipped
-    step = np.where(step.astype(np.float32) < step32, np.nextafter(step, np.float16(np.inf)), step)
+    step = fp16_round(amax / 127.0, up=True)  # rounded up: |x| / step <= 127, nothing clips
     if not np.isfinite(step).all():
         raise ValueError("a scale delta exceeds 127 * 65504 and cannot be sent as q8; use scale_encoding='fp16'")
     full = np.repeat(step.astype(np.float32), segments)  # (n,)
@@ -530,7 +534,8 @@ def read_header(buf: bytes | bytearray | memoryview) -> FrameHeader:
     return h
 
 
-def _decompress(section: bytes, raw_len: int, cap: int, options: CodecOptions, what: str) -> bytes:
+def bounded_decompress(section: bytes, raw_len: int, cap: int, options: CodecOptions, what: str) -> bytes:
+    """Inflate a zstd section declared to hold ``raw_len`` bytes, never beyond ``cap``; errors are CodecErrors."""
     if raw_len > cap:
         raise DecompressionBombError(f"{what} declares {raw_len} bytes; this adapter's shapes allow at most {cap}")
     try:
@@ -583,13 +588,13 @@ def _parse(
     expected_table = spec.table_bytes()
     o1 = HEADER_BYTES + h.table_comp
     o2 = o1 + h.sign_comp
-    table = _decompress(buf[HEADER_BYTES:o1], h.table_raw, len(expected_table), options, "layer table")
+    table = bounded_decompress(buf[HEADER_BYTES:o1], h.table_raw, len(expected_table), options, "layer table")
     if table != expected_table:
         raise ShapeMismatchError(f"frame's layer table differs from this adapter's: {spec.describe_table(table)}")
-    sign_raw = _decompress(buf[o1:o2], h.sign_raw, (spec.n_bits + 7) // 8, options, "sign section")
+    sign_raw = bounded_decompress(buf[o1:o2], h.sign_raw, (spec.n_bits + 7) // 8, options, "sign section")
     bits = _decode_bits(h.sign_encoding, sign_raw, spec.n_bits, h.n_set)
     scale_cap = _scale_raw_bytes(spec, h.scale_encoding)
-    scale_raw = _decompress(buf[o2:], h.scale_raw, scale_cap, options, "scale section")
+    scale_raw = bounded_decompress(buf[o2:], h.scale_raw, scale_cap, options, "scale section")
     if len(scale_raw) != scale_cap:
         raise ShapeMismatchError(f"scale section has {len(scale_raw)} bytes; this adapter's scales need {scale_cap}")
     return h, bits, scale_raw

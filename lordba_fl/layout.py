@@ -245,6 +245,15 @@ def read_latents(model: nn.Module, spec: AdapterSpec) -> torch.Tensor:
 
 
 @torch.no_grad()
+def write_latents_(model: nn.Module, spec: AdapterSpec, flat: torch.Tensor) -> None:
+    """Inverse of :func:`read_latents`: copy a carrier-stream tensor into the model's latents, in place."""
+    layers = _checked_layers(model, spec)
+    for layer, (a, b) in zip(layers, split_carriers(spec, flat).values()):
+        layer.lordba_latent_A.copy_(a)
+        layer.lordba_latent_B.copy_(b)
+
+
+@torch.no_grad()
 def read_scales(model: nn.Module, spec: AdapterSpec) -> torch.Tensor:
     """The model's scales as one fp32 scale-stream tensor ``(n_scales,)`` (a copy)."""
     parts = [m.scale(k).reshape(-1) for m in _checked_layers(model, spec) for k in spec.scales]

@@ -135,28 +135,18 @@ _TASK_PREFIX = "data."
 
 
 def _coerce(key: str, value, typ: type):
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ValueError(f"run config {key!r} must be true or false; got {value!r}")
-    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    """``value`` as ``typ``: TOML values arrive typed; CLI overrides of booleans may be strings."""
+    if typ is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, bool) != (typ is bool):
+        raise ValueError(f"run config {key!r} must be {'true or false' if typ is bool else 'a ' + typ.__name__}; got {value!r}")
+    if typ is float and isinstance(value, int):
         return float(value)
-    if typ is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
     if typ is int and isinstance(value, float) and value.is_integer():
         return int(value)
-    if typ is str and isinstance(value, str):
-        return value
-    try:
-        return typ(value) if isinstance(value, str) and typ is not str else _fail(key, value, typ)
-    except ValueError:
-        _fail(key, value, typ)
-
-
-def _fail(key, value, typ):
-    raise ValueError(f"run config {key!r} must be a {typ.__name__}; got {value!r}")
+    if not isinstance(value, typ):
+        raise ValueError(f"run config {key!r} must be a {typ.__name__}; got {value!r}")
+    return value
 
 
 def parse_run_config(run_config: dict) -> RunConfig:

@@ -2,6 +2,7 @@
 Messages; see localgrid.py) and on Flower's simulation engine."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,7 @@ def test_faulty_clients_do_not_stop_the_round(tmp_path):
     grid, run_dir, rows = _run(tmp_path, faults={101: "raise", 102: "garbage"}, method="lordba")
     for rnd in (1, 2):
         assert rows[rnd]["clients_failed"] == 1 and rows[rnd]["rejected"] == 1 and rows[rnd]["accepted"] == 2
-    assert rows[2]["eval_loss"] == rows[2]["eval_loss"]  # finite, the run finished
+    assert math.isfinite(rows[2]["eval_loss"])  # the run finished
     assert _state(run_dir, 2).state.version == 2
 
 

@@ -10,6 +10,7 @@ from lordba_fl.layout import (
     LayerSpec,
     read_latents,
     read_state,
+    write_latents_,
     split_carriers,
     split_scales,
     write_state_,
@@ -110,3 +111,13 @@ def test_mismatched_model_and_state_are_refused():
 def test_bad_specs(layers, scales, fp, match):
     with pytest.raises(ValueError, match=match):
         AdapterSpec(layers, scales, fp)
+
+
+def test_write_latents_is_the_inverse_of_read_latents():
+    model = _model(seed=1)
+    spec = AdapterSpec.from_model(model)
+    flat = torch.randn(spec.n_bits, generator=torch.Generator().manual_seed(3))
+    write_latents_(model, spec, flat)
+    assert torch.equal(read_latents(model, spec), flat)
+    with pytest.raises(ValueError, match="carrier stream"):
+        write_latents_(model, spec, flat[:-1])

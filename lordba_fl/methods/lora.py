@@ -22,8 +22,18 @@ import torch
 import zstandard
 from torch import nn
 
-from lordba_fl.codec import ChecksumError, DecompressionBombError, FormatVersionError, MalformedFrameError
-from lordba_fl.codec import NonFiniteError, ShapeMismatchError, TruncatedFrameError
+from lordba_fl.codec import (
+    ChecksumError,
+    CodecOptions,
+    DecompressionBombError,
+    FormatVersionError,
+    MalformedFrameError,
+    NonFiniteError,
+    ShapeMismatchError,
+    TruncatedFrameError,
+    bounded_decompress,
+    fp16_round,
+)
 from lordba_fl.methods import Method, register_method
 from lordba_fl.train import train_local
 
@@ -31,6 +41,7 @@ _MAGIC = b"LORA"
 _VERSION = 1
 _HEADER = struct.Struct("<4sHBBIIQIII")  # magic, version, kind, bits, round, state version, n, raw, comp, crc
 _FP16, _QUANT = 0, 1
+_PLAIN = CodecOptions()  # zstd, no dictionary
 
 
 # ---- frames ---------------------------------------------------------------------------------------
@@ -53,14 +64,10 @@ def _unpack_codes(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
 def quantize_channels(values: np.ndarray, segments: np.ndarray, bits: int, rng: np.random.Generator) -> bytes:
     """Per-channel min-max quantization with stochastic rounding: fp16 (lo, step) per channel + packed codes."""
     starts = np.concatenate([[0], np.cumsum(segments)[:-1]])
-    lo32 = np.minimum.reduceat(values, starts)
     hi32 = np.maximum.reduceat(values, starts)
-    lo = lo32.astype(np.float16)
-    lo = np.where(lo.astype(np.float32) > lo32, np.nextafter(lo, np.float16(-np.inf)), lo)  # round down
+    lo = fp16_round(np.minimum.reduceat(values, starts), up=False)  # lo down, step up: every value fits
     levels = (1 << bits) - 1
-    step32 = (hi32 - lo.astype(np.float32)) / levels
-    step = step32.astype(np.float16)
-    step = np.where(step.astype(np.float32) < step32, np.nextafter(step, np.float16(np.inf)), step)  # round up
+    step = fp16_round((hi32 - lo.astype(np.float32)) / levels, up=True)
     if not (np.isfinite(lo).all() and np.isfinite(step).all()):
         raise ValueError("a LoRA update is outside fp16 range; lower the learning rate")
     lo_full = np.repeat(lo.astype(np.float32), segments)
@@ -116,16 +123,7 @@ def decode_lora(frame: bytes, segments: np.ndarray, kinds: tuple[int, ...]) -> t
         )
     body = frame[_HEADER.size :]
     if comp_len:
-        try:
-            declared = zstandard.frame_content_size(body)
-        except zstandard.ZstdError as e:
-            raise MalformedFrameError(f"LoRA payload is not a zstd frame ({e})") from None
-        if declared != want:
-            raise DecompressionBombError(f"LoRA payload's zstd frame declares {declared} bytes; expected {want}")
-        try:
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=want)
-        except zstandard.ZstdError as e:
-            raise MalformedFrameError(f"LoRA payload failed to decompress ({e})") from None
+        body = bounded_decompress(body, raw_len, want, _PLAIN, "LoRA payload")
     return kind, bits, rnd, version, body
 
 

@@ -17,7 +17,15 @@ from lordba_fl.adapter import attach_lordba_, lordba_layers
 from lordba_fl.aggregation import LatentVote, Refit, ServerState, collect_updates
 from lordba_fl.codec import CodecOptions, Update, decode_state, encode_state, encode_update
 from lordba_fl.config import LoRDBAConfig
-from lordba_fl.layout import AdapterSpec, AdapterState, read_latents, read_scales, read_state, write_state_
+from lordba_fl.layout import (
+    AdapterSpec,
+    AdapterState,
+    read_latents,
+    read_scales,
+    read_state,
+    write_latents_,
+    write_state_,
+)
 from lordba_fl.methods import Method, register_method
 from lordba_fl.train import train_local
 
@@ -154,14 +162,7 @@ class LoRDBAMethod(Method):
         own = state[LATENT_KEY]["latent"].numpy() if flip.stateful and state is not None and LATENT_KEY in state else None
         if own is not None:
             # a stateful node keeps its magnitudes; the broadcast decides the signs
-            layers = lordba_layers(model)
-            flat = torch.from_numpy(own.copy())
-            pos = 0
-            with torch.no_grad():
-                for m in layers.values():
-                    for p in (m.lordba_latent_A, m.lordba_latent_B):
-                        p.copy_(flat[pos : pos + p.numel()].view_as(p))
-                        pos += p.numel()
+            write_latents_(model, self.spec, torch.from_numpy(own.copy()))
             write_state_(model, self.spec, glob, latent_magnitude=None)
         else:
             write_state_(model, self.spec, glob, latent_magnitude=flip.m0)
