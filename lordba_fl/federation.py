@@ -50,14 +50,20 @@ def client_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
     return int.from_bytes(digest, "little")
 
 
+def _adapted_model(cfg: RunConfig):
+    """The frozen quantized base with the method's adapter, on ``cfg.device``; its tokenizer and method."""
+    model, tok = load_model(cfg.model, cfg.quant)
+    method = make_method(cfg)
+    model = method.adapt(model).to(cfg.torch_device())
+    return model, tok, method
+
+
 def _worker(cfg: RunConfig):
     key = (cfg.method, cfg.model, cfg.quant, cfg.rank, cfg.alpha, cfg.scales, cfg.seed, cfg.task,
-           tuple(sorted(cfg.task_kwargs().items())), cfg.scale_encoding, cfg.codec_level)
+           tuple(sorted(cfg.task_kwargs().items())), cfg.scale_encoding, cfg.codec_level, cfg.device)
     if key not in _WORKER:
         _WORKER.clear()
-        model, tok = load_model(cfg.model, cfg.quant)
-        method = make_method(cfg)
-        model = method.adapt(model)
+        model, tok, method = _adapted_model(cfg)
         task = load_task(cfg.task, progress=False, **cfg.task_kwargs())
         _WORKER[key] = (model, tok, method, task)
         WORKER_STATS["base_loads"] += 1
@@ -149,9 +155,7 @@ def run_server(grid, run_config: dict) -> dict:
     cfg = parse_run_config(run_config)
     run_dir = Path(cfg.out_dir) / run_name(cfg)
     t0 = time.time()
-    model, tok = load_model(cfg.model, cfg.quant)
-    method = make_method(cfg)
-    model = method.adapt(model)
+    model, tok, method = _adapted_model(cfg)
     method.init_server(model)
     task = load_task(cfg.task, **cfg.task_kwargs())
     ledger = ByteLedger()

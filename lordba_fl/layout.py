@@ -237,11 +237,11 @@ def _checked_layers(model: nn.Module, spec: AdapterSpec) -> list[LoRDBALinear]:
 
 @torch.no_grad()
 def read_latents(model: nn.Module, spec: AdapterSpec) -> torch.Tensor:
-    """The model's sign latents as one fp32 carrier-stream tensor ``(n_bits,)`` (a copy)."""
+    """The model's sign latents as one fp32 carrier-stream tensor ``(n_bits,)`` (a CPU copy)."""
     parts = []
     for m in _checked_layers(model, spec):
         parts += [m.lordba_latent_A.reshape(-1), m.lordba_latent_B.reshape(-1)]
-    return torch.cat(parts).float()
+    return torch.cat(parts).float().cpu()
 
 
 @torch.no_grad()
@@ -249,15 +249,15 @@ def write_latents_(model: nn.Module, spec: AdapterSpec, flat: torch.Tensor) -> N
     """Inverse of :func:`read_latents`: copy a carrier-stream tensor into the model's latents, in place."""
     layers = _checked_layers(model, spec)
     for layer, (a, b) in zip(layers, split_carriers(spec, flat).values()):
-        layer.lordba_latent_A.copy_(a)
+        layer.lordba_latent_A.copy_(a)  # copy_ moves across devices
         layer.lordba_latent_B.copy_(b)
 
 
 @torch.no_grad()
 def read_scales(model: nn.Module, spec: AdapterSpec) -> torch.Tensor:
-    """The model's scales as one fp32 scale-stream tensor ``(n_scales,)`` (a copy)."""
+    """The model's scales as one fp32 scale-stream tensor ``(n_scales,)`` (a CPU copy)."""
     parts = [m.scale(k).reshape(-1) for m in _checked_layers(model, spec) for k in spec.scales]
-    return torch.cat(parts).float()
+    return torch.cat(parts).float().cpu()
 
 
 def read_state(model: nn.Module, spec: AdapterSpec, version: int = 0) -> AdapterState:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from lordba_fl.clientstate import STATE_DTYPES, STATE_KINDS
 from lordba_fl.train import TrainConfig
 
 
@@ -27,14 +28,11 @@ class FlipControl:
     flip_budget : float
         Largest fraction of sign bits a client may flip per round; the top ones by latent
         pressure ``|L|`` are kept, the rest revert (1.0 = no budget).
-    stateful : bool
-        Clients keep their own latent magnitudes across rounds (in ``context.state``).
     """
 
     m0: float = 0.01
     latent_lr: float = 1e-3
     flip_budget: float = 0.01
-    stateful: bool = False
 
     def __post_init__(self):
         if not self.m0 > 0:
@@ -77,10 +75,27 @@ class RunConfig:
     history: int = 4
     eval_examples: int = 64
     generate_examples: int = 8
+    client_state: str = "none"
+    client_state_dtype: str = "q8"
+    device: str = "auto"
     seed: int = 0
     out_dir: str = "results/run"
     name: str = ""
     resume: bool = False
+
+    @property
+    def stateful(self) -> bool:
+        return self.client_state != "none"
+
+    def torch_device(self):
+        """The device clients train on: ``auto`` is the first CUDA device when one is visible."""
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but no CUDA device is visible; set device=auto or cpu")
+        return torch.device(self.device)
 
     def task_kwargs(self) -> dict:
         """Options of the selected task (0 means "unset" for counts and the Dirichlet alpha)."""
@@ -92,6 +107,17 @@ class RunConfig:
             raise ValueError("rounds and clients-per-round must be >= 1")
         if self.aggregator not in ("vote", "refit"):
             raise ValueError(f"aggregator must be 'vote' or 'refit'; got {self.aggregator!r}")
+        if self.client_state not in STATE_KINDS:
+            raise ValueError(f"client.state must be one of {STATE_KINDS}; got {self.client_state!r}")
+        if self.client_state_dtype not in STATE_DTYPES:
+            raise ValueError(f"client.state-dtype must be one of {STATE_DTYPES}; got {self.client_state_dtype!r}")
+        if self.client_state != "none" and self.method != "lordba":
+            raise ValueError(f"client.state keeps LoRDBA latents; method {self.method!r} has none (set client.state=none)")
+        if self.client_state == "latent+optimizer" and self.train.optimizer != "adamw":
+            raise ValueError("client.state=latent+optimizer keeps AdamW moments; set train.optimizer=adamw "
+                             "or client.state=latent")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:<i>; got {self.device!r}")
         if self.rank < 1 or self.lr <= 0:
             raise ValueError(f"rank must be >= 1 and lr > 0; got rank={self.rank}, lr={self.lr}")
 
@@ -116,7 +142,6 @@ _KEYS: dict[str, tuple[str, type]] = {
     "flip.m0": ("flip.m0", float),
     "flip.latent-lr": ("flip.latent_lr", float),
     "flip.budget": ("flip.flip_budget", float),
-    "flip.stateful": ("flip.stateful", bool),
     "server.aggregator": ("aggregator", str),
     "server.beta": ("beta", float),
     "server.tau": ("tau", float),
@@ -124,6 +149,9 @@ _KEYS: dict[str, tuple[str, type]] = {
     "server.history": ("history", int),
     "codec.scale-encoding": ("scale_encoding", str),
     "codec.level": ("codec_level", int),
+    "client.state": ("client_state", str),
+    "client.state-dtype": ("client_state_dtype", str),
+    "device": ("device", str),
     "eval.examples": ("eval_examples", int),
     "eval.generate": ("generate_examples", int),
     "seed": ("seed", int),

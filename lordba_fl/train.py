@@ -87,6 +87,20 @@ def collate(items: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` over parameter ``groups``."""
+    return OPTIMIZERS[cfg.optimizer](groups)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's first parameter lives (batches are moved there)."""
+    return next(model.parameters()).device
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return batch if device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def _pad_id(tok) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
@@ -99,16 +113,20 @@ def train_local(
     cfg: TrainConfig,
     seed: int,
     after_step=None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
     """Run ``cfg.steps`` optimizer steps on shuffled micro-batches of ``examples``.
 
     ``groups`` are torch optimizer parameter groups (each with its ``lr``); ``after_step(step)``
-    runs after every optimizer step (e.g. a flip budget). Returns mean loss and counts.
+    runs after every optimizer step (e.g. a flip budget). ``optimizer``, if given, is used instead
+    of a fresh one over ``groups`` (a stateful client resumes its moments). Batches go to the
+    model's device. Returns mean loss and counts.
     """
     items = encode_examples(tok, examples, cfg.seq_len)
     rng = random.Random(seed)
     order: list[int] = []
-    opt = OPTIMIZERS[cfg.optimizer](groups)
+    opt = optimizer if optimizer is not None else make_optimizer(groups, cfg)
+    device = model_device(model)
     model.train()
     losses, seen = [], 0
     pad = _pad_id(tok)
@@ -117,7 +135,7 @@ def train_local(
         for _ in range(cfg.grad_accum):
             if len(order) < cfg.batch_size:
                 order += rng.sample(range(len(items)), len(items))
-            batch = collate([items[i] for i in order[: cfg.batch_size]], pad)
+            batch = _to(collate([items[i] for i in order[: cfg.batch_size]], pad), device)
             del order[: cfg.batch_size]
             loss = model(**batch).loss
             if not torch.isfinite(loss):
@@ -139,8 +157,9 @@ def evaluate_loss(model: nn.Module, tok, examples: Sequence[Example], seq_len: i
     model.eval()
     total, tokens = 0.0, 0
     pad = _pad_id(tok)
+    device = model_device(model)
     for i in range(0, len(items), batch_size):
-        batch = collate(items[i : i + batch_size], pad)
+        batch = _to(collate(items[i : i + batch_size], pad), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         labels = batch["labels"][:, 1:]  # (B, T-1)
         nll = nn.functional.cross_entropy(
@@ -155,7 +174,7 @@ def evaluate_loss(model: nn.Module, tok, examples: Sequence[Example], seq_len: i
 @torch.no_grad()
 def generate(model: nn.Module, tok, prompt: str, max_new_tokens: int = 160) -> str:
     """Greedy continuation of ``prompt``."""
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]  # (1, T)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model_device(model))  # (1, T)
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
         pad_token_id=_pad_id(tok),

@@ -8,7 +8,8 @@ to ``--out``) with ``model``, ``num_clients``, ``clients_per_round``, ``rounds``
 ``context.state`` a client reported), ``client_rounds_per_hour``, ``base_loads`` (per worker) and
 the wall time.
 
-Usage: ``python -m simulations.bench_scale [--clients 10 100 1000] [--model tiny-llama]``.
+Usage: ``python -m simulations.bench_scale [--clients 10 100 1000] [--model tiny-llama]
+[--client-state latent+optimizer --state-dtype q8]``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from lordba_fl.clientstate import STATE_DTYPES, STATE_KINDS
 from simulations.common import emit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,12 +81,12 @@ class TreeMonitor(threading.Thread):
             time.sleep(self.period)
 
 
-def run_one(n: int, per_round: int, rounds: int, model: str, out_dir: Path, stateful: bool) -> dict:
-    name = f"scale-{model}-{n}"
+def run_one(n: int, per_round: int, rounds: int, model: str, out_dir: Path, state: str, dtype: str) -> dict:
+    name = f"scale-{model}-{n}-{state.replace('+', '-')}-{dtype}"
     overrides = (
         f"model='{model}' clients-per-round={per_round} rounds={rounds} data.shakespeare.min-lines=1 "
         f"data.shakespeare.max-clients={n} out-dir='{out_dir}' name='{name}' eval.generate=0 eval.examples=8 "
-        f"train.local-steps=2 train.batch-size=2 train.seq-len=64 flip.stateful={'true' if stateful else 'false'}"
+        f"train.local-steps=2 train.batch-size=2 train.seq-len=64 client.state='{state}' client.state-dtype='{dtype}'"
     )
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     cmd = [sys.executable, "-m", "simulations.run", "--supernodes", str(n), "--run-config", overrides]
@@ -111,11 +113,14 @@ def run_one(n: int, per_round: int, rounds: int, model: str, out_dir: Path, stat
         "num_clients": n,
         "clients_per_round": per_round,
         "rounds": len(trained),
-        "stateful": stateful,
+        "client_state": state,
+        "client_state_dtype": dtype,
         "peak_rss_total_MB": round(mon.peak_total / 2**20, 1),
         "peak_rss_per_process_MB": {k: round(v, 1) for k, v in sorted(by_label.items())},
         "processes": len(mon.peak_by_pid),
         "client_state_bytes": max(r.get("client_state_bytes_max", 0) for r in trained),
+        # context.state lives in the driver; at most this many clients hold one after the run
+        "clients_with_state_max": min(n, per_round * len(trained)),
         "client_rounds_per_hour": round(client_rounds / (wall / 3600), 1),
         "base_loads": {pid: w["base_loads"] for pid, w in workers.items()},
         "clients_served": {pid: w["clients_served"] for pid, w in workers.items()},
@@ -130,12 +135,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-round", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--model", default="tiny-llama")
-    p.add_argument("--stateful", action="store_true", help="clients keep their latents in context.state")
+    p.add_argument("--client-state", default="none", choices=STATE_KINDS, help="what a client keeps between rounds")
+    p.add_argument("--state-dtype", default="q8", choices=STATE_DTYPES, help="how it keeps latents / moments")
     p.add_argument("--out-dir", type=Path, default=Path("results/scale"))
     p.add_argument("--out", type=Path, default=Path("results/bench_scale.jsonl"))
     args = p.parse_args(argv)
     for n in args.clients:
-        emit(run_one(n, min(args.per_round, n), args.rounds, args.model, args.out_dir.resolve(), args.stateful), args.out)
+        emit(run_one(n, min(args.per_round, n), args.rounds, args.model, args.out_dir.resolve(), args.client_state, args.state_dtype), args.out)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ def test_pyproject_mirrors_the_defaults():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = parse_run_config({"rank": 8, "train.local-steps": 2, "flip.stateful": True, "scales": "mid,out",
-                            "server.beta": 1, "data.shakespeare.min-lines": 50})
-    assert cfg.rank == 8 and cfg.train == TrainConfig(steps=2) and cfg.flip == FlipControl(stateful=True)
+    cfg = parse_run_config({"rank": 8, "train.local-steps": 2, "flip.budget": 0.5, "scales": "mid,out",
+                            "server.beta": 1, "data.shakespeare.min-lines": 50, "client.state": "latent+optimizer",
+                            "client.state-dtype": "fp16", "resume": "true"})
+    assert cfg.rank == 8 and cfg.train == TrainConfig(steps=2) and cfg.flip == FlipControl(flip_budget=0.5)
+    assert cfg.stateful and cfg.client_state_dtype == "fp16" and cfg.resume is True
     assert cfg.scales == ("mid", "out") and cfg.beta == 1.0 and cfg.task_kwargs() == {"min_lines": 50, "max_clients": None, "sdist": None}
     assert cfg.task_options["gsm"]["num_clients"] == 8
 
@@ -30,7 +32,12 @@ def test_overrides_are_typed_and_nested():
     [
         ({"rnak": 3}, "unknown run config key 'rnak'"),
         ({"rank": "abc"}, "'rank' must be a int"),
-        ({"flip.stateful": "maybe"}, "true or false"),
+        ({"resume": "maybe"}, "true or false"),
+        ({"client.state": "all"}, "client.state must be one of"),
+        ({"client.state-dtype": "int4"}, "client.state-dtype must be one of"),
+        ({"client.state": "latent", "method": "lora-fedavg"}, "set client.state=none"),
+        ({"client.state": "latent+optimizer", "train.optimizer": "sgd"}, "set train.optimizer=adamw"),
+        ({"device": "tpu"}, "device must be auto, cpu, cuda"),
         ({"train.optimizer": "lion"}, "optimizer must be one of"),
         ({"flip.budget": 2.0}, "flip.budget"),
         ({"server.aggregator": "median"}, "aggregator"),

@@ -187,7 +187,7 @@ class LoRAFedAvg(Method):
             if self.train_a:
                 parts.append(a.detach().reshape(-1))
             parts.append(b.detach().t().reshape(-1))  # Bᵀ: (r, out)
-        return torch.cat(parts).float()
+        return torch.cat(parts).float().cpu()
 
     @torch.no_grad()
     def write_values_(self, model, values: torch.Tensor) -> None:

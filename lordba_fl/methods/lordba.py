@@ -10,11 +10,14 @@ node gets a delta against what it last acknowledged.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from lordba_fl.adapter import attach_lordba_, lordba_layers
 from lordba_fl.aggregation import LatentVote, Refit, ServerState, collect_updates
+from lordba_fl.clientstate import StateError, load_optimizer_, pack_floats, pack_optimizer, unpack_floats
 from lordba_fl.codec import CodecOptions, Update, decode_state, encode_state, encode_update
 from lordba_fl.config import LoRDBAConfig
 from lordba_fl.layout import (
@@ -27,10 +30,12 @@ from lordba_fl.layout import (
     write_state_,
 )
 from lordba_fl.methods import Method, register_method
-from lordba_fl.train import train_local
+from lordba_fl.train import make_optimizer, train_local
 
 HELD_KEY = "lordba.held"  # context.state: the full-state frame this node holds
-LATENT_KEY = "lordba.latent"  # context.state: a stateful node's own latents
+LATENT_KEY = "lordba.latent"  # context.state: a stateful node's latent magnitudes (compact)
+OPTIMIZER_KEY = "lordba.optimizer"  # context.state: its AdamW moments (client.state=latent+optimizer)
+log = logging.getLogger("lordba_fl")
 
 
 def budget_flips(latent: torch.Tensor, broadcast_negative: torch.Tensor, budget: float) -> torch.Tensor:
@@ -155,14 +160,14 @@ class LoRDBAMethod(Method):
         return glob.version
 
     def client_train(self, model, tok, frame, state, examples, server_round, seed):
-        from flwr.app import Array, ArrayRecord
-
         cfg, flip = self.cfg, self.cfg.flip
+        keep = state if cfg.stateful else None  # where this node's own state lives, if it keeps one
         glob = self._receive(frame, state)
-        own = state[LATENT_KEY]["latent"].numpy() if flip.stateful and state is not None and LATENT_KEY in state else None
+        own = keep[LATENT_KEY] if keep is not None and LATENT_KEY in keep else None
         if own is not None:
             # a stateful node keeps its magnitudes; the broadcast decides the signs
-            write_latents_(model, self.spec, torch.from_numpy(own.copy()))
+            mags = unpack_floats(own["magnitude"], self.spec.n_bits, own["dtype"])
+            write_latents_(model, self.spec, mags)
             write_state_(model, self.spec, glob, latent_magnitude=None)
         else:
             write_state_(model, self.spec, glob, latent_magnitude=flip.m0)
@@ -177,13 +182,28 @@ class LoRDBAMethod(Method):
         groups = [{"params": scales, "lr": cfg.lr}]
         if flip.latent_lr > 0:
             groups.append({"params": latents, "lr": flip.latent_lr})
-        metrics = train_local(model, groups, tok, examples, cfg.train, seed)
+        opt = make_optimizer(groups, cfg.train)
+        if cfg.client_state == "latent+optimizer" and keep is not None and OPTIMIZER_KEY in keep:
+            try:
+                load_optimizer_(opt, keep[OPTIMIZER_KEY], keep[OPTIMIZER_KEY]["dtype"])
+            except StateError as e:  # e.g. flip.latent-lr switched on since: start the moments afresh
+                log.warning("dropping this node's stored optimizer state: %s", e)
+        metrics = train_local(model, groups, tok, examples, cfg.train, seed, optimizer=opt)
         latent = read_latents(model, self.spec)
         flips = budget_flips(latent, glob.negative, flip.flip_budget)
         delta = read_scales(model, self.spec) - glob.scales
         update = Update(server_round, glob.version, flips, delta)
-        if flip.stateful and state is not None:
-            state[LATENT_KEY] = ArrayRecord({"latent": Array(latent.numpy())})
+        if keep is not None:
+            self._keep_(keep, latent, opt)
         metrics["flip_rate"] = float(flips.float().mean())
         metrics["held_version"] = float(glob.version)
         return encode_update(update, self.spec, self.options, rng=seed), metrics
+
+    def _keep_(self, state, latent: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        """Store this node's latent magnitudes (and AdamW moments) compactly in ``context.state``."""
+        from flwr.app import ConfigRecord
+
+        dtype = self.cfg.client_state_dtype
+        state[LATENT_KEY] = ConfigRecord({"dtype": dtype, "magnitude": pack_floats(latent.abs(), dtype)})
+        if self.cfg.client_state == "latent+optimizer":
+            state[OPTIMIZER_KEY] = ConfigRecord({"dtype": dtype, **pack_optimizer(opt, dtype)})
