@@ -60,28 +60,33 @@ def _ones_if_none(s: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.T
 
 
 def _fold_a(s1, s_in, s_mid):
-    """``A = S1 * s_mid[:, None] * s_in[None, :]`` (r, in), in place on the fresh sign tensor ``s1``."""
+    """``A = S1 * s_mid[:, None] * s_in[None, :]`` (.., r, in), in place on the fresh sign tensor ``s1``."""
     if s_mid is not None:
-        s1.mul_(s_mid[:, None])
+        s1.mul_(s_mid[..., :, None])
     if s_in is not None:
-        s1.mul_(s_in[None, :])
+        s1.mul_(s_in[..., None, :])
     return s1
 
 
 def _fold_b(s2, s_out):
-    """``B = S2 * s_out[:, None]`` (out, r), in place on the fresh sign tensor ``s2``."""
-    return s2.mul_(s_out[:, None]) if s_out is not None else s2
+    """``B = S2 * s_out[:, None]`` (.., out, r), in place on the fresh sign tensor ``s2``."""
+    return s2.mul_(s_out[..., :, None]) if s_out is not None else s2
 
 
 class _LoRDBADelta(torch.autograd.Function):
-    """``g * ((x @ A^T) @ B^T)`` with ``A``, ``B`` folded from signs and scales; see module docstring."""
+    """``g * ((x @ A^T) @ B^T)`` for K adapters at once; see module docstring.
+
+    Shapes: ``x`` (K, N, in), latents (K, r, in) and (K, out, r), scales (K, in), (K, r), (K, out)
+    or None. Adapter k sees only rows ``x[k]``: one client's adapter is K = 1, and
+    :mod:`lordba_fl.batched` trains K clients' adapters over one shared base forward.
+    """
 
     @staticmethod
     def forward(ctx, x, latent_a, latent_b, s_in, s_mid, s_out, scaling, ste, ste_k):
-        a = _fold_a(binarize(latent_a), s_in, s_mid)  # (r, in)
-        b = _fold_b(binarize(latent_b), s_out)  # (out, r)
-        h = x @ a.to(x.dtype).t()  # (..., in) -> (..., r)
-        out = (h @ b.to(x.dtype).t()).mul_(scaling)  # (..., r) -> (..., out)
+        a = _fold_a(binarize(latent_a), s_in, s_mid)  # (K, r, in)
+        b = _fold_b(binarize(latent_b), s_out)  # (K, out, r)
+        h = x @ a.to(x.dtype).transpose(-1, -2)  # (K, N, in) -> (K, N, r)
+        out = (h @ b.to(x.dtype).transpose(-1, -2)).mul_(scaling)  # (K, N, r) -> (K, N, out)
         ctx.save_for_backward(x, h, latent_a, latent_b, s_in, s_mid, s_out)
         ctx.scaling, ctx.ste, ctx.ste_k = scaling, ste, ste_k
         return out
@@ -89,30 +94,30 @@ class _LoRDBADelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, h, latent_a, latent_b, s_in, s_mid, s_out = ctx.saved_tensors
-        r, n_in = latent_a.shape
-        n_out = latent_b.shape[0]
-        s1 = binarize(latent_a)  # (r, in), recomputed rather than kept alive since forward
-        s2 = binarize(latent_b)  # (out, r)
-        a = _fold_a(s1.clone(), s_in, s_mid)  # (r, in)
-        b = _fold_b(s2.clone(), s_out)  # (out, r)
+        s1 = binarize(latent_a)  # (K, r, in), recomputed rather than kept alive since forward
+        s2 = binarize(latent_b)  # (K, out, r)
+        a = _fold_a(s1.clone(), s_in, s_mid)  # (K, r, in)
+        b = _fold_b(s2.clone(), s_out)  # (K, out, r)
 
-        g2 = grad_out.reshape(-1, n_out) * ctx.scaling  # (N, out)
-        grad_h = g2 @ b.to(g2.dtype)  # (N, out) @ (out, r) -> (N, r)
+        g2 = grad_out * ctx.scaling  # (K, N, out)
+        grad_h = g2 @ b.to(g2.dtype)  # (K, N, out) @ (K, out, r) -> (K, N, r)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_h @ a.to(grad_h.dtype)).reshape(x.shape)  # (N, r) @ (r, in) -> (..., in)
-        grad_b = (g2.t() @ h.reshape(-1, r)).to(latent_b.dtype)  # (out, N) @ (N, r) -> (out, r)
-        grad_a = (grad_h.t() @ x.reshape(-1, n_in)).to(latent_a.dtype)  # (r, N) @ (N, in) -> (r, in)
+            grad_x = grad_h @ a.to(grad_h.dtype)  # (K, N, r) @ (K, r, in) -> (K, N, in)
+        grad_b = (g2.transpose(-1, -2) @ h).to(latent_b.dtype)  # (K, out, N) @ (K, N, r) -> (K, out, r)
+        grad_a = (grad_h.transpose(-1, -2) @ x).to(latent_a.dtype)  # (K, r, N) @ (K, N, in) -> (K, r, in)
 
         grad_sin = grad_smid = grad_sout = None
         if s_in is not None or s_mid is not None:
-            ga_s1 = grad_a * s1  # (r, in): dL/dA * S1
+            ga_s1 = grad_a * s1  # (K, r, in): dL/dA * S1
             if s_in is not None and ctx.needs_input_grad[3]:
-                grad_sin = s_mid @ ga_s1 if s_mid is not None else ga_s1.sum(0)  # (in,)
+                # (K, 1, r) @ (K, r, in) -> (K, in)
+                grad_sin = (s_mid[..., None, :] @ ga_s1)[..., 0, :] if s_mid is not None else ga_s1.sum(-2)
             if s_mid is not None and ctx.needs_input_grad[4]:
-                grad_smid = ga_s1 @ s_in if s_in is not None else ga_s1.sum(1)  # (r,)
+                # (K, r, in) @ (K, in, 1) -> (K, r)
+                grad_smid = (ga_s1 @ s_in[..., :, None])[..., 0] if s_in is not None else ga_s1.sum(-1)
         if s_out is not None and ctx.needs_input_grad[5]:
-            grad_sout = (grad_b * s2).sum(1)  # (out,)
+            grad_sout = (grad_b * s2).sum(-1)  # (K, out)
         grad_la = grad_lb = None
         if ctx.needs_input_grad[1]:
             # dL/dS1 = dL/dA * s_mid s_in^T = dL/dA * A / S1 = dL/dA * A * S1 (S1 = +-1)
@@ -120,6 +125,10 @@ class _LoRDBADelta(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_lb = grad_b.mul_(b.mul_(s2)).mul_(ste_grad(ctx.ste, latent_b, ctx.ste_k))
         return grad_x, grad_la, grad_lb, grad_sin, grad_smid, grad_sout, None, None, None
+
+
+def _unsqueeze(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.unsqueeze(0)
 
 
 class LoRDBALinear(nn.Module):
@@ -148,6 +157,8 @@ class LoRDBALinear(nn.Module):
         self.scale_names = cfg.scales
         self.adapter_enabled = True
         self._fold_cache = None
+        # (latent_A, latent_B, s_in, s_mid, s_out) stacked over K clients while lordba_fl.batched trains them
+        self.stack: tuple | None = None
         device = _module_device(base_layer)
         r, n_in, n_out = cfg.rank, self.in_features, self.out_features
         la = torch.randn(r, n_in, generator=generator) * cfg.init_std  # (r, in)
@@ -180,23 +191,29 @@ class LoRDBALinear(nn.Module):
             a, b = self._folded(x.dtype)
             return (x @ a.t() @ b.t()).mul_(self.scaling)  # (..., in) -> (..., r) -> (..., out)
         self._fold_cache = None
-        return _LoRDBADelta.apply(
-            x,
-            self.lordba_latent_A,
-            self.lordba_latent_B,
-            self.lordba_scale_in,
-            self.lordba_scale_mid,
-            self.lordba_scale_out,
-            self.scaling,
-            self.ste,
-            self.ste_k,
-        )
+        params = (self.lordba_latent_A, self.lordba_latent_B, self.lordba_scale_in, self.lordba_scale_mid, self.lordba_scale_out)
+        out = _LoRDBADelta.apply(
+            x.reshape(1, -1, self.in_features), *(_unsqueeze(p) for p in params), self.scaling, self.ste, self.ste_k
+        )  # (1, N, out)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def stacked_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """K clients' adapters (``self.stack``) over a batch whose rows come in K equal client blocks."""
+        la, lb, s_in, s_mid, s_out = self.stack
+        k = la.shape[0]
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} equal client blocks")
+        out = _LoRDBADelta.apply(
+            x.reshape(k, -1, self.in_features), la, lb, s_in, s_mid, s_out, self.scaling, self.ste, self.ste_k
+        )  # (K, N/K, out)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (..., out)
         if not self.adapter_enabled:
             return y
-        return y + self.delta(x).to(y.dtype)
+        delta = self.delta(x) if self.stack is None else self.stacked_delta(x)
+        return y + delta.to(y.dtype)
 
     def _folded(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         params = [p for p in self.parameters(recurse=False)]

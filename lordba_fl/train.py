@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +87,18 @@ def collate(items: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def micro_batches(items: list, cfg: TrainConfig, seed: int) -> Iterator[list]:
+    """The ``cfg.steps * cfg.grad_accum`` micro-batches of ``cfg.batch_size`` items a client draws:
+    passes over a seeded shuffle, a new one whenever fewer than a batch are left."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(cfg.steps * cfg.grad_accum):
+        if len(order) < cfg.batch_size:
+            order += rng.sample(range(len(items)), len(items))
+        yield [items[i] for i in order[: cfg.batch_size]]
+        del order[: cfg.batch_size]
+
+
 def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer ``cfg.optimizer`` over parameter ``groups``."""
     return OPTIMIZERS[cfg.optimizer](groups)
@@ -122,9 +134,7 @@ def train_local(
     of a fresh one over ``groups`` (a stateful client resumes its moments). Batches go to the
     model's device. Returns mean loss and counts.
     """
-    items = encode_examples(tok, examples, cfg.seq_len)
-    rng = random.Random(seed)
-    order: list[int] = []
+    batches = micro_batches(encode_examples(tok, examples, cfg.seq_len), cfg, seed)
     opt = optimizer if optimizer is not None else make_optimizer(groups, cfg)
     device = model_device(model)
     model.train()
@@ -133,10 +143,7 @@ def train_local(
     for step in range(cfg.steps):
         opt.zero_grad(set_to_none=True)
         for _ in range(cfg.grad_accum):
-            if len(order) < cfg.batch_size:
-                order += rng.sample(range(len(items)), len(items))
-            batch = _to(collate([items[i] for i in order[: cfg.batch_size]], pad), device)
-            del order[: cfg.batch_size]
+            batch = _to(collate(next(batches), pad), device)
             loss = model(**batch).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss.item()} at step {step}; lower the learning rate")

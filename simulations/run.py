@@ -38,19 +38,29 @@ def project_run_config() -> dict:
         return flatten_dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
 
 
-def backend_resources(cpus_per_client: float, gpus_per_client: float) -> tuple[dict, dict]:
-    """(client resources, Ray init resources); fractional GPUs let several clients share one device."""
+def backend_resources(cpus_per_client: float, gpus_per_client: float, ray_address: str | None = None) -> tuple[dict, dict]:
+    """(client resources, Ray init arguments); fractional GPUs let several clients share one device.
+
+    With ``ray_address`` the simulation joins a running Ray cluster (``ray start --head`` on one
+    machine, ``ray start --address=<head>:6379`` on the others), whose nodes bring their own CPUs
+    and GPUs; otherwise Ray starts here with this machine's.
+    """
     if cpus_per_client <= 0 or gpus_per_client < 0:
         raise ValueError("--cpus-per-client must be > 0 and --gpus-per-client >= 0")
+    client = {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client}
+    if ray_address:
+        return client, {"address": ray_address}
     gpus = 0
     if gpus_per_client > 0:
         import torch
 
         gpus = torch.cuda.device_count()
         if gpus == 0:
-            raise ValueError("--gpus-per-client > 0 but no CUDA device is visible; drop the flag to run on CPU")
-    return ({"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
-            {"num_cpus": os.cpu_count() or 2, "num_gpus": gpus})
+            raise ValueError(
+                "--gpus-per-client > 0 but no CUDA device is visible; drop the flag to run on CPU, "
+                "or pass --ray-address to use the GPUs of a Ray cluster"
+            )
+    return client, {"num_cpus": os.cpu_count() or 2, "num_gpus": gpus}
 
 
 def _check_nodes(run_config: dict, supernodes: int | None) -> int:
@@ -64,7 +74,7 @@ def _check_nodes(run_config: dict, supernodes: int | None) -> int:
 
 
 def simulate(run_config: dict, supernodes: int | None = None, cpus_per_client: float = 1.0,
-             gpus_per_client: float = 0.0) -> None:
+             gpus_per_client: float = 0.0, ray_address: str | None = None) -> None:
     """Run the ServerApp and ClientApp on Flower's simulation engine with ``run_config``."""
     from flwr.simulation import run_simulation
 
@@ -72,7 +82,7 @@ def simulate(run_config: dict, supernodes: int | None = None, cpus_per_client: f
     from server.app import make_server_app
 
     nodes = _check_nodes(run_config, supernodes)
-    client, init = backend_resources(cpus_per_client, gpus_per_client)
+    client, init = backend_resources(cpus_per_client, gpus_per_client, ray_address)
     run_simulation(
         server_app=make_server_app(run_config),
         client_app=make_client_app(run_config),
@@ -86,7 +96,7 @@ def _num(x: float) -> int | float:
 
 
 def write_flwr_federation(name: str, supernodes: int, cpus_per_client: float, gpus_per_client: float,
-                          flwr_home: str | None = None) -> Path:
+                          flwr_home: str | None = None, ray_address: str | None = None) -> Path:
     """Add (or replace) ``[superlink.<name>]`` in ``$FLWR_HOME/config.toml`` for ``flwr run . <name>``.
 
     Other connections in the file are kept. Federations belong there, not in pyproject.toml.
@@ -96,19 +106,15 @@ def write_flwr_federation(name: str, supernodes: int, cpus_per_client: float, gp
     home = Path(flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
     path = home / "config.toml"
     doc = tomllib.loads(path.read_text()) if path.is_file() else {}
-    client, init = backend_resources(cpus_per_client, gpus_per_client)
+    client, init = backend_resources(cpus_per_client, gpus_per_client, ray_address)
     doc.setdefault("superlink", {})
     doc["superlink"].setdefault("default", name)
-    doc["superlink"][name] = {
-        "address": ":local:",
-        "options": {
-            "num-supernodes": supernodes,
-            "backend": {
-                "client-resources": {"num-cpus": _num(client["num_cpus"]), "num-gpus": _num(client["num_gpus"])},
-                "init-args": {"num-cpus": init["num_cpus"], "num-gpus": init["num_gpus"]},
-            },
-        },
-    }
+    backend = {"client-resources": {"num-cpus": _num(client["num_cpus"]), "num-gpus": _num(client["num_gpus"])}}
+    if not ray_address:
+        # Flower's config.toml has no Ray address: a cluster is joined through RAY_ADDRESS instead
+        # (ray.init reads it), and then it must be given no CPU / GPU counts of its own
+        backend["init-args"] = {"num-cpus": init["num_cpus"], "num-gpus": init["num_gpus"]}
+    doc["superlink"][name] = {"address": ":local:", "options": {"num-supernodes": supernodes, "backend": backend}}
     home.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(tomli_w.dumps(doc))
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--supernodes", type=int, default=None, help="virtual SuperNodes (default: clients-per-round)")
     p.add_argument("--cpus-per-client", type=float, default=1.0)
     p.add_argument("--gpus-per-client", type=float, default=0.0, help="e.g. 0.25: four clients share a GPU")
+    p.add_argument("--ray-address", help="join a running Ray cluster (e.g. 'auto' or head-ip:6379) for many machines")
     p.add_argument("--write-flwr-config", metavar="NAME", help="write [superlink.NAME] to $FLWR_HOME/config.toml and exit")
     p.add_argument("--quick", action="store_true", help="tiny random model, 2 short rounds")
     args = p.parse_args(argv)
@@ -133,10 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     run_config.update(parse_config_args(args.run_config) if args.run_config else {})
     if args.write_flwr_config:
         nodes = _check_nodes(run_config, args.supernodes)
-        path = write_flwr_federation(args.write_flwr_config, nodes, args.cpus_per_client, args.gpus_per_client)
-        print(f"wrote [superlink.{args.write_flwr_config}] to {path}; run: flwr run . {args.write_flwr_config} --stream")
+        path = write_flwr_federation(args.write_flwr_config, nodes, args.cpus_per_client, args.gpus_per_client,
+                                     ray_address=args.ray_address)
+        env = f"RAY_ADDRESS={args.ray_address} " if args.ray_address else ""
+        print(f"wrote [superlink.{args.write_flwr_config}] to {path}; run: {env}flwr run . {args.write_flwr_config} --stream")
         return
-    simulate(run_config, args.supernodes, args.cpus_per_client, args.gpus_per_client)
+    simulate(run_config, args.supernodes, args.cpus_per_client, args.gpus_per_client, args.ray_address)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,18 @@ def test_federation_config_is_written_where_flower_reads_it(tmp_path, monkeypatc
     assert read_superlink_connection("x").address == "1.2.3.4:9093"  # other connections kept
 
 
+def test_a_ray_cluster_brings_its_own_resources(tmp_path):
+    client, init = backend_resources(1, 0.25, ray_address="10.0.0.1:6379")
+    # joining a cluster: no local CUDA check, and no CPU / GPU counts (Ray refuses them there)
+    assert client == {"num_cpus": 1, "num_gpus": 0.25} and init == {"address": "10.0.0.1:6379"}
+    write_flwr_federation("cluster", supernodes=8, cpus_per_client=1.0, gpus_per_client=0.25,
+                          flwr_home=str(tmp_path), ray_address="10.0.0.1:6379")
+    import tomllib
+
+    backend = tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]["cluster"]["options"]["backend"]
+    assert backend == {"client-resources": {"num-cpus": 1, "num-gpus": 0.25}}
+
+
 def test_bad_resources_name_the_fix():
     with pytest.raises(ValueError, match="cpus-per-client"):
         backend_resources(0, 0)

@@ -52,6 +52,22 @@ def budget_flips(latent: torch.Tensor, broadcast_negative: torch.Tensor, budget:
     return keep
 
 
+def train_groups(model: nn.Module, spec: AdapterSpec, lr: float, latent_lr: float) -> list[dict]:
+    """Optimizer groups of a LoRDBA client: the scales at ``lr``, the latents at ``latent_lr`` (0: frozen)."""
+    latents, scales = [], []
+    for m in lordba_layers(model).values():
+        latents += [m.lordba_latent_A, m.lordba_latent_B]
+        scales += [m.scale(k) for k in spec.scales]
+    for p in latents:
+        p.requires_grad_(latent_lr > 0)
+    for p in scales:
+        p.requires_grad_(True)
+    groups = [{"params": scales, "lr": lr}]
+    if latent_lr > 0:
+        groups.append({"params": latents, "lr": latent_lr})
+    return groups
+
+
 @register_method
 class LoRDBAMethod(Method):
     name = "lordba"
@@ -171,17 +187,7 @@ class LoRDBAMethod(Method):
             write_state_(model, self.spec, glob, latent_magnitude=None)
         else:
             write_state_(model, self.spec, glob, latent_magnitude=flip.m0)
-        latents, scales = [], []
-        for m in lordba_layers(model).values():
-            latents += [m.lordba_latent_A, m.lordba_latent_B]
-            scales += [m.scale(k) for k in self.spec.scales]
-        for p in latents:
-            p.requires_grad_(flip.latent_lr > 0)
-        for p in scales:
-            p.requires_grad_(True)
-        groups = [{"params": scales, "lr": cfg.lr}]
-        if flip.latent_lr > 0:
-            groups.append({"params": latents, "lr": flip.latent_lr})
+        groups = train_groups(model, self.spec, cfg.lr, flip.latent_lr)
         opt = make_optimizer(groups, cfg.train)
         if cfg.client_state == "latent+optimizer" and keep is not None and OPTIMIZER_KEY in keep:
             try:
