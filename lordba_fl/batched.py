@@ -96,12 +96,18 @@ class StackedAdapters:
 
 
 def _client_losses(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Each client's mean next-token loss over its own rows, as the model's own loss computes it; (K,)."""
+    """Each client's mean next-token loss over its own rows, as the model's own loss computes it; (K,).
+
+    One cross-entropy over all rows, summed per client block: slicing the logits per client would
+    make every client's backward materialize a zero gradient of the whole (K B, T, V) logits.
+    """
     v = logits.shape[-1]
     shifted = nn.functional.pad(labels, (0, 1), value=IGNORE)[:, 1:]  # (K B, T): next token, none past the end
-    lg = logits.float().reshape(k, -1, v)  # (K, B T, V), a view
-    lb = shifted.reshape(k, -1)  # (K, B T)
-    return torch.stack([nn.functional.cross_entropy(lg[i], lb[i], ignore_index=IGNORE) for i in range(k)])
+    nll = nn.functional.cross_entropy(
+        logits.float().reshape(-1, v), shifted.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(k, -1)  # (K, B T)
+    counts = (shifted != IGNORE).view(k, -1).sum(1)  # (K,)
+    return nll.sum(1) / counts
 
 
 def train_batched(

@@ -63,6 +63,24 @@ def backend_resources(cpus_per_client: float, gpus_per_client: float, ray_addres
     return client, {"num_cpus": os.cpu_count() or 2, "num_gpus": gpus}
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast when nothing listens at a Ray head's ``host:port`` (Ray itself retries forever)."""
+    import socket
+
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--ray-address must be host:port (e.g. 10.0.0.1:6379) or 'auto'; got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(
+            f"no Ray cluster answers at {address} ({e}); start one with 'ray start --head --port {port}' "
+            "on that machine, or drop --ray-address to run on this one"
+        ) from None
+
+
 def _check_nodes(run_config: dict, supernodes: int | None) -> int:
     from lordba_fl.runconfig import parse_run_config
 
@@ -82,6 +100,8 @@ def simulate(run_config: dict, supernodes: int | None = None, cpus_per_client: f
     from server.app import make_server_app
 
     nodes = _check_nodes(run_config, supernodes)
+    if ray_address:
+        check_ray_address(ray_address)
     client, init = backend_resources(cpus_per_client, gpus_per_client, ray_address)
     run_simulation(
         server_app=make_server_app(run_config),

@@ -1,6 +1,6 @@
 import pytest
 
-from simulations.run import backend_resources, write_flwr_federation
+from simulations.run import backend_resources, check_ray_address, write_flwr_federation
 
 
 def test_federation_config_is_written_where_flower_reads_it(tmp_path, monkeypatch):
@@ -26,6 +26,18 @@ def test_a_ray_cluster_brings_its_own_resources(tmp_path):
 
     backend = tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]["cluster"]["options"]["backend"]
     assert backend == {"client-resources": {"num-cpus": 1, "num-gpus": 0.25}}
+
+
+def test_a_missing_ray_cluster_is_refused_at_once():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ValueError, match="no Ray cluster answers at 127.0.0.1:.*ray start --head"):
+        check_ray_address(f"127.0.0.1:{port}")
+    with pytest.raises(ValueError, match="must be host:port"):
+        check_ray_address("10.0.0.1")
 
 
 def test_bad_resources_name_the_fix():
