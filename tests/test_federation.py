@@ -105,6 +105,24 @@ def test_faulty_clients_do_not_stop_the_round(tmp_path):
     assert _state(run_dir, 2).state.version == 2
 
 
+def test_a_node_that_goes_silent_catches_up_with_the_full_state(tmp_path):
+    """Node 101 trains in round 2 and keeps the broadcast, but its reply is lost: the round goes on
+    with the others, and since the server cannot know what 101 now holds, the next message to it
+    carries the full state."""
+    from lordba_fl.codec import FrameKind, read_header
+
+    grid, run_dir, rows = _run(tmp_path, faults={101: "vanish@2"}, method="lordba")
+    assert rows[1]["clients_silent"] == 0 and rows[1]["accepted"] == 4
+    assert rows[2]["clients_silent"] == 1 and rows[2]["accepted"] == 3 and rows[2]["clients_succeeded"] == 3
+    kinds = {(int(m.content["config"]["server-round"]), m.metadata.message_type, m.metadata.dst_node_id):
+             read_header(read_frame(m.content)).kind for m in grid.sent}
+    assert kinds[(2, "train", 101)] == kinds[(2, "train", 100)] == FrameKind.STATE_DELTA
+    assert kinds[(2, "evaluate", 101)] == FrameKind.STATE_FULL  # caught up ...
+    assert kinds[(2, "evaluate", 100)] == FrameKind.STATE_DELTA
+    assert rows[2]["clients_eval_failed"] == 0  # ... and evaluated: nothing failed to decode
+    assert _state(run_dir, 2).state.version == 2
+
+
 @pytest.mark.parametrize("method", ["lordba", "lora-q4"])
 def test_resume_reaches_the_same_state(tmp_path, method):
     _, full_dir, full_rows = _run(tmp_path / "full", method=method)
