@@ -22,7 +22,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from lordba_fl.checkpoint import load_checkpoint, save_checkpoint
-from lordba_fl.data import load_task
+from lordba_fl.data import ClientData, load_client_data, load_task
 from lordba_fl.metering import ByteLedger, recorddict_bytes
 from lordba_fl.methods import make_method
 from lordba_fl.models import load_model
@@ -63,9 +63,7 @@ def _worker(cfg: RunConfig):
            tuple(sorted(cfg.task_kwargs().items())), cfg.scale_encoding, cfg.codec_level, cfg.device, cfg.compute_dtype)
     if key not in _WORKER:
         _WORKER.clear()
-        model, tok, method = _adapted_model(cfg)
-        task = load_task(cfg.task, progress=False, **cfg.task_kwargs())
-        _WORKER[key] = (model, tok, method, task)
+        _WORKER[key] = _adapted_model(cfg)
         WORKER_STATS["base_loads"] += 1
     WORKER_STATS["clients_served"] += 1
     return _WORKER[key]
@@ -79,20 +77,20 @@ def _worker_metrics() -> dict[str, float]:
     }
 
 
-def _partition(context, task) -> int:
+def _client_data(context, cfg: RunConfig) -> ClientData:
     try:
         pid = int(context.node_config["partition-id"])
     except KeyError:
         raise ValueError(
             "node_config has no 'partition-id': start the SuperNode with --node-config 'partition-id=<i>'"
         ) from None
-    return task.check_partition(pid)
+    return load_client_data(cfg.task, pid, **cfg.task_kwargs())
 
 
 def _method_for(cfg: RunConfig):
-    model, tok, method, task = _worker(cfg)
+    model, tok, method = _worker(cfg)
     method.cfg = cfg  # training knobs (steps, lr, flip control) may differ between runs sharing a worker
-    return model, tok, method, task
+    return model, tok, method
 
 
 def _config(context, fallback: dict | None) -> RunConfig:
@@ -105,10 +103,11 @@ def _config(context, fallback: dict | None) -> RunConfig:
 def client_train(msg: Message, context, fallback_config: dict | None = None) -> Message:
     """ClientApp train handler: decode the broadcast, train locally, reply with one frame + metrics."""
     cfg = _config(context, fallback_config)
-    model, tok, method, task = _method_for(cfg)
-    pid = _partition(context, task)
+    model, tok, method = _method_for(cfg)
+    data = _client_data(context, cfg)
+    pid = data.partition_id
     server_round = int(msg.content["config"]["server-round"])
-    examples = task.train[pid]
+    examples = data.train
     frame, metrics = method.client_train(
         model, tok, read_frame(msg.content), context.state, examples, server_round, client_seed(cfg, server_round, pid)
     )
@@ -123,10 +122,11 @@ def client_train(msg: Message, context, fallback_config: dict | None = None) -> 
 def client_evaluate(msg: Message, context, fallback_config: dict | None = None) -> Message:
     """ClientApp evaluate handler: load the broadcast, report held-out loss / perplexity of this client."""
     cfg = _config(context, fallback_config)
-    model, tok, method, task = _method_for(cfg)
-    pid = _partition(context, task)
+    model, tok, method = _method_for(cfg)
+    data = _client_data(context, cfg)
+    pid = data.partition_id
     version = method.client_load_(model, read_frame(msg.content), context.state)
-    test = task.test[pid][: cfg.eval_examples]
+    test = data.test[: cfg.eval_examples]
     res = evaluate_loss(model, tok, test, cfg.train.seq_len)
     res.update({"num-examples": float(len(test)), "held-version": float(version), "partition-id": float(pid)})
     res.update(_worker_metrics())

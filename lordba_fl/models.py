@@ -113,13 +113,13 @@ def load_default_model(
     compute_dtype : torch.dtype
         Dtype of the non-quantized parts (embeddings, norms) and of activations.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from lordba_fl.quant import cast_unquantized_, quantize_base_
 
     _quiet_transformers()
     path = default_model_dir()
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = load_tokenizer(path)
     cached = path / f"base-{quant}.safetensors"
     if quant == "q4_1" and cached.is_file():
         model = load_quantized_base(path, cached)
@@ -134,6 +134,13 @@ def load_default_model(
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tok
+
+
+def load_tokenizer(path: Path):
+    """The cached model's fast tokenizer, built directly (``AutoTokenizer`` spends ~2 s resolving the class)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(path)
 
 
 def save_quantized_base(model: nn.Module, path: Path) -> None:
@@ -186,12 +193,12 @@ def load_quantized_base(model_dir: Path, path: Path) -> nn.Module:
 
 def _tiny_llama(quant: str = "q4_1", compute_dtype: torch.dtype = torch.float32):
     """A randomly initialised 2-layer LLaMA (hidden 64) with SmolLM2's tokenizer: for tests and --quick runs."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from lordba_fl.quant import quantize_base_
 
     _quiet_transformers()
-    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    tok = load_tokenizer(default_model_dir())
     g = torch.random.fork_rng()
     with g:
         torch.manual_seed(1234)

@@ -50,9 +50,11 @@ def child(overrides: dict, frame_path: Path) -> dict:
                        "peak_MB": round(_peak_mb(), 1)}
 
     import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  (what loading the model imports)
+    from transformers import PreTrainedTokenizerFast  # noqa: F401
 
     import lordba_fl.methods.lordba as lordba_method
-    from lordba_fl.data import load_task
+    from lordba_fl.data import load_client_data
     from lordba_fl.methods import make_method
     from lordba_fl.models import load_model
     from lordba_fl.runconfig import parse_run_config
@@ -65,8 +67,7 @@ def child(overrides: dict, frame_path: Path) -> dict:
     method = make_method(cfg)
     model = method.adapt(model).to(cfg.torch_device())
     mark("adapter")
-    task = load_task(cfg.task, progress=False, **cfg.task_kwargs())
-    examples = task.train[0]
+    examples = load_client_data(cfg.task, 0, **cfg.task_kwargs()).train
     frame = frame_path.read_bytes()
     mark("data")
 
@@ -105,11 +106,13 @@ def child(overrides: dict, frame_path: Path) -> dict:
 
 def server_frame(overrides: dict, path: Path) -> int:
     """The full-state downlink a client gets on first contact (what every party derives from the seed)."""
+    from lordba_fl.data import load_client_data
     from lordba_fl.methods import make_method
     from lordba_fl.models import load_model
     from lordba_fl.runconfig import parse_run_config
 
     cfg = parse_run_config(overrides)
+    load_client_data(cfg.task, 0, **cfg.task_kwargs())  # builds the per-partition cache a device keeps
     method = make_method(cfg)
     method.init_server(method.adapt(load_model(cfg.model, cfg.quant)[0]))
     frame = method.downlink(node_id=1, server_round=1)
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             "imports": m["imports"]["rss_MB"],
             "base": round(m["base"]["rss_MB"] - m["imports"]["rss_MB"], 1),
             "adapter": round(m["adapter"]["rss_MB"] - m["base"]["rss_MB"], 1),
-            "data + decoded broadcast": round(m["decoded"]["rss_MB"] - m["adapter"]["rss_MB"], 1),
+            "client data + decoded broadcast": round(m["decoded"]["rss_MB"] - m["adapter"]["rss_MB"], 1),
             "first step peak (activations, grads, optimizer)": round(m["first_step"]["peak_MB"] - m["decoded"]["rss_MB"], 1),
         },
         # exact sizes of the fp32 training state of the trainable tensors

@@ -145,6 +145,8 @@ def write_flwr_federation(name: str, supernodes: int, cpus_per_client: float, gp
 def main(argv: list[str] | None = None) -> None:
     from flwr.common.config import parse_config_args
 
+    from lordba_fl.runconfig import PROFILES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-config", action="append", default=[], help="overrides, e.g. \"method='lora-q2' rounds=2\"")
     p.add_argument("--supernodes", type=int, default=None, help="virtual SuperNodes (default: clients-per-round)")
@@ -153,8 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ray-address", help="join a running Ray cluster (e.g. 'auto' or head-ip:6379) for many machines")
     p.add_argument("--write-flwr-config", metavar="NAME", help="write [superlink.NAME] to $FLWR_HOME/config.toml and exit")
     p.add_argument("--quick", action="store_true", help="tiny random model, 2 short rounds")
+    p.add_argument("--profile", choices=sorted(PROFILES), help="a named set of overrides, e.g. edge (low-RAM devices)")
     args = p.parse_args(argv)
     run_config = project_run_config()
+    if args.profile:
+        run_config.update(PROFILES[args.profile])
     if args.quick:
         run_config.update(QUICK)
     run_config.update(parse_config_args(args.run_config) if args.run_config else {})

@@ -7,7 +7,11 @@ with a natural non-IID split, plus server-side evaluation sets. Tasks register t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,3 +95,65 @@ def load_task(name: str, **options) -> FederatedTask:
     if unknown:
         raise ValueError(f"task {name!r} has no option(s) {unknown}; its options are {sorted(known)}")
     return TASKS[name](**options)
+
+
+@dataclass
+class ClientData:
+    """One partition's examples, what a client process needs (no other client's data, no dataset stack)."""
+
+    partition_id: int
+    num_partitions: int
+    train: list[Example]
+    test: list[Example]
+
+
+CLIENT_CACHE_FORMAT = 1
+_CLIENT_DATA: dict[tuple, ClientData] = {}
+
+
+def _client_dir(name: str, options: dict) -> Path:
+    key = json.dumps([CLIENT_CACHE_FORMAT, name, sorted(options.items())], default=str)
+    return cache_root() / "clients" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _examples(rows: list[dict]) -> list[Example]:
+    return [Example(**r) for r in rows]
+
+
+def load_client_data(name: str, partition_id: int, **options) -> ClientData:
+    """Partition ``partition_id`` of task ``name`` from a per-partition cache (one small JSON file).
+
+    The first call on a machine builds the whole task once (:func:`load_task`) and writes every
+    partition, atomically; later calls, e.g. a fresh ClientApp process per message under the
+    deployment engine, read one file and import nothing of the dataset stack.
+    """
+    key = (name, partition_id, tuple(sorted(options.items())))
+    if key in _CLIENT_DATA:
+        return _CLIENT_DATA[key]
+    folder = _client_dir(name, options)
+    meta = folder / "meta.json"
+    if not meta.is_file():
+        task = load_task(name, **options)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=folder.parent))
+        try:
+            for i, (train, test) in enumerate(zip(task.train, task.test)):
+                rows = {"train": [vars(e) for e in train], "test": [vars(e) for e in test]}
+                (tmp / f"p{i}.json").write_text(json.dumps(rows))
+            (tmp / "meta.json").write_text(json.dumps({"num_partitions": task.num_partitions, "clients": task.clients}))
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another process built it first
+                if not meta.is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    n = json.loads(meta.read_text())["num_partitions"]
+    if not 0 <= partition_id < n:
+        raise ValueError(
+            f"partition {partition_id} does not exist: task {name!r} has {n} clients; "
+            "run with num-supernodes <= that or lower the task's client filter"
+        )
+    rows = json.loads((folder / f"p{partition_id}.json").read_text())
+    _CLIENT_DATA[key] = data = ClientData(partition_id, n, _examples(rows["train"]), _examples(rows["test"]))
+    return data

@@ -195,6 +195,11 @@ class LoRDBAMethod(Method):
             except StateError as e:  # e.g. flip.latent-lr switched on since: start the moments afresh
                 log.warning("dropping this node's stored optimizer state: %s", e)
         metrics = train_local(model, groups, tok, examples, cfg.train, seed, optimizer=opt)
+        for g in groups:
+            for p in g["params"]:
+                p.grad = None  # free the gradients before the uplink is encoded (peak memory on devices)
+        if keep is None or cfg.client_state != "latent+optimizer":
+            opt = None  # the moments are not kept: free them too
         latent = read_latents(model, self.spec)
         flips = budget_flips(latent, glob.negative, flip.flip_budget)
         delta = read_scales(model, self.spec) - glob.scales

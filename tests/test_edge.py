@@ -1,0 +1,93 @@
+"""What a fresh client process on a small device relies on: the memory-mapped quantized base, the
+per-partition data cache, gradient checkpointing and the edge profile."""
+
+import pytest
+import torch
+
+from lordba_fl.data import load_client_data, load_task
+from lordba_fl.runconfig import PROFILES, parse_run_config
+from lordba_fl.train import TrainConfig, train_local
+
+pytestmark = pytest.mark.real_model
+
+
+def test_cached_quantized_base_is_the_same_model(tmp_path, monkeypatch):
+    from lordba_fl import models
+
+    monkeypatch.setenv("LORDBA_FL_CACHE", str(tmp_path))  # a fresh cache: fp32 copy, then the q4_1 base
+    monkeypatch.setattr(models, "_build_cache", _copy_fp32_cache(models))
+    slow, tok = models.load_default_model("q4_1")
+    cached = models.default_model_dir() / "base-q4_1.safetensors"
+    assert cached.is_file()
+    fast, _ = models.load_default_model("q4_1")  # memory-maps the file written above
+    assert type(fast.model.layers[0].self_attn.q_proj).__name__ == "Q41Linear"
+    assert fast.lm_head.weight.data_ptr() == fast.model.embed_tokens.weight.data_ptr()  # tied again
+    ids = tok("Shall I compare thee to a summer's day?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(slow(ids).logits, fast(ids).logits)
+    assert not any(t.is_meta for t in list(fast.parameters()) + list(fast.buffers()))
+
+
+def _copy_fp32_cache(models):
+    """Reuse the machine's fp32 cache instead of re-reading the GGUF (tens of seconds)."""
+    import os
+    import shutil
+
+    src = models._cache_dir(models.default_gguf_path()).name
+    home = os.path.join(os.path.expanduser("~"), ".cache", "lordba_fl", src)
+    original = models._build_cache
+
+    def build(gguf, target):
+        if not os.path.isfile(os.path.join(home, "lordba_cache.json")):
+            return original(gguf, target)
+        shutil.copytree(home, target, ignore=shutil.ignore_patterns("base-*.safetensors"))
+
+    return build
+
+
+def test_client_data_cache_holds_exactly_the_partition(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORDBA_FL_CACHE", str(tmp_path))
+    opts = {"num_clients": 4, "per_template": 2, "dirichlet_alpha": None}
+    task = load_task("gsm", **opts)
+    for pid in (0, 3):
+        data = load_client_data("gsm", pid, **opts)
+        assert data.num_partitions == task.num_partitions == 4
+        assert data.train == task.train[pid] and data.test == task.test[pid]
+    assert len(list((tmp_path / "data" / "clients").iterdir())) == 1  # one folder per (task, options)
+    with pytest.raises(ValueError, match="partition 4 does not exist: task 'gsm' has 4 clients"):
+        load_client_data("gsm", 4, **opts)
+
+
+def test_gradient_checkpointing_gives_the_same_training():
+    from lordba_fl.methods import make_method
+    from lordba_fl.models import load_model
+
+    model, tok = load_model("tiny-llama")
+    method = make_method(parse_run_config({"model": "tiny-llama", "rank": 4}))
+    model = method.adapt(model)
+    from lordba_fl.data import Example
+    from lordba_fl.layout import read_scales, read_state, write_state_
+    from lordba_fl.methods.lordba import train_groups
+
+    start = read_state(model, method.spec)
+    examples = [Example("Q: one two", " three four five"), Example("Q: six", " seven eight")]
+    out = []
+    for gc in (False, True):
+        write_state_(model, method.spec, start, latent_magnitude=0.01)
+        groups = train_groups(model, method.spec, 1e-3, 1e-3)
+        cfg = TrainConfig(steps=2, batch_size=1, seq_len=32, gradient_checkpointing=gc)
+        m = train_local(model, groups, tok, examples, cfg, seed=3)
+        out.append((m["train_loss"], read_scales(model, method.spec)))
+        assert model.is_gradient_checkpointing == gc
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=1e-6)
+
+
+def test_edge_profile_is_a_valid_low_memory_config():
+    cfg = parse_run_config(PROFILES["edge"])
+    assert cfg.train.batch_size == 1 and cfg.train.gradient_checkpointing
+    assert cfg.torch_compute_dtype() == torch.float32  # bf16 only where a CUDA device has it
+    with pytest.raises(ValueError, match="compute-dtype must be one of"):
+        parse_run_config({"compute-dtype": "fp8"})
+    with pytest.raises(ValueError, match="server.round-timeout must be > 0"):
+        parse_run_config({"server.round-timeout": 0})
