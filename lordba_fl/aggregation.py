@@ -9,6 +9,7 @@ a reply that fails to decode, leaves the global state exactly as it was.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,6 +63,89 @@ def collect_updates(
 
 
 @dataclass(frozen=True)
+class RobustOptions:
+    """Defences applied to decoded updates before any aggregator sees them.
+
+    Parameters
+    ----------
+    max_flip_rate : float
+        Reject an update that flips more than this fraction of the signs (honest clients keep to
+        ``flip.budget``); 1.0 turns the check off.
+    weight_cap : float
+        A client's weight (its ``num_examples``) is capped at ``weight_cap`` times the round's
+        median weight, so one client cannot claim the vote; 0 turns it off.
+    norm_bound : float
+        A client's scale delta is scaled down to at most ``norm_bound`` times the round's median
+        L2 norm; 0 turns it off.
+    scale_rule : str
+        How scale deltas (vote) or client products (refit) are combined: ``mean`` (weighted),
+        ``trimmed-mean`` (coordinate-wise, dropping ``trim`` of the clients at each end) or ``median``.
+    trim : float
+        Fraction trimmed at each end by ``trimmed-mean``, in ``[0, 0.5)``.
+    """
+
+    max_flip_rate: float = 1.0
+    weight_cap: float = 0.0
+    norm_bound: float = 0.0
+    scale_rule: str = "mean"
+    trim: float = 0.2
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_flip_rate <= 1.0:
+            raise ValueError(f"max flip rate must be in [0, 1]; got {self.max_flip_rate}")
+        if self.weight_cap < 0 or self.norm_bound < 0:
+            raise ValueError("server.weight-cap and server.norm-bound must be >= 0 (0 turns them off)")
+        if self.scale_rule not in SCALE_RULES:
+            raise ValueError(f"server.scale-rule must be one of {SCALE_RULES}; got {self.scale_rule!r}")
+        if not 0.0 <= self.trim < 0.5:
+            raise ValueError(f"server.trim must be in [0, 0.5); got {self.trim}")
+
+    def apply(self, updates: Sequence[tuple[Update, float]]) -> tuple[list[tuple[Update, float]], list[tuple[int, str]]]:
+        """(kept updates with capped weights and bounded deltas, rejected ``(index, reason)``)."""
+        kept, rejected = [], []
+        for i, (u, w) in enumerate(updates):
+            rate = float(u.flips.float().mean())
+            if rate > self.max_flip_rate + 1e-12:
+                rejected.append((i, f"flips {rate:.4f} of the signs, more than the budget {self.max_flip_rate}"))
+            elif not bool(torch.isfinite(u.scale_delta).all()):
+                rejected.append((i, "scale delta holds NaN or inf"))
+            else:
+                kept.append((u, w))
+        if self.weight_cap > 0 and kept:
+            cap = self.weight_cap * statistics.median(w for _, w in kept)
+            kept = [(u, min(w, cap)) for u, w in kept]
+        if self.norm_bound > 0 and kept:
+            norms = [float(u.scale_delta.float().norm()) for u, _ in kept]
+            bound = self.norm_bound * statistics.median(norms)
+            kept = [(_bounded(u, n, bound), w) for (u, w), n in zip(kept, norms)]
+        return kept, rejected
+
+
+SCALE_RULES = ("mean", "trimmed-mean", "median")
+
+
+def _bounded(u: Update, norm: float, bound: float) -> Update:
+    if norm <= bound or norm == 0:
+        return u
+    return Update(u.round, u.version, u.flips, u.scale_delta * (bound / norm))
+
+
+def combine(stack: torch.Tensor, weights: torch.Tensor, rule: str = "mean", trim: float = 0.2) -> torch.Tensor:
+    """Combine K client rows ``stack`` (K, ...) coordinate-wise: weighted mean, trimmed mean or median."""
+    if rule == "mean":
+        w = (weights / weights.sum()).to(stack.dtype)
+        return torch.tensordot(w, stack, dims=1)
+    if rule == "median":
+        return stack.median(dim=0).values if stack.shape[0] % 2 else stack.sort(dim=0).values[
+            stack.shape[0] // 2 - 1 : stack.shape[0] // 2 + 1].mean(0)
+    if rule == "trimmed-mean":
+        k = stack.shape[0]
+        cut = int(trim * k)
+        return stack.sort(dim=0).values[cut : k - cut].mean(0)
+    raise ValueError(f"unknown combine rule {rule!r}; known: {SCALE_RULES}")
+
+
+@dataclass(frozen=True)
 class LatentVote:
     """Weighted sign vote with latent momentum and hysteresis, and FedAvg-style scale steps.
 
@@ -83,8 +167,12 @@ class LatentVote:
     beta: float = 0.0
     tau: float = 0.0
     eta: float = 1.0
+    scale_rule: str = "mean"
+    trim: float = 0.2
 
     def __post_init__(self):
+        if self.scale_rule not in SCALE_RULES:
+            raise ValueError(f"scale_rule must be one of {SCALE_RULES}; got {self.scale_rule!r}")
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"beta (latent momentum) must be in [0, 1); got {self.beta}")
         if not 0.0 <= self.tau < 1.0:
@@ -102,15 +190,16 @@ class LatentVote:
                 raise ValueError(f"update trained from version {update.version}, the server is at {old.version}")
         total = sum(w for _, w in updates)
         flip_mass = torch.zeros_like(server.latent)  # (n_bits,) Σ n_k F_k
-        scale_step = torch.zeros_like(old.scales)  # (n_scales,) Σ n_k d_k
         for update, w in updates:
             flip_mass += w * update.flips.to(flip_mass.dtype)
-            scale_step += w * update.scale_delta.to(scale_step.dtype)
+        deltas = torch.stack([u.scale_delta.to(old.scales.dtype) for u, _ in updates])  # (K, n_scales)
+        weights = torch.tensor([w for _, w in updates], dtype=torch.float64)
+        scale_step = combine(deltas, weights, self.scale_rule, self.trim)  # (n_scales,)
         vote = old.signs(server.latent.dtype) * (1.0 - 2.0 * flip_mass / total)  # (n_bits,) in [-1, 1]
         latent = self.beta * server.latent + (1.0 - self.beta) * vote
         wants = latent < 0
         negative = torch.where((wants != old.negative) & (latent.abs() > self.tau), wants, old.negative)
-        scales = old.scales + self.eta * scale_step / total
+        scales = old.scales + self.eta * scale_step
         return ServerState(AdapterState(old.version + 1, negative, scales), latent)
 
 
@@ -126,6 +215,8 @@ class Refit:
 
     spec: AdapterSpec
     sweeps: int = 3
+    scale_rule: str = "mean"
+    trim: float = 0.2
 
     def __call__(self, server: ServerState, updates: Sequence[tuple[Update, float]]) -> ServerState:
         from lordba_fl.init import fit_lordba
@@ -144,15 +235,21 @@ class Refit:
              split_scales(self.spec, old.scales + u.scale_delta.float()), w)
             for u, w in updates
         ]
+        weights = torch.tensor([w for _, w in updates], dtype=torch.float64)
         for layer in self.spec.layers:
-            target = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64)  # (out, in)
+            products = []
             for carriers, sc, w in clients:
                 s1, s2 = carriers[layer.name]  # (r, in), (out, r)
                 s = {k: v.double() for k, v in sc[layer.name].items()}
                 b = s2.double() * s.get("mid", torch.ones(layer.rank, dtype=torch.float64))[None, :]
                 b = b * s.get("out", torch.ones(layer.out_features, dtype=torch.float64))[:, None]  # (out, r)
                 a = s1.double() * s.get("in", torch.ones(layer.in_features, dtype=torch.float64))[None, :]  # (r, in)
-                target += (w / total) * (b @ a)
+                products.append(b @ a)  # (out, in)
+            if self.scale_rule == "mean":  # accumulate: no (K, out, in) stack needed
+                target = sum((w / total) * prod for prod, (_, _, w) in zip(products, clients))
+            else:
+                target = combine(torch.stack(products), weights, self.scale_rule, self.trim)  # (out, in)
+            del products
             if not bool(target.abs().max() > 0):
                 # every client's product is zero (e.g. s_out still 0): nothing to re-fit, average the scales
                 for kind, view in new_scales[layer.name].items():

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from lordba_fl import faults
 from lordba_fl.checkpoint import load_checkpoint, save_checkpoint
 from lordba_fl.data import ClientData, load_client_data, load_task
 from lordba_fl.metering import ByteLedger, recorddict_bytes
@@ -108,9 +109,11 @@ def client_train(msg: Message, context, fallback_config: dict | None = None) -> 
     pid = data.partition_id
     server_round = int(msg.content["config"]["server-round"])
     examples = data.train
+    faults.before_training(cfg, server_round, pid)
     frame, metrics = method.client_train(
         model, tok, read_frame(msg.content), context.state, examples, server_round, client_seed(cfg, server_round, pid)
     )
+    frame = faults.after_training(cfg, method, frame, context.state, server_round, pid, data.num_partitions)
     metrics["num-examples"] = float(len(examples))
     metrics["held-version"] = metrics.pop("held_version")
     metrics["partition-id"] = float(pid)

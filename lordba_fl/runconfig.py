@@ -14,6 +14,49 @@ from lordba_fl.clientstate import STATE_DTYPES, STATE_KINDS
 from lordba_fl.train import TrainConfig
 
 
+ATTACKS = ("invert-flips", "flip-all", "explode-scales", "replay")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Faults injected into simulated clients (all off by default); decided per (seed, round, partition).
+
+    Parameters
+    ----------
+    fail_prob : float
+        Probability a sampled client raises instead of training.
+    slow_prob, slow_s : float
+        Probability a client sleeps ``slow_s`` seconds before replying (past ``server.round-timeout``
+        it counts as silent).
+    corrupt_prob : float
+        Probability a client's uplink frame is replaced by random bytes or truncated.
+    byzantine_fraction : float
+        Fraction of the partitions (a fixed, seeded set) that attack every time they are sampled.
+    attack : str
+        What byzantine clients send (method ``lordba``): ``invert-flips`` (flip every sign they did
+        not flip), ``flip-all``, ``explode-scales`` (deltas x 1e4), ``replay`` (their first update
+        again in later rounds). NaN / inf scales cannot be sent: the codec refuses to encode and
+        to decode them (``tests/test_codec_defense.py``).
+    """
+
+    fail_prob: float = 0.0
+    slow_prob: float = 0.0
+    slow_s: float = 0.0
+    corrupt_prob: float = 0.0
+    byzantine_fraction: float = 0.0
+    attack: str = "invert-flips"
+
+    def __post_init__(self):
+        for name in ("fail_prob", "slow_prob", "corrupt_prob", "byzantine_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"faults.{name.replace('_', '-')} must be a probability in [0, 1]; got {v}")
+        if self.slow_s < 0:
+            raise ValueError(f"faults.slow-s must be >= 0 seconds; got {self.slow_s}")
+        if self.attack not in ATTACKS:
+            raise ValueError(f"faults.attack must be one of {ATTACKS}; got {self.attack!r}")
+
+
 @dataclass(frozen=True)
 class FlipControl:
     """How a LoRDBA client's sign flips are made rare and earned (DESIGN.md §3).
@@ -83,6 +126,12 @@ class RunConfig:
     codec_level: int = 3
     history: int = 4
     round_timeout: float = 3600.0
+    enforce_budget: bool = True
+    weight_cap: float = 0.0
+    norm_bound: float = 0.0
+    scale_rule: str = "mean"
+    trim: float = 0.2
+    faults: FaultConfig = FaultConfig()
     eval_examples: int = 64
     generate_examples: int = 8
     client_state: str = "none"
@@ -141,6 +190,12 @@ class RunConfig:
             raise ValueError(f"compute-dtype must be one of {COMPUTE_DTYPES}; got {self.compute_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:<i>; got {self.device!r}")
+        if self.scale_rule not in ("mean", "trimmed-mean", "median"):
+            raise ValueError(f"server.scale-rule must be mean, trimmed-mean or median; got {self.scale_rule!r}")
+        if not 0.0 <= self.trim < 0.5 or self.weight_cap < 0 or self.norm_bound < 0:
+            raise ValueError("server.trim must be in [0, 0.5), server.weight-cap and server.norm-bound >= 0 (0: off)")
+        if self.faults.byzantine_fraction > 0 and self.method != "lordba":
+            raise ValueError(f"faults.byzantine-fraction attacks are implemented for method=lordba; got {self.method!r}")
         if not self.round_timeout > 0:
             raise ValueError(f"server.round-timeout must be > 0 seconds; got {self.round_timeout}")
         if self.rank < 1 or self.lr <= 0:
@@ -174,6 +229,17 @@ _KEYS: dict[str, tuple[str, type]] = {
     "server.eta": ("eta", float),
     "server.history": ("history", int),
     "server.round-timeout": ("round_timeout", float),
+    "server.enforce-budget": ("enforce_budget", bool),
+    "server.weight-cap": ("weight_cap", float),
+    "server.norm-bound": ("norm_bound", float),
+    "server.scale-rule": ("scale_rule", str),
+    "server.trim": ("trim", float),
+    "faults.fail-prob": ("faults.fail_prob", float),
+    "faults.slow-prob": ("faults.slow_prob", float),
+    "faults.slow-s": ("faults.slow_s", float),
+    "faults.corrupt-prob": ("faults.corrupt_prob", float),
+    "faults.byzantine-fraction": ("faults.byzantine_fraction", float),
+    "faults.attack": ("faults.attack", str),
     "codec.scale-encoding": ("scale_encoding", str),
     "codec.level": ("codec_level", int),
     "client.state": ("client_state", str),
@@ -208,7 +274,7 @@ def _coerce(key: str, value, typ: type):
 def parse_run_config(run_config: dict) -> RunConfig:
     """Typed :class:`RunConfig` from a Flower ``context.run_config`` (or any flat dict)."""
     top: dict = {}
-    nested: dict[str, dict] = {"train": {}, "flip": {}}
+    nested: dict[str, dict] = {"train": {}, "flip": {}, "faults": {}}
     task_options: dict = {}
     for key, value in run_config.items():
         if key.startswith(_TASK_PREFIX):
@@ -237,6 +303,7 @@ def parse_run_config(run_config: dict) -> RunConfig:
             task_options=merged,
             train=TrainConfig(**nested["train"]),
             flip=FlipControl(**nested["flip"]),
+            faults=FaultConfig(**nested["faults"]),
         )
     except TypeError as e:  # pragma: no cover - keys are mapped above
         raise ValueError(str(e)) from None

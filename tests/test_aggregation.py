@@ -82,3 +82,35 @@ def test_corrupted_update_is_rejected_without_touching_server_state():
     # the result is exactly the aggregation of the two good replies
     decoded = [(Update(u.round, u.version, u.flips, u.scale_delta.half().float()), w) for u, w in ((updates[0], 10.0), (updates[2], 30.0))]
     assert new.equals(LatentVote()(server, decoded))
+
+
+def test_robust_combine_by_hand():
+    from lordba_fl.aggregation import combine
+
+    stack = torch.tensor([[1.0], [2.0], [3.0], [100.0]])  # (K=4, 1)
+    w = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    assert combine(stack, w, "mean").item() == pytest.approx(26.5)
+    assert combine(stack, w, "trimmed-mean", trim=0.25).item() == pytest.approx(2.5)  # drops 1 and 100
+    assert combine(stack, w, "median").item() == pytest.approx(2.5)  # even K: mean of the middle two
+    assert combine(stack[:3], w[:3], "median").item() == 2.0
+    assert combine(stack[:2], torch.tensor([3.0, 1.0], dtype=torch.float64), "mean").item() == pytest.approx(1.25)
+
+
+def test_robust_options_reject_cap_and_bound():
+    from lordba_fl.aggregation import RobustOptions
+    from lordba_fl.codec import Update
+
+    def upd(n_flips, delta):
+        flips = torch.zeros(100, dtype=torch.bool)
+        flips[:n_flips] = True
+        return Update(1, 0, flips, torch.tensor(delta))
+
+    ups = [(upd(1, [1.0, 0.0]), 1.0), (upd(2, [0.0, 1.0]), 1.0), (upd(100, [0.0, 0.0]), 1.0), (upd(0, [30.0, 40.0]), 10.0)]
+    kept, rejected = RobustOptions(max_flip_rate=0.05, weight_cap=2.0, norm_bound=2.0).apply(ups)
+    assert rejected == [(2, "flips 1.0000 of the signs, more than the budget 0.05")]
+    assert [w for _, w in kept] == [1.0, 1.0, 2.0]  # 10 capped at 2 x median(1, 1, 10)
+    # norms 1, 1, 50: the median is 1, so the last delta is scaled to norm 2
+    torch.testing.assert_close(kept[2][0].scale_delta, torch.tensor([1.2, 1.6]))
+    assert kept[0][0] is ups[0][0]  # within bounds: untouched
+    with pytest.raises(ValueError, match="scale-rule must be one of"):
+        RobustOptions(scale_rule="mode")

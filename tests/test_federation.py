@@ -189,3 +189,48 @@ def test_each_worker_loads_the_base_once_across_rounds(tmp_path):
     assert w2[pid]["base_loads"] == w1[pid]["base_loads"]  # no reload between rounds
     # 4 train + 4 evaluate client calls per round, all served by the one shared base
     assert w2[pid]["clients_served"] - w1[pid]["clients_served"] == 8
+
+
+@pytest.mark.parametrize(
+    "attack, enforce, rejected",
+    [("flip-all", True, [1, 1]), ("flip-all", False, [0, 0]), ("invert-flips", True, [1, 1]), ("replay", True, [0, 1])],
+)
+def test_byzantine_clients_are_caught_by_the_defences(tmp_path, attack, enforce, rejected):
+    from lordba_fl.faults import byzantine_partitions
+    from lordba_fl.runconfig import DEFAULTS, parse_run_config
+
+    over = {"faults.byzantine-fraction": 0.25, "faults.attack": attack, "server.enforce-budget": enforce}
+    cfg = parse_run_config({**DEFAULTS, **BASE, **over})
+    assert len(byzantine_partitions(cfg, 4)) == 1  # one of the four clients attacks every round
+    _, run_dir, rows = _run(tmp_path, method="lordba", **over)
+    # flipping everything (or all but a few) breaks the flip budget; a replayed update was built on
+    # version 0 and is stale from round 2 on
+    assert [rows[r]["rejected"] for r in (1, 2)] == rejected
+    assert [rows[r]["accepted"] for r in (1, 2)] == [4 - x for x in rejected]
+    assert _state(run_dir, 2).state.version == 2
+
+
+def test_exploding_scales_are_bounded_by_the_robust_options(tmp_path):
+    over = {"faults.byzantine-fraction": 0.25, "faults.attack": "explode-scales"}
+    clean = _state(_run(tmp_path / "clean", method="lordba")[1], 2).state.scales
+    plain = _state(_run(tmp_path / "plain", method="lordba", **over)[1], 2).state.scales
+    robust = _state(_run(tmp_path / "robust", method="lordba", **over, **{"server.scale-rule": "median"})[1], 2).state.scales
+    bounded = _state(_run(tmp_path / "bound", method="lordba", **over, **{"server.norm-bound": 2.0})[1], 2).state.scales
+    err = lambda s: float((s - clean).abs().max())  # noqa: E731
+    assert err(plain) > 10 * err(robust) and err(plain) > 10 * err(bounded)
+
+
+def test_injected_failures_and_corruption_match_the_seeded_draws(tmp_path):
+    import random
+
+    over = {"faults.fail-prob": 0.3, "faults.corrupt-prob": 0.3}
+    _, run_dir, rows = _run(tmp_path, method="lordba", **over)
+    for rnd in (1, 2):
+        draws = [random.Random(f"faults/0/{rnd}/{pid}") for pid in range(4)]
+        fails = [d.random() < 0.3 for d in draws]
+        for d in draws:
+            d.random()  # the slow-prob draw
+        corrupt = [not f and d.random() < 0.3 for d, f in zip(draws, fails)]
+        assert rows[rnd]["clients_failed"] == sum(fails)
+        assert rows[rnd]["rejected"] == sum(corrupt) and rows[rnd]["accepted"] == 4 - sum(fails) - sum(corrupt)
+    assert [r["round"] for r in rows] == [0, 1, 2]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lordba_fl.adapter import attach_lordba_, lordba_layers
-from lordba_fl.aggregation import LatentVote, Refit, ServerState, collect_updates
+from lordba_fl.aggregation import LatentVote, Refit, RobustOptions, ServerState, collect_updates
 from lordba_fl.clientstate import StateError, load_optimizer_, pack_floats, pack_optimizer, unpack_floats
 from lordba_fl.codec import CodecOptions, Update, decode_state, encode_state, encode_update
 from lordba_fl.config import LoRDBAConfig
@@ -95,10 +95,11 @@ class LoRDBAMethod(Method):
     def init_server(self, model: nn.Module) -> None:
         self.server = ServerState.initial(read_state(model, self.spec, version=0))
         self.history = {0: self.server.state.negative.clone()}
-        if self.cfg.aggregator == "vote":
-            self.aggregator = LatentVote(self.cfg.beta, self.cfg.tau, self.cfg.eta)
+        cfg = self.cfg
+        if cfg.aggregator == "vote":
+            self.aggregator = LatentVote(cfg.beta, cfg.tau, cfg.eta, scale_rule=cfg.scale_rule, trim=cfg.trim)
         else:
-            self.aggregator = Refit(self.spec)
+            self.aggregator = Refit(self.spec, scale_rule=cfg.scale_rule, trim=cfg.trim)
 
     @property
     def version(self) -> int:
@@ -122,6 +123,12 @@ class LoRDBAMethod(Method):
         accepted, rejected = collect_updates(
             [(r.frame, r.weight) for r in replies], self.spec, self.options, version=self.version
         )
+        cfg = self.cfg
+        robust = RobustOptions(cfg.flip.flip_budget if cfg.enforce_budget else 1.0, cfg.weight_cap, cfg.norm_bound,
+                               cfg.scale_rule, cfg.trim)
+        index = [i for i in range(len(replies)) if i not in {j for j, _ in rejected}]  # replies behind `accepted`
+        accepted, refused = robust.apply(accepted)
+        rejected += [(index[j], why) for j, why in refused]
         metrics = {"rejected": float(len(rejected)), "accepted": float(len(accepted))}
         self.rejected_reasons = [(replies[i].node_id, why) for i, why in rejected]
         if not accepted:
