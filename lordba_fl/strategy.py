@@ -150,7 +150,10 @@ class AdapterStrategy(FedAvg):
                 w["clients_served"] = max(w.get("clients_served", 0), int(m["worker-clients-served"]))
         for node, why in failed:
             log.warning("round %d %s: dropped reply from node %d: %s", run_round, phase, node, why)
-        return good, metrics, failed
+        # aggregate in partition order, not arrival order: float sums (and so the new state) do not
+        # depend on which client answered first, so a resumed run reproduces an uninterrupted one
+        order = sorted(range(len(good)), key=lambda i: (float(metrics[i].get("partition-id", -1)), good[i].node_id))
+        return [good[i] for i in order], [metrics[i] for i in order], failed
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         run_round = server_round + self.round_offset

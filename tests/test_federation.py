@@ -234,3 +234,14 @@ def test_injected_failures_and_corruption_match_the_seeded_draws(tmp_path):
         assert rows[rnd]["clients_failed"] == sum(fails)
         assert rows[rnd]["rejected"] == sum(corrupt) and rows[rnd]["accepted"] == 4 - sum(fails) - sum(corrupt)
     assert [r["round"] for r in rows] == [0, 1, 2]
+
+
+def test_an_aggregate_no_client_could_receive_is_refused(tmp_path):
+    """Exploding deltas with every defence off would push scales past fp16: the server keeps its state."""
+    over = {"faults.byzantine-fraction": 0.25, "faults.attack": "explode-scales", "server.aggregator": "refit",
+            "server.enforce-budget": False, "rounds": 4}
+    _, run_dir, rows = _run(tmp_path, method="lordba", **over)
+    refused = [r["round"] for r in rows[1:] if r.get("aggregate_refused")]
+    assert refused and [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # the run went on
+    assert _state(run_dir, 4).state.version == 4 - len(refused)
+    assert float(_state(run_dir, 4).state.scales.abs().max()) <= 65504

@@ -68,6 +68,17 @@ def train_groups(model: nn.Module, spec: AdapterSpec, lr: float, latent_lr: floa
     return groups
 
 
+FP16_MAX = 65504.0
+
+
+def broadcast_problem(scales: torch.Tensor) -> str:
+    """Why a new global scale stream cannot be broadcast (non-finite, or beyond fp16), or ``""``."""
+    if not bool(torch.isfinite(scales).all()):
+        return "the new scales hold NaN or inf"
+    top = float(scales.abs().max()) if scales.numel() else 0.0
+    return f"a new scale is {top:g}, beyond what the fp16 broadcast holds ({FP16_MAX:g})" if top > FP16_MAX else ""
+
+
 @register_method
 class LoRDBAMethod(Method):
     name = "lordba"
@@ -134,7 +145,15 @@ class LoRDBAMethod(Method):
         if not accepted:
             return metrics
         old = self.server.state
-        self.server = self.aggregator(self.server, accepted)
+        candidate = self.aggregator(self.server, accepted)
+        bad = broadcast_problem(candidate.state.scales)
+        if bad:
+            # the round's updates would leave a state no client can receive: keep the current one
+            log.warning("round %d: aggregate refused, %s; keeping version %d (turn on server.norm-bound / "
+                        "server.scale-rule=median against such clients)", server_round, bad, old.version)
+            metrics["aggregate_refused"] = 1.0
+            return metrics
+        self.server = candidate
         new = self.server.state
         self.history[new.version] = new.negative.clone()
         for v in sorted(self.history)[: max(0, len(self.history) - self.cfg.history)]:
