@@ -87,8 +87,10 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
 
 def test_tls_authenticated_federation_on_loopback(tmp_path):
     home = tmp_path / "flwr-home"
+    # the SuperLink and SuperNodes start flower-superexec by name: the environment's bin/ must be on PATH
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONPATH=str(ROOT))
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONPATH=str(ROOT),
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     port = _free_port()
     dep = init_deployment(tmp_path / "creds", ["127.0.0.1"], nodes=3, port=port, name="tlsfed")
     write_connection(dep, str(home))
