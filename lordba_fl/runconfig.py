@@ -143,6 +143,19 @@ class RunConfig:
     name: str = ""
     resume: bool = False
 
+    def check_names(self) -> None:
+        """Registered names, checked where the config enters (:func:`parse_run_config`), i.e. when the
+        run starts rather than when a worker first loads a model."""
+        from lordba_fl.data import TASKS, gsm, shakespeare  # noqa: F401  (registration)
+        from lordba_fl.methods import METHODS, lora, lordba  # noqa: F401  (registration)
+        from lordba_fl.models import MODELS
+        from lordba_fl.quant import QUANT_BACKENDS
+
+        for key, value, known in (("method", self.method, METHODS), ("model", self.model, MODELS),
+                                  ("quant", self.quant, QUANT_BACKENDS), ("task", self.task, TASKS)):
+            if value not in known:
+                raise ValueError(f"run config {key!r} must be one of {sorted(known)}; got {value!r}")
+
     @property
     def stateful(self) -> bool:
         return self.client_state != "none"
@@ -177,6 +190,19 @@ class RunConfig:
             raise ValueError("rounds and clients-per-round must be >= 1")
         if self.aggregator not in ("vote", "refit"):
             raise ValueError(f"aggregator must be 'vote' or 'refit'; got {self.aggregator!r}")
+        for key, value, ok, accepted in (
+            ("alpha", self.alpha, self.alpha > 0, "> 0"),
+            ("server.history", self.history, self.history >= 1, ">= 1 (sign versions kept)"),
+            ("codec.level", self.codec_level, 1 <= self.codec_level <= 22, "1..22 (zstd)"),
+            ("codec.scale-encoding", self.scale_encoding, self.scale_encoding in ("q8", "fp16"), "q8 or fp16"),
+            ("eval.examples", self.eval_examples, self.eval_examples >= 0, ">= 0"),
+            ("eval.generate", self.generate_examples, self.generate_examples >= 0, ">= 0"),
+            ("seed", self.seed, self.seed >= 0, ">= 0"),
+            ("scales", self.scales, bool(self.scales) and set(self.scales) <= {"in", "mid", "out"},
+             "a non-empty comma list of in, mid, out"),
+        ):
+            if not ok:
+                raise ValueError(f"run config {key!r} must be {accepted}; got {value!r}")
         if self.client_state not in STATE_KINDS:
             raise ValueError(f"client.state must be one of {STATE_KINDS}; got {self.client_state!r}")
         if self.client_state_dtype not in STATE_DTYPES:
@@ -298,7 +324,7 @@ def parse_run_config(run_config: dict) -> RunConfig:
     for task, options in task_options.items():
         merged.setdefault(task, {}).update(options)
     try:
-        return RunConfig(
+        cfg = RunConfig(
             **top,
             task_options=merged,
             train=TrainConfig(**nested["train"]),
@@ -307,6 +333,8 @@ def parse_run_config(run_config: dict) -> RunConfig:
         )
     except TypeError as e:  # pragma: no cover - keys are mapped above
         raise ValueError(str(e)) from None
+    cfg.check_names()
+    return cfg
 
 
 def run_config_dict(cfg: RunConfig) -> dict:
