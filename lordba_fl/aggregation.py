@@ -77,28 +77,20 @@ class RobustOptions:
     norm_bound : float
         A client's scale delta is scaled down to at most ``norm_bound`` times the round's median
         L2 norm; 0 turns it off.
-    scale_rule : str
-        How scale deltas (vote) or client products (refit) are combined: ``mean`` (weighted),
-        ``trimmed-mean`` (coordinate-wise, dropping ``trim`` of the clients at each end) or ``median``.
-    trim : float
-        Fraction trimmed at each end by ``trimmed-mean``, in ``[0, 0.5)``.
+
+    How the kept updates are then combined (mean, trimmed mean, median) is the aggregator's
+    ``scale_rule``.
     """
 
     max_flip_rate: float = 1.0
     weight_cap: float = 0.0
     norm_bound: float = 0.0
-    scale_rule: str = "mean"
-    trim: float = 0.2
 
     def __post_init__(self):
         if not 0.0 <= self.max_flip_rate <= 1.0:
             raise ValueError(f"max flip rate must be in [0, 1]; got {self.max_flip_rate}")
         if self.weight_cap < 0 or self.norm_bound < 0:
             raise ValueError("server.weight-cap and server.norm-bound must be >= 0 (0 turns them off)")
-        if self.scale_rule not in SCALE_RULES:
-            raise ValueError(f"server.scale-rule must be one of {SCALE_RULES}; got {self.scale_rule!r}")
-        if not 0.0 <= self.trim < 0.5:
-            raise ValueError(f"server.trim must be in [0, 0.5); got {self.trim}")
 
     def apply(self, updates: Sequence[tuple[Update, float]]) -> tuple[list[tuple[Update, float]], list[tuple[int, str]]]:
         """(kept updates with capped weights and bounded deltas, rejected ``(index, reason)``)."""
@@ -135,11 +127,10 @@ def combine(stack: torch.Tensor, weights: torch.Tensor, rule: str = "mean", trim
     if rule == "mean":
         w = (weights / weights.sum()).to(stack.dtype)
         return torch.tensordot(w, stack, dims=1)
-    if rule == "median":
-        return stack.median(dim=0).values if stack.shape[0] % 2 else stack.sort(dim=0).values[
-            stack.shape[0] // 2 - 1 : stack.shape[0] // 2 + 1].mean(0)
+    k = stack.shape[0]
+    if rule == "median":  # the middle row, or the mean of the middle two
+        return stack.sort(dim=0).values[(k - 1) // 2 : k // 2 + 1].mean(0)
     if rule == "trimmed-mean":
-        k = stack.shape[0]
         cut = int(trim * k)
         return stack.sort(dim=0).values[cut : k - cut].mean(0)
     raise ValueError(f"unknown combine rule {rule!r}; known: {SCALE_RULES}")

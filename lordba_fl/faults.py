@@ -13,7 +13,8 @@ from lordba_fl.runconfig import RunConfig
 REPLAY_KEY = "faults.replay"  # context.state: a byzantine node's first update, sent again later
 
 
-def _rng(cfg: RunConfig, server_round: int, partition: int) -> random.Random:
+def _draws(cfg: RunConfig, server_round: int, partition: int) -> random.Random:
+    """This client-round's fault draws, in order: fail, slow, corrupt, then how to corrupt."""
     return random.Random(f"faults/{cfg.seed}/{server_round}/{partition}")
 
 
@@ -28,7 +29,7 @@ def byzantine_partitions(cfg: RunConfig, num_partitions: int) -> set[int]:
 
 def before_training(cfg: RunConfig, server_round: int, partition: int) -> None:
     """Fail or stall this client now, as ``faults.fail-prob`` / ``faults.slow-prob`` decide."""
-    f, rng = cfg.faults, _rng(cfg, server_round, partition)
+    f, rng = cfg.faults, _draws(cfg, server_round, partition)
     if rng.random() < f.fail_prob:
         raise RuntimeError(f"injected failure (faults.fail-prob={f.fail_prob}) in round {server_round}")
     if rng.random() < f.slow_prob and f.slow_s > 0:
@@ -43,8 +44,8 @@ def after_training(cfg: RunConfig, method, frame: bytes, state, server_round: in
     from lordba_fl.codec import Update, decode_update, encode_update
 
     f = cfg.faults
-    rng = _rng(cfg, server_round, partition)
-    rng.random(), rng.random()  # the draws before_training used
+    rng = _draws(cfg, server_round, partition)
+    rng.random(), rng.random()  # fail and slow: decided by before_training
     if partition in byzantine_partitions(cfg, num_partitions):
         if f.attack == "replay":
             from flwr.app import ConfigRecord

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from lordba_fl.aggregation import SCALE_RULES
 from lordba_fl.clientstate import STATE_DTYPES, STATE_KINDS
 from lordba_fl.train import TrainConfig
 
@@ -216,8 +217,8 @@ class RunConfig:
             raise ValueError(f"compute-dtype must be one of {COMPUTE_DTYPES}; got {self.compute_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:<i>; got {self.device!r}")
-        if self.scale_rule not in ("mean", "trimmed-mean", "median"):
-            raise ValueError(f"server.scale-rule must be mean, trimmed-mean or median; got {self.scale_rule!r}")
+        if self.scale_rule not in SCALE_RULES:
+            raise ValueError(f"server.scale-rule must be one of {SCALE_RULES}; got {self.scale_rule!r}")
         if not 0.0 <= self.trim < 0.5 or self.weight_cap < 0 or self.norm_bound < 0:
             raise ValueError("server.trim must be in [0, 0.5), server.weight-cap and server.norm-bound >= 0 (0: off)")
         if self.faults.byzantine_fraction > 0 and self.method != "lordba":

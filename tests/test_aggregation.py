@@ -112,5 +112,5 @@ def test_robust_options_reject_cap_and_bound():
     # norms 1, 1, 50: the median is 1, so the last delta is scaled to norm 2
     torch.testing.assert_close(kept[2][0].scale_delta, torch.tensor([1.2, 1.6]))
     assert kept[0][0] is ups[0][0]  # within bounds: untouched
-    with pytest.raises(ValueError, match="scale-rule must be one of"):
-        RobustOptions(scale_rule="mode")
+    with pytest.raises(ValueError, match="weight-cap and server.norm-bound must be >= 0"):
+        RobustOptions(norm_bound=-1.0)

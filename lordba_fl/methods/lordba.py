@@ -135,9 +135,9 @@ class LoRDBAMethod(Method):
             [(r.frame, r.weight) for r in replies], self.spec, self.options, version=self.version
         )
         cfg = self.cfg
-        robust = RobustOptions(cfg.flip.flip_budget if cfg.enforce_budget else 1.0, cfg.weight_cap, cfg.norm_bound,
-                               cfg.scale_rule, cfg.trim)
-        index = [i for i in range(len(replies)) if i not in {j for j, _ in rejected}]  # replies behind `accepted`
+        robust = RobustOptions(cfg.flip.flip_budget if cfg.enforce_budget else 1.0, cfg.weight_cap, cfg.norm_bound)
+        dropped = {j for j, _ in rejected}
+        index = [i for i in range(len(replies)) if i not in dropped]  # the replies behind `accepted`
         accepted, refused = robust.apply(accepted)
         rejected += [(index[j], why) for j, why in refused]
         metrics = {"rejected": float(len(rejected)), "accepted": float(len(accepted))}
