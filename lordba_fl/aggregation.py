@@ -153,6 +153,9 @@ class LatentVote:
         Hysteresis threshold in ``[0, 1)``.
     eta : float
         Server learning rate on the scales, ``> 0``.
+    flip_noise : float
+        ``p`` of the clients' randomized response on their flip bits (``dp.flip-epsilon``): each
+        received bit is debiased, ``(F~ - p) / (1 - 2p)``, and the vote clamped to ``[-1, 1]``.
     """
 
     beta: float = 0.0
@@ -160,6 +163,7 @@ class LatentVote:
     eta: float = 1.0
     scale_rule: str = "mean"
     trim: float = 0.2
+    flip_noise: float = 0.0
 
     def __post_init__(self):
         if self.scale_rule not in SCALE_RULES:
@@ -170,6 +174,8 @@ class LatentVote:
             raise ValueError(f"tau (hysteresis) must be in [0, 1): |Λ| never exceeds 1; got {self.tau}")
         if not self.eta > 0.0:
             raise ValueError(f"eta (server scale learning rate) must be positive; got {self.eta}")
+        if not 0.0 <= self.flip_noise < 0.5:
+            raise ValueError(f"flip_noise (randomized response flip probability) must be in [0, 0.5); got {self.flip_noise}")
 
     def __call__(self, server: ServerState, updates: Sequence[tuple[Update, float]]) -> ServerState:
         """One aggregation step; returns a new state at version ``t + 1``."""
@@ -181,12 +187,15 @@ class LatentVote:
                 raise ValueError(f"update trained from version {update.version}, the server is at {old.version}")
         total = sum(w for _, w in updates)
         flip_mass = torch.zeros_like(server.latent)  # (n_bits,) Σ n_k F_k
+        p = self.flip_noise
         for update, w in updates:
             flip_mass += w * update.flips.to(flip_mass.dtype)
+        if p > 0:  # unbiased: E[F~] = p + (1 - 2p) F
+            flip_mass = (flip_mass - p * total) / (1.0 - 2.0 * p)
         deltas = torch.stack([u.scale_delta.to(old.scales.dtype) for u, _ in updates])  # (K, n_scales)
         weights = torch.tensor([w for _, w in updates], dtype=torch.float64)
         scale_step = combine(deltas, weights, self.scale_rule, self.trim)  # (n_scales,)
-        vote = old.signs(server.latent.dtype) * (1.0 - 2.0 * flip_mass / total)  # (n_bits,) in [-1, 1]
+        vote = old.signs(server.latent.dtype) * (1.0 - 2.0 * flip_mass / total).clamp(-1.0, 1.0)  # (n_bits,)
         latent = self.beta * server.latent + (1.0 - self.beta) * vote
         wants = latent < 0
         negative = torch.where((wants != old.negative) & (latent.abs() > self.tau), wants, old.negative)

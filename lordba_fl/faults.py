@@ -37,12 +37,9 @@ def before_training(cfg: RunConfig, server_round: int, partition: int) -> None:
 
 
 def after_training(cfg: RunConfig, method, frame: bytes, state, server_round: int, partition: int,
-                   num_partitions: int) -> bytes:
-    """The uplink this client actually sends: attacked if it is byzantine, corrupted by chance."""
-    import torch
-
-    from lordba_fl.codec import Update, decode_update, encode_update
-
+                   num_partitions: int, downlink: bytes = b"") -> bytes:
+    """The uplink this client actually sends: attacked if it is byzantine (``method.attack``, given
+    the round's ``downlink``), corrupted by chance."""
     f = cfg.faults
     rng = _draws(cfg, server_round, partition)
     rng.random(), rng.random()  # fail and slow: decided by before_training
@@ -55,15 +52,7 @@ def after_training(cfg: RunConfig, method, frame: bytes, state, server_round: in
             else:
                 state[REPLAY_KEY] = ConfigRecord({"frame": frame})
         else:
-            u = decode_update(frame, method.spec, method.options)
-            flips, delta = u.flips, u.scale_delta
-            if f.attack == "invert-flips":
-                flips = ~flips
-            elif f.attack == "flip-all":
-                flips = torch.ones_like(flips)
-            elif f.attack == "explode-scales":
-                delta = delta * 1e4
-            frame = encode_update(Update(u.round, u.version, flips, delta), method.spec, method.options, rng=0)
+            frame = method.attack(frame, downlink, f.attack)
     if rng.random() < f.corrupt_prob:
         if rng.random() < 0.5:
             frame = frame[: max(1, math.floor(len(frame) * rng.random()))]  # truncated

@@ -78,6 +78,18 @@ def _worker_metrics() -> dict[str, float]:
     }
 
 
+_DP_SAFE = ("held-version", "partition-id", "client-state-bytes", "worker-pid", "worker-base-loads",
+            "worker-clients-served")
+
+
+def _reply_metrics(cfg: RunConfig, metrics: dict) -> dict:
+    """Under ``dp.mode=local`` a reply carries no data-dependent number (losses, flip rates, example
+    counts): only bookkeeping, and ``num-examples = 1`` (the server weighs clients equally)."""
+    if not cfg.dp.on:
+        return metrics
+    return {**{k: v for k, v in metrics.items() if k in _DP_SAFE}, "num-examples": 1.0}
+
+
 def _client_data(context, cfg: RunConfig) -> ClientData:
     try:
         pid = int(context.node_config["partition-id"])
@@ -110,15 +122,17 @@ def client_train(msg: Message, context, fallback_config: dict | None = None) -> 
     server_round = int(msg.content["config"]["server-round"])
     examples = data.train
     faults.before_training(cfg, server_round, pid)
+    downlink = read_frame(msg.content)
     frame, metrics = method.client_train(
-        model, tok, read_frame(msg.content), context.state, examples, server_round, client_seed(cfg, server_round, pid)
+        model, tok, downlink, context.state, examples, server_round, client_seed(cfg, server_round, pid)
     )
-    frame = faults.after_training(cfg, method, frame, context.state, server_round, pid, data.num_partitions)
+    frame = faults.after_training(cfg, method, frame, context.state, server_round, pid, data.num_partitions, downlink)
     metrics["num-examples"] = float(len(examples))
     metrics["held-version"] = metrics.pop("held_version")
     metrics["partition-id"] = float(pid)
     metrics["client-state-bytes"] = float(recorddict_bytes(context.state))
     metrics.update(_worker_metrics())
+    metrics = _reply_metrics(cfg, metrics)
     return Message(RecordDict({"adapter": frame_record(frame), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -133,7 +147,7 @@ def client_evaluate(msg: Message, context, fallback_config: dict | None = None) 
     res = evaluate_loss(model, tok, test, cfg.train.seq_len)
     res.update({"num-examples": float(len(test)), "held-version": float(version), "partition-id": float(pid)})
     res.update(_worker_metrics())
-    return Message(RecordDict({"metrics": MetricRecord(res)}), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord(_reply_metrics(cfg, res))}), reply_to=msg)
 
 
 def _server_eval_sets(task, cfg: RunConfig) -> dict:
@@ -169,7 +183,7 @@ def run_server(grid, run_config: dict) -> dict:
             offset, rows, _ = restored
             log.info("resuming %s from round %d", run_dir, offset)
     recorder = RunRecorder(run_dir, rows)
-    strategy = AdapterStrategy(method, cfg.clients_per_round, cfg.seed, offset, ledger)
+    strategy = AdapterStrategy(method, cfg.clients_per_round, cfg.seed, offset, ledger, cfg.client_eval)
     eval_sets = _server_eval_sets(task, cfg)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

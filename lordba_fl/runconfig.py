@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from lordba_fl.aggregation import SCALE_RULES
 from lordba_fl.clientstate import STATE_DTYPES, STATE_KINDS
+from lordba_fl.privacy import DPConfig
 from lordba_fl.train import TrainConfig
 
 
@@ -34,9 +35,9 @@ class FaultConfig:
     byzantine_fraction : float
         Fraction of the partitions (a fixed, seeded set) that attack every time they are sampled.
     attack : str
-        What byzantine clients send (method ``lordba``): ``invert-flips`` (flip every sign they did
-        not flip), ``flip-all``, ``explode-scales`` (deltas x 1e4), ``replay`` (their first update
-        again in later rounds). NaN / inf scales cannot be sent: the codec refuses to encode and
+        What byzantine clients send: ``invert-flips`` (flip every sign they did not flip; LoRA: the
+        reversed update), ``flip-all`` (LoRA: every value negated), ``explode-scales`` (deltas x 1e4),
+        ``replay`` (their first update again in later rounds). NaN / inf scales cannot be sent: the codec refuses to encode and
         to decode them (``tests/test_codec_defense.py``).
     """
 
@@ -133,8 +134,10 @@ class RunConfig:
     scale_rule: str = "mean"
     trim: float = 0.2
     faults: FaultConfig = FaultConfig()
+    dp: DPConfig = DPConfig()
     eval_examples: int = 64
     generate_examples: int = 8
+    client_eval: bool = True
     client_state: str = "none"
     client_state_dtype: str = "q8"
     device: str = "auto"
@@ -221,8 +224,9 @@ class RunConfig:
             raise ValueError(f"server.scale-rule must be one of {SCALE_RULES}; got {self.scale_rule!r}")
         if not 0.0 <= self.trim < 0.5 or self.weight_cap < 0 or self.norm_bound < 0:
             raise ValueError("server.trim must be in [0, 0.5), server.weight-cap and server.norm-bound >= 0 (0: off)")
-        if self.faults.byzantine_fraction > 0 and self.method != "lordba":
-            raise ValueError(f"faults.byzantine-fraction attacks are implemented for method=lordba; got {self.method!r}")
+        if self.dp.on and (self.method != "lordba" or self.aggregator != "vote"):
+            raise ValueError("dp.mode=local privatizes LoRDBA flip masks and scale deltas aggregated by the vote; "
+                             f"set method=lordba and server.aggregator=vote (got {self.method!r}, {self.aggregator!r})")
         if not self.round_timeout > 0:
             raise ValueError(f"server.round-timeout must be > 0 seconds; got {self.round_timeout}")
         if self.rank < 1 or self.lr <= 0:
@@ -267,6 +271,12 @@ _KEYS: dict[str, tuple[str, type]] = {
     "faults.corrupt-prob": ("faults.corrupt_prob", float),
     "faults.byzantine-fraction": ("faults.byzantine_fraction", float),
     "faults.attack": ("faults.attack", str),
+    "dp.mode": ("dp.mode", str),
+    "dp.clip": ("dp.clip", float),
+    "dp.noise-multiplier": ("dp.noise_multiplier", float),
+    "dp.flip-epsilon": ("dp.flip_epsilon", float),
+    "dp.delta": ("dp.delta", float),
+    "dp.target-epsilon": ("dp.target_epsilon", float),
     "codec.scale-encoding": ("scale_encoding", str),
     "codec.level": ("codec_level", int),
     "client.state": ("client_state", str),
@@ -275,6 +285,7 @@ _KEYS: dict[str, tuple[str, type]] = {
     "compute-dtype": ("compute_dtype", str),
     "eval.examples": ("eval_examples", int),
     "eval.generate": ("generate_examples", int),
+    "eval.client-side": ("client_eval", bool),
     "seed": ("seed", int),
     "out-dir": ("out_dir", str),
     "name": ("name", str),
@@ -301,7 +312,7 @@ def _coerce(key: str, value, typ: type):
 def parse_run_config(run_config: dict) -> RunConfig:
     """Typed :class:`RunConfig` from a Flower ``context.run_config`` (or any flat dict)."""
     top: dict = {}
-    nested: dict[str, dict] = {"train": {}, "flip": {}, "faults": {}}
+    nested: dict[str, dict] = {"train": {}, "flip": {}, "faults": {}, "dp": {}}
     task_options: dict = {}
     for key, value in run_config.items():
         if key.startswith(_TASK_PREFIX):
@@ -331,6 +342,7 @@ def parse_run_config(run_config: dict) -> RunConfig:
             train=TrainConfig(**nested["train"]),
             flip=FlipControl(**nested["flip"]),
             faults=FaultConfig(**nested["faults"]),
+            dp=DPConfig(**nested["dp"]),
         )
     except TypeError as e:  # pragma: no cover - keys are mapped above
         raise ValueError(str(e)) from None

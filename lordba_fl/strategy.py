@@ -59,7 +59,7 @@ class AdapterStrategy(FedAvg):
     """
 
     def __init__(self, method: Method, clients_per_round: int, seed: int = 0, round_offset: int = 0,
-                 ledger: ByteLedger | None = None):
+                 ledger: ByteLedger | None = None, client_eval: bool = True):
         super().__init__(
             fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=clients_per_round,
             min_evaluate_nodes=clients_per_round, min_available_nodes=clients_per_round,
@@ -73,6 +73,7 @@ class AdapterStrategy(FedAvg):
         self.round_workers: dict[int, dict[str, dict]] = {}
         self.round_started: dict[int, float] = {}
         self.sent: dict[tuple[int, str], list[int]] = {}  # (round, phase) -> nodes a message went to
+        self.client_eval = client_eval  # False: no federated evaluation round trip (eval.client-side)
 
     # ---- sampling -------------------------------------------------------------------------------
     def _sample(self, grid, run_round: int, phase: str) -> list[int]:
@@ -173,9 +174,13 @@ class AdapterStrategy(FedAvg):
 
     # ---- evaluate -------------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
+        if not self.client_eval:
+            return []
         return self._messages(server_round + self.round_offset, grid, "evaluate", MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if not self.client_eval:
+            return None
         run_round = server_round + self.round_offset
         _, metrics, failed = self._collect(run_round, replies, "evaluate")
         out = {f"client_{k}": v for k, v in _weighted(metrics, ("eval_loss", "perplexity")).items()}

@@ -1,12 +1,13 @@
 """Robustness under faults and attacks: the same run clean, with 30% client failures per round, and
 with 20% byzantine partitions (each attack), for ``lordba`` with and without the robust options and
-for ``lora-fedavg`` (failures only: its frames have no attack implementation).
+for ``lora-fedavg`` (plain FedAvg: the baseline users know).
 
-Each run is the launcher on Flower's simulation engine (10 SuperNodes, 5 sampled per round), same
-data and seed. One JSON line per run with ``method``, ``robust``, ``scenario``,
-``rounds_completed``, ``rounds``, ``final_eval_loss`` and its ratio to the same method's clean run.
+Each run is the launcher on Flower's simulation engine (10 SuperNodes, 5 sampled per round, server-side
+evaluation only), same data and seed. One JSON line per run with ``method``, ``robust``, ``scenario``,
+``rounds_completed``, ``rounds``, ``final_eval_loss`` and ``vs_clean``, its relative difference to
+the same method's clean run.
 
-Usage: ``python -m simulations.bench_faults [--model tiny-llama] [--rounds 4]``.
+Usage: ``python -m simulations.bench_faults [--model smollm2-135m] [--rounds 4] [--only lora-fedavg]``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from simulations.common import emit
@@ -42,6 +44,7 @@ def run_one(method: str, robust: bool, scenario: str, model: str, rounds: int, o
     over = {
         "method": method, "model": model, "rounds": rounds, "clients-per-round": 5, "data.shakespeare.max-clients": 10,
         "train.local-steps": 2, "train.batch-size": 2, "train.seq-len": 64, "eval.examples": 32, "eval.generate": 0,
+        "eval.client-side": False,
         "out-dir": str(out_dir), "name": name, **SCENARIOS[scenario],
     }
     if method == "lordba":
@@ -49,7 +52,9 @@ def run_one(method: str, robust: bool, scenario: str, model: str, rounds: int, o
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     cmd = [sys.executable, "-m", "simulations.run", "--supernodes", "10",
            "--run-config", " ".join(f"{k}={_toml(v)}" for k, v in over.items())]
+    t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
     path = out_dir / name / "rounds.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
     trained = [x for x in rows if x["round"] > 0]
@@ -60,19 +65,28 @@ def run_one(method: str, robust: bool, scenario: str, model: str, rounds: int, o
         "clients_failed": sum(x.get("clients_failed", 0) for x in trained),
         "rejected": sum(x.get("rejected", 0) for x in trained),
         "accepted": sum(x.get("accepted", 0) for x in trained),
+        "aggregate_refused": sum(x.get("aggregate_refused", 0) for x in trained),
+        "wall_s": round(wall, 1),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny-llama")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--only", default="", help="run only the plans whose name contains this (e.g. lora-fedavg)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--out-dir", type=Path, default=Path("results/faults"))
     p.add_argument("--out", type=Path, default=Path("results/bench_faults.jsonl"))
     args = p.parse_args(argv)
     plan = [("lordba", robust, s) for robust in (False, True) for s in SCENARIOS]
-    plan += [("lora-fedavg", False, s) for s in ("clean", "fail-30%")]
+    plan += [("lora-fedavg", False, s) for s in SCENARIOS]
+    plan = [x for x in plan if args.only in f"{x[0]}-{'robust' if x[1] else 'plain'}-{x[2]}"]
     clean: dict[tuple, float] = {}
+    if args.out.is_file():  # a clean run measured earlier into the same file (a resumed or partial sweep)
+        for line in args.out.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("scenario") == "clean" and r.get("model") == args.model and r.get("rounds") == args.rounds:
+                clean[(r["method"], r["robust"])] = r["final_eval_loss"]
     for method, robust, scenario in plan:
         rec = run_one(method, robust, scenario, args.model, args.rounds, args.out_dir.resolve())
         if scenario == "clean":

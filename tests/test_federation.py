@@ -245,3 +245,68 @@ def test_an_aggregate_no_client_could_receive_is_refused(tmp_path):
     assert refused and [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # the run went on
     assert _state(run_dir, 4).state.version == 4 - len(refused)
     assert float(_state(run_dir, 4).state.scales.abs().max()) <= 65504
+
+
+def test_local_dp_run_reports_the_accounted_budget_and_sends_no_training_metrics(tmp_path):
+    from lordba_fl import privacy
+    from lordba_fl.runconfig import DEFAULTS, parse_run_config
+
+    over = {"dp.mode": "local", "dp.clip": 0.01, "dp.flip-epsilon": 0.05, "dp.target-epsilon": 50.0,
+            "clients-per-round": 2, "rounds": 3}
+    grid, run_dir, rows = _run(tmp_path, method="lordba", **over)
+    cfg = parse_run_config({**DEFAULTS, **BASE, **over})
+    n_bits = AdapterSpec.from_model(_tiny_adapted(cfg)).n_bits
+    bits = privacy.differing_bits(n_bits, cfg.flip.flip_budget)
+    z = privacy.calibrate(50.0, 0.05, bits, 3, 1e-5)
+    counts: dict[int, int] = {}
+    for rnd in (1, 2, 3):
+        for q, a in _pairs(grid, "train", rnd):
+            counts[q.metadata.dst_node_id] = counts.get(q.metadata.dst_node_id, 0) + 1
+            m = dict(a.content["metrics"])
+            assert "train_loss" not in m and "flip_rate" not in m and m["num-examples"] == 1.0
+        row = rows[rnd]
+        assert row["dp_noise_multiplier"] == pytest.approx(z)
+        assert row["dp_epsilon"] == pytest.approx(privacy.epsilon(z, 0.05, bits, max(counts.values()), 1e-5))
+        assert row["rejected"] == 0  # honest randomized-response masks pass the widened budget check
+    assert rows[3]["dp_epsilon"] <= 50.0 and rows[1]["dp_epsilon"] < rows[3]["dp_epsilon"]
+    for q, a in _pairs(grid, "evaluate", 3):
+        assert "eval_loss" not in dict(a.content["metrics"])  # client evaluation is data as well
+
+
+def _tiny_adapted(cfg):
+    from lordba_fl.federation import _adapted_model
+
+    return _adapted_model(cfg)[0]
+
+
+@pytest.mark.parametrize("attack", ["invert-flips", "explode-scales"])
+def test_lora_byzantine_uplinks_are_the_attacked_honest_ones(tmp_path, attack):
+    """Same seed clean and attacked: the attacker's round-1 uplink is its honest one transformed,
+    every other client's is byte-identical."""
+    import numpy as np
+
+    from lordba_fl.faults import byzantine_partitions
+    from lordba_fl.methods.lora import _HEADER
+    from lordba_fl.runconfig import DEFAULTS, parse_run_config
+
+    over = {"faults.byzantine-fraction": 0.25, "faults.attack": attack, "rounds": 1}
+    clean, _, _ = _run(tmp_path / "clean", method="lora-fedavg", rounds=1)
+    grid, _, rows = _run(tmp_path / "attacked", method="lora-fedavg", **over)
+    byz = byzantine_partitions(parse_run_config({**DEFAULTS, **BASE, **over}), 4)
+    values = lambda frame: np.frombuffer(frame[_HEADER.size:], np.float16).astype(np.float32)  # noqa: E731
+    for (q, a), (_, honest) in zip(_pairs(grid, "train", 1), _pairs(clean, "train", 1)):
+        assert dict(a.content["metrics"])["partition-id"] == dict(honest.content["metrics"])["partition-id"]
+        up, ok = read_frame(a.content), read_frame(honest.content)
+        if int(dict(a.content["metrics"])["partition-id"]) not in byz:
+            assert up == ok
+            continue
+        start, u = values(read_frame(q.content)), values(ok) - values(read_frame(q.content))
+        want = -u if attack == "invert-flips" else 1e4 * u
+        np.testing.assert_allclose(values(up) - start, want, atol=1e-3, rtol=2e-3)  # fp16 rounding
+    assert rows[1]["accepted"] == 4  # plain FedAvg takes it
+
+
+def test_client_side_evaluation_can_be_switched_off(tmp_path):
+    grid, _, rows = _run(tmp_path, method="lordba", rounds=1, **{"eval.client-side": False})
+    assert not _pairs(grid, "evaluate", 1) and len(_pairs(grid, "train", 1)) == 4
+    assert "client_eval_loss" not in rows[1] and "eval_loss" in rows[1]  # the server still evaluates

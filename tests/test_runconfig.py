@@ -51,7 +51,6 @@ def test_overrides_are_typed_and_nested():
         ({"scales": "in,top"}, "'scales' must be a non-empty comma list"),
         ({"faults.fail-prob": 1.5}, "faults.fail-prob must be a probability"),
         ({"faults.attack": "nan-scales"}, "faults.attack must be one of"),
-        ({"faults.byzantine-fraction": 0.2, "method": "lora-fedavg"}, "implemented for method=lordba"),
         ({"server.scale-rule": "mode"}, "server.scale-rule must be"),
         ({"train.optimizer": "lion"}, "optimizer must be one of"),
         ({"flip.budget": 2.0}, "flip.budget"),

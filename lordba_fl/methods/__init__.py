@@ -85,6 +85,11 @@ class Method(ABC):
     def client_train(self, model: nn.Module, tok, frame: bytes, state, examples, server_round: int, seed: int) -> tuple[bytes, dict]:
         """One client round: load the broadcast, train locally, return (reply frame, metrics)."""
 
+    def attack(self, uplink: bytes, downlink: bytes, attack: str) -> bytes:
+        """What a byzantine client sends instead of ``uplink`` (``faults.attack``: ``invert-flips``,
+        ``flip-all`` or ``explode-scales``; ``replay`` is method-independent, in :mod:`lordba_fl.faults`)."""
+        raise NotImplementedError(f"method {self.name!r} has no byzantine attacks")
+
 
 METHODS: dict[str, type[Method]] = {}
 

@@ -284,6 +284,32 @@ class LoRAFedAvg(Method):
         metrics["held_version"] = float(version)
         return frame_up, metrics
 
+    def attack(self, uplink: bytes, downlink: bytes, attack: str) -> bytes:
+        """The analogues of the LoRDBA attacks on the client's update ``u = trained - start``:
+        ``invert-flips`` sends ``-u`` (the reversed update), ``flip-all`` sends ``-trained`` (every
+        value's sign flipped), ``explode-scales`` sends ``1e4 u``."""
+        _, _, rnd, version, raw = decode_lora(downlink, self.segments, (_FP16,))
+        start = _fp16_values(raw).astype(np.float32)
+        if self.bits:
+            _, bits, rnd, version, raw = decode_lora(uplink, self.segments, (_QUANT,))
+            update = dequantize_channels(raw, self.segments, bits)
+        else:
+            _, _, rnd, version, raw = decode_lora(uplink, self.segments, (_FP16,))
+            update = _fp16_values(raw).astype(np.float32) - start
+        if attack == "invert-flips":
+            update = -update
+        elif attack == "flip-all":
+            update = -(start + update) - start
+        elif attack == "explode-scales":
+            update = update * 1e4
+        else:
+            raise ValueError(f"unknown attack {attack!r}")
+        if self.bits:
+            payload = quantize_channels(update, self.segments, self.bits, np.random.default_rng(0))
+            return encode_lora(_QUANT, self.bits, rnd, version, payload, compress=True)
+        values = np.clip(start + update, -65504, 65504).astype(np.float16)  # what fp16 can carry
+        return encode_lora(_FP16, 0, rnd, version, values.tobytes(), compress=False)
+
 
 @register_method
 class FFALoRA(LoRAFedAvg):

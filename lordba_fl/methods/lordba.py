@@ -15,10 +15,11 @@ import logging
 import torch
 from torch import nn
 
+from lordba_fl import privacy
 from lordba_fl.adapter import attach_lordba_, lordba_layers
 from lordba_fl.aggregation import LatentVote, Refit, RobustOptions, ServerState, collect_updates
 from lordba_fl.clientstate import StateError, load_optimizer_, pack_floats, pack_optimizer, unpack_floats
-from lordba_fl.codec import CodecOptions, Update, decode_state, encode_state, encode_update
+from lordba_fl.codec import CodecOptions, Update, decode_state, decode_update, encode_state, encode_update
 from lordba_fl.config import LoRDBAConfig
 from lordba_fl.layout import (
     AdapterSpec,
@@ -91,6 +92,7 @@ class LoRDBAMethod(Method):
         self.server: ServerState | None = None
         self.history: dict[int, torch.Tensor] = {}
         self.node_versions: dict[int, int] = {}
+        self.participations: dict[int, int] = {}  # dp: privatized uplinks received per node
 
     # ---- model ----------------------------------------------------------------------------------
     def adapt(self, model: nn.Module) -> nn.Module:
@@ -98,6 +100,10 @@ class LoRDBAMethod(Method):
         attach_lordba_(model, LoRDBAConfig(rank=cfg.rank, alpha=cfg.alpha, scales=cfg.scales, seed=cfg.seed))
         self.spec = AdapterSpec.from_model(model)
         return model
+
+    def dp_noise_multiplier(self) -> float:
+        """``z`` of this run's Gaussian noise (``dp.target-epsilon`` calibrated over ``rounds``)."""
+        return privacy.noise_multiplier(self.cfg.dp, self.spec.n_bits, self.cfg.flip.flip_budget, self.cfg.rounds)
 
     def fp16_lora_bytes(self) -> int:
         return self.spec.fp16_lora_bytes()
@@ -107,8 +113,12 @@ class LoRDBAMethod(Method):
         self.server = ServerState.initial(read_state(model, self.spec, version=0))
         self.history = {0: self.server.state.negative.clone()}
         cfg = self.cfg
+        if cfg.dp.on:
+            log.info("dp.mode=local: noise multiplier %.4g, flip randomized response p=%.4g",
+                     self.dp_noise_multiplier(), cfg.dp.flip_noise)  # calibrated (or refused) at start
         if cfg.aggregator == "vote":
-            self.aggregator = LatentVote(cfg.beta, cfg.tau, cfg.eta, scale_rule=cfg.scale_rule, trim=cfg.trim)
+            self.aggregator = LatentVote(cfg.beta, cfg.tau, cfg.eta, scale_rule=cfg.scale_rule, trim=cfg.trim,
+                                         flip_noise=cfg.dp.flip_noise if cfg.dp.on else 0.0)
         else:
             self.aggregator = Refit(self.spec, scale_rule=cfg.scale_rule, trim=cfg.trim)
 
@@ -131,17 +141,23 @@ class LoRDBAMethod(Method):
             self.node_versions[node_id] = version
 
     def aggregate(self, server_round: int, replies) -> dict:
-        accepted, rejected = collect_updates(
-            [(r.frame, r.weight) for r in replies], self.spec, self.options, version=self.version
-        )
         cfg = self.cfg
-        robust = RobustOptions(cfg.flip.flip_budget if cfg.enforce_budget else 1.0, cfg.weight_cap, cfg.norm_bound)
+        dp = cfg.dp.on
+        accepted, rejected = collect_updates(  # under dp every client weighs the same: num_examples is data
+            [(r.frame, 1.0 if dp else r.weight) for r in replies], self.spec, self.options, version=self.version
+        )
+        budget = cfg.flip.flip_budget
+        if dp:
+            budget = privacy.max_flip_rate(cfg.dp, budget, self.spec.n_bits)
+        robust = RobustOptions(budget if cfg.enforce_budget else 1.0, cfg.weight_cap, cfg.norm_bound)
         dropped = {j for j, _ in rejected}
         index = [i for i in range(len(replies)) if i not in dropped]  # the replies behind `accepted`
         accepted, refused = robust.apply(accepted)
         rejected += [(index[j], why) for j, why in refused]
         metrics = {"rejected": float(len(rejected)), "accepted": float(len(accepted))}
         self.rejected_reasons = [(replies[i].node_id, why) for i, why in rejected]
+        if dp:
+            metrics.update(self._account(replies))
         if not accepted:
             return metrics
         old = self.server.state
@@ -162,6 +178,17 @@ class LoRDBAMethod(Method):
         metrics["global_flip_rate"] = float((new.negative ^ old.negative).float().mean())
         return metrics
 
+    def _account(self, replies) -> dict:
+        """Count this round's privatized uplinks per node; ε of the node that sent the most so far."""
+        for r in replies:
+            self.participations[r.node_id] = self.participations.get(r.node_id, 0) + 1
+        dp, z = self.cfg.dp, self.dp_noise_multiplier()
+        bits = privacy.differing_bits(self.spec.n_bits, self.cfg.flip.flip_budget)
+        most = max(self.participations.values(), default=0)
+        return {"dp_epsilon": privacy.epsilon(z, dp.flip_epsilon, bits, most, dp.delta),
+                "dp_epsilon_round": privacy.epsilon(z, dp.flip_epsilon, bits, 1, dp.delta),
+                "dp_delta": dp.delta, "dp_noise_multiplier": z, "dp_max_participations": float(most)}
+
     def load_global_(self, model: nn.Module) -> None:
         write_state_(model, self.spec, self.server.state, latent_magnitude=self.cfg.flip.m0)
 
@@ -173,7 +200,8 @@ class LoRDBAMethod(Method):
         }
         for v, neg in self.history.items():
             tensors[f"history.{v}"] = neg
-        meta = {"version": self.version, "node_versions": {str(k): v for k, v in self.node_versions.items()}}
+        meta = {"version": self.version, "node_versions": {str(k): v for k, v in self.node_versions.items()},
+                "participations": {str(k): v for k, v in self.participations.items()}}
         return tensors, meta
 
     def load_server_state(self, tensors: dict, meta: dict) -> None:
@@ -181,6 +209,7 @@ class LoRDBAMethod(Method):
         self.server = ServerState(state, tensors["latent"].clone())
         self.history = {int(k.split(".", 1)[1]): t.clone() for k, t in tensors.items() if k.startswith("history.")}
         self.node_versions = {int(k): int(v) for k, v in meta["node_versions"].items()}
+        self.participations = {int(k): int(v) for k, v in meta.get("participations", {}).items()}
 
     # ---- client ---------------------------------------------------------------------------------
     def _held(self, state) -> AdapterState | None:
@@ -229,12 +258,29 @@ class LoRDBAMethod(Method):
         latent = read_latents(model, self.spec)
         flips = budget_flips(latent, glob.negative, flip.flip_budget)
         delta = read_scales(model, self.spec) - glob.scales
+        metrics["flip_rate"] = float(flips.float().mean())
+        if cfg.dp.on:
+            flips, delta = privacy.privatize(flips, delta, cfg.dp, self.dp_noise_multiplier())
         update = Update(server_round, glob.version, flips, delta)
         if keep is not None:
             self._keep_(keep, latent, opt)
-        metrics["flip_rate"] = float(flips.float().mean())
         metrics["held_version"] = float(glob.version)
         return encode_update(update, self.spec, self.options, rng=seed), metrics
+
+    def attack(self, uplink: bytes, downlink: bytes, attack: str) -> bytes:
+        """``invert-flips``: flip every sign it did not; ``flip-all``: flip every sign;
+        ``explode-scales``: scale deltas x 1e4."""
+        u = decode_update(uplink, self.spec, self.options)
+        flips, delta = u.flips, u.scale_delta
+        if attack == "invert-flips":
+            flips = ~flips
+        elif attack == "flip-all":
+            flips = torch.ones_like(flips)
+        elif attack == "explode-scales":
+            delta = delta * 1e4
+        else:
+            raise ValueError(f"unknown attack {attack!r}")
+        return encode_update(Update(u.round, u.version, flips, delta), self.spec, self.options, rng=0)
 
     def _keep_(self, state, latent: torch.Tensor, opt: torch.optim.Optimizer) -> None:
         """Store this node's latent magnitudes (and AdamW moments) compactly in ``context.state``."""
