@@ -2,7 +2,7 @@
 
 from flwr.clientapp import ClientApp
 
-from lordba_fl.federation import client_evaluate, client_train
+from lordba_fl.federation import client_evaluate, client_query, client_train
 
 
 def make_client_app(run_config: dict | None = None) -> ClientApp:
@@ -16,6 +16,10 @@ def make_client_app(run_config: dict | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg, context):
         return client_evaluate(msg, context, run_config)
+
+    @app.query()
+    def query(msg, context):
+        return client_query(msg, context)
 
     return app
 

@@ -136,6 +136,13 @@ def client_train(msg: Message, context, fallback_config: dict | None = None) -> 
     return Message(RecordDict({"adapter": frame_record(frame), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
+def client_query(msg: Message, context) -> Message:
+    """ClientApp query handler: this node's ``partition-id`` (the server samples partitions, not the
+    random node ids a simulation assigns, so a seeded run samples the same data every time)."""
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": float(int(context.node_config["partition-id"]))})}),
+                   reply_to=msg)
+
+
 def client_evaluate(msg: Message, context, fallback_config: dict | None = None) -> Message:
     """ClientApp evaluate handler: load the broadcast, report held-out loss / perplexity of this client."""
     cfg = _config(context, fallback_config)

@@ -11,6 +11,7 @@ round, so a resumed run samples exactly what an uninterrupted one would.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Iterable
@@ -74,6 +75,7 @@ class AdapterStrategy(FedAvg):
         self.round_started: dict[int, float] = {}
         self.sent: dict[tuple[int, str], list[int]] = {}  # (round, phase) -> nodes a message went to
         self.client_eval = client_eval  # False: no federated evaluation round trip (eval.client-side)
+        self.partitions: dict[int, float] = {}  # node id -> its partition id (asked once per node)
 
     # ---- sampling -------------------------------------------------------------------------------
     def _sample(self, grid, run_round: int, phase: str) -> list[int]:
@@ -88,8 +90,32 @@ class AdapterStrategy(FedAvg):
                     "start more SuperNodes or lower clients-per-round"
                 )
             time.sleep(1.0)
+        unknown = [n for n in nodes if n not in self.partitions]
+        if unknown:
+            self._ask_partitions(grid, unknown, run_round)
+        # sample over the nodes ordered by partition: the simulation engine draws new random node ids
+        # every run, so sampling the ids themselves would give the same seed different data
+        ordered = sorted(nodes, key=lambda n: (self.partitions.get(n, math.inf), n))
         rng = random.Random(f"{self.seed}/{run_round}/{phase}")
-        return sorted(rng.sample(nodes, self.clients_per_round))
+        return sorted(rng.sample(ordered, self.clients_per_round))
+
+    def _ask_partitions(self, grid, nodes: list[int], run_round: int) -> None:
+        """One small query message per node not seen before: which partition does it hold (metered)."""
+        msgs = []
+        for node in nodes:
+            content = RecordDict({"config": ConfigRecord({"server-round": run_round, "query": "partition-id"})})
+            msgs.append(Message(content=content, dst_node_id=node, message_type=MessageType.QUERY))
+        replies = list(grid.send_and_receive(msgs, timeout=60))
+        for direction, batch in (("down", msgs), ("up", replies)):
+            for msg in batch:
+                node = msg.metadata.dst_node_id if direction == "down" else msg.metadata.src_node_id
+                self.ledger.add(MessageBytes.of(msg, round=run_round, direction=direction, node_id=node,
+                                                fp16_lora_bytes=0, method=self.method.name, phase="query"))
+        for msg in replies:
+            try:
+                self.partitions[msg.metadata.src_node_id] = float(msg.content["metrics"]["partition-id"])
+            except (KeyError, TypeError, ValueError):
+                pass  # an error or malformed reply: the node stays unknown (sampled last) and is asked again
 
     def _messages(self, run_round: int, grid, phase: str, message_type: str) -> list[Message]:
         msgs = []

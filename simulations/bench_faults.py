@@ -14,15 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from simulations.common import emit
+from simulations.common import emit, launch
 
-ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = {
     "clean": {},
     "fail-30%": {"faults.fail-prob": 0.3},
@@ -33,34 +28,24 @@ SCENARIOS = {
 }
 ROBUST = {"server.enforce-budget": True, "server.scale-rule": "median", "server.norm-bound": 2.0, "server.weight-cap": 2.0}
 PLAIN = {"server.enforce-budget": False}
-
-
-def _toml(v) -> str:
-    return ("true" if v else "false") if isinstance(v, bool) else (f"'{v}'" if isinstance(v, str) else str(v))
+# 10 SuperNodes, 5 sampled per round, 2 local steps: a few minutes per run with SmolLM2 on 2 cores
+SMALL_RUN = {
+    "clients-per-round": 5, "data.shakespeare.max-clients": 10, "train.local-steps": 2, "train.batch-size": 2,
+    "train.seq-len": 64, "eval.examples": 32, "eval.generate": 0, "eval.client-side": False,
+}
 
 
 def run_one(method: str, robust: bool, scenario: str, model: str, rounds: int, out_dir: Path) -> dict:
     name = f"{method}-{'robust' if robust else 'plain'}-{scenario}"
-    over = {
-        "method": method, "model": model, "rounds": rounds, "clients-per-round": 5, "data.shakespeare.max-clients": 10,
-        "train.local-steps": 2, "train.batch-size": 2, "train.seq-len": 64, "eval.examples": 32, "eval.generate": 0,
-        "eval.client-side": False,
-        "out-dir": str(out_dir), "name": name, **SCENARIOS[scenario],
-    }
+    over = {**SMALL_RUN, "method": method, "model": model, "rounds": rounds, "out-dir": str(out_dir), "name": name,
+            **SCENARIOS[scenario]}
     if method == "lordba":
         over.update(ROBUST if robust else PLAIN)
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-    cmd = [sys.executable, "-m", "simulations.run", "--supernodes", "10",
-           "--run-config", " ".join(f"{k}={_toml(v)}" for k, v in over.items())]
-    t0 = time.time()
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.time() - t0
-    path = out_dir / name / "rounds.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    rows, code, wall = launch(over, supernodes=10)
     trained = [x for x in rows if x["round"] > 0]
     return {
         "bench": "faults", "method": method, "robust": robust, "scenario": scenario, "model": model,
-        "rounds": rounds, "rounds_completed": len(trained), "exit_code": r.returncode,
+        "rounds": rounds, "rounds_completed": len(trained), "exit_code": code,
         "final_eval_loss": trained[-1]["eval_loss"] if trained else None,
         "clients_failed": sum(x.get("clients_failed", 0) for x in trained),
         "rejected": sum(x.get("rejected", 0) for x in trained),

@@ -115,7 +115,7 @@ def test_a_node_that_goes_silent_catches_up_with_the_full_state(tmp_path):
     assert rows[1]["clients_silent"] == 0 and rows[1]["accepted"] == 4
     assert rows[2]["clients_silent"] == 1 and rows[2]["accepted"] == 3 and rows[2]["clients_succeeded"] == 3
     kinds = {(int(m.content["config"]["server-round"]), m.metadata.message_type, m.metadata.dst_node_id):
-             read_header(read_frame(m.content)).kind for m in grid.sent}
+             read_header(read_frame(m.content)).kind for m in grid.sent if m.metadata.message_type != "query"}
     assert kinds[(2, "train", 101)] == kinds[(2, "train", 100)] == FrameKind.STATE_DELTA
     assert kinds[(2, "evaluate", 101)] == FrameKind.STATE_FULL  # caught up ...
     assert kinds[(2, "evaluate", 100)] == FrameKind.STATE_DELTA
@@ -304,6 +304,26 @@ def test_lora_byzantine_uplinks_are_the_attacked_honest_ones(tmp_path, attack):
         want = -u if attack == "invert-flips" else 1e4 * u
         np.testing.assert_allclose(values(up) - start, want, atol=1e-3, rtol=2e-3)  # fp16 rounding
     assert rows[1]["accepted"] == 4  # plain FedAvg takes it
+
+
+def test_sampling_follows_partitions_not_node_ids(tmp_path):
+    """The simulation engine draws new random node ids every run: the same seed must still sample the
+    same partitions. Two grids whose node ids are in opposite orders sample identical partitions."""
+    from lordba_fl.runconfig import DEFAULTS
+
+    cfg = {**DEFAULTS, **BASE, "out-dir": str(tmp_path), "clients-per-round": 2, "rounds": 2, "eval.client-side": False}
+    sampled = []
+    for flip in (False, True):
+        grid = LocalGrid(make_client_app(), 4, cfg)
+        if flip:  # node 100 + i holds partition 3 - i
+            for ctx in grid.contexts.values():
+                ctx.node_config["partition-id"] = 3 - (ctx.node_id - 100)
+        run_server(grid, {**cfg, "out-dir": str(tmp_path / str(flip))})
+        queries = [m for m in grid.sent if m.metadata.message_type == "query"]
+        assert len(queries) == 4  # every node asked once, not every round
+        sampled.append([[int(dict(a.content["metrics"])["partition-id"]) for _, a in _pairs(grid, "train", r)]
+                        for r in (1, 2)])
+    assert [sorted(x) for x in sampled[0]] == [sorted(x) for x in sampled[1]]
 
 
 def test_client_side_evaluation_can_be_switched_off(tmp_path):
