@@ -130,7 +130,7 @@ class RunConfig:
     round_timeout: float = 3600.0
     enforce_budget: bool = True
     weight_cap: float = 0.0
-    norm_bound: float = 0.0
+    norm_bound: float = 2.0
     scale_rule: str = "mean"
     trim: float = 0.2
     faults: FaultConfig = FaultConfig()

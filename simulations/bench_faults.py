@@ -28,6 +28,8 @@ SCENARIOS = {
 }
 ROBUST = {"server.enforce-budget": True, "server.scale-rule": "median", "server.norm-bound": 2.0, "server.weight-cap": 2.0}
 PLAIN = {"server.enforce-budget": False}
+# the lordba defences compared: every one off, all on, and the two cheapest alone
+DEFENCES = {"plain": PLAIN, "robust": ROBUST, "budget+norm-bound": {"server.enforce-budget": True, "server.norm-bound": 2.0}}
 # 10 SuperNodes, 5 sampled per round, 2 local steps: a few minutes per run with SmolLM2 on 2 cores
 SMALL_RUN = {
     "clients-per-round": 5, "data.shakespeare.max-clients": 10, "train.local-steps": 2, "train.batch-size": 2,
@@ -35,16 +37,17 @@ SMALL_RUN = {
 }
 
 
-def run_one(method: str, robust: bool, scenario: str, model: str, rounds: int, out_dir: Path) -> dict:
-    name = f"{method}-{'robust' if robust else 'plain'}-{scenario}"
+def run_one(method: str, defences: str, scenario: str, model: str, rounds: int, out_dir: Path) -> dict:
+    name = f"{method}-{defences}-{scenario}"
     over = {**SMALL_RUN, "method": method, "model": model, "rounds": rounds, "out-dir": str(out_dir), "name": name,
             **SCENARIOS[scenario]}
     if method == "lordba":
-        over.update(ROBUST if robust else PLAIN)
+        over.update(DEFENCES[defences])
     rows, code, wall = launch(over, supernodes=10)
     trained = [x for x in rows if x["round"] > 0]
     return {
-        "bench": "faults", "method": method, "robust": robust, "scenario": scenario, "model": model,
+        "bench": "faults", "method": method, "robust": defences == "robust", "defences": defences,
+        "scenario": scenario, "model": model,
         "rounds": rounds, "rounds_completed": len(trained), "exit_code": code,
         "final_eval_loss": trained[-1]["eval_loss"] if trained else None,
         "clients_failed": sum(x.get("clients_failed", 0) for x in trained),
@@ -63,20 +66,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("results/faults"))
     p.add_argument("--out", type=Path, default=Path("results/bench_faults.jsonl"))
     args = p.parse_args(argv)
-    plan = [("lordba", robust, s) for robust in (False, True) for s in SCENARIOS]
-    plan += [("lora-fedavg", False, s) for s in SCENARIOS]
-    plan = [x for x in plan if args.only in f"{x[0]}-{'robust' if x[1] else 'plain'}-{x[2]}"]
+    plan = [("lordba", d, s) for d in ("plain", "robust") for s in SCENARIOS]
+    plan += [("lora-fedavg", "plain", s) for s in SCENARIOS]
+    plan += [("lordba", "budget+norm-bound", s) for s in ("clean", "byzantine-20%-explode-scales")]
+    plan = [x for x in plan if args.only in "-".join(x)]
     clean: dict[tuple, float] = {}
     if args.out.is_file():  # a clean run measured earlier into the same file (a resumed or partial sweep)
         for line in args.out.read_text().splitlines():
             r = json.loads(line)
             if r.get("scenario") == "clean" and r.get("model") == args.model and r.get("rounds") == args.rounds:
-                clean[(r["method"], r["robust"])] = r["final_eval_loss"]
-    for method, robust, scenario in plan:
-        rec = run_one(method, robust, scenario, args.model, args.rounds, args.out_dir.resolve())
+                clean[(r["method"], r.get("defences", "robust" if r["robust"] else "plain"))] = r["final_eval_loss"]
+    for method, defences, scenario in plan:
+        rec = run_one(method, defences, scenario, args.model, args.rounds, args.out_dir.resolve())
         if scenario == "clean":
-            clean[(method, robust)] = rec["final_eval_loss"]
-        base = clean.get((method, robust))
+            clean[(method, defences)] = rec["final_eval_loss"]
+        base = clean.get((method, defences))
         if base and rec["final_eval_loss"] is not None:
             rec["vs_clean"] = round(rec["final_eval_loss"] / base - 1, 4)
         emit(rec, args.out)

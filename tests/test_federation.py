@@ -211,11 +211,14 @@ def test_byzantine_clients_are_caught_by_the_defences(tmp_path, attack, enforce,
 
 
 def test_exploding_scales_are_bounded_by_the_robust_options(tmp_path):
-    over = {"faults.byzantine-fraction": 0.25, "faults.attack": "explode-scales"}
-    clean = _state(_run(tmp_path / "clean", method="lordba")[1], 2).state.scales
+    over = {"faults.byzantine-fraction": 0.25, "faults.attack": "explode-scales", "server.norm-bound": 0.0}
+    clean = _state(_run(tmp_path / "clean", method="lordba", **{"server.norm-bound": 0.0})[1], 2).state.scales
     plain = _state(_run(tmp_path / "plain", method="lordba", **over)[1], 2).state.scales
     robust = _state(_run(tmp_path / "robust", method="lordba", **over, **{"server.scale-rule": "median"})[1], 2).state.scales
-    bounded = _state(_run(tmp_path / "bound", method="lordba", **over, **{"server.norm-bound": 2.0})[1], 2).state.scales
+    bounded = _state(_run(tmp_path / "bound", method="lordba", **{**over, "server.norm-bound": 2.0})[1], 2).state.scales
+    default = _state(_run(tmp_path / "default", method="lordba", **{**over, "server.norm-bound": 2.0,
+                                                                    "faults.byzantine-fraction": 0.0})[1], 2).state.scales
+    assert torch.equal(default, clean)  # the default bound (2x the median norm) never touches honest clients
     err = lambda s: float((s - clean).abs().max())  # noqa: E731
     assert err(plain) > 10 * err(robust) and err(plain) > 10 * err(bounded)
 
@@ -239,7 +242,7 @@ def test_injected_failures_and_corruption_match_the_seeded_draws(tmp_path):
 def test_an_aggregate_no_client_could_receive_is_refused(tmp_path):
     """Exploding deltas with every defence off would push scales past fp16: the server keeps its state."""
     over = {"faults.byzantine-fraction": 0.25, "faults.attack": "explode-scales", "server.aggregator": "refit",
-            "server.enforce-budget": False, "rounds": 4}
+            "server.enforce-budget": False, "server.norm-bound": 0.0, "rounds": 4}
     _, run_dir, rows = _run(tmp_path, method="lordba", **over)
     refused = [r["round"] for r in rows[1:] if r.get("aggregate_refused")]
     assert refused and [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # the run went on
