@@ -183,14 +183,16 @@ def run_server(grid, run_config: dict) -> dict:
     method.init_server(model)
     task = load_task(cfg.task, **cfg.task_kwargs())
     ledger = ByteLedger()
-    offset, rows = 0, []
+    offset, rows, extra = 0, [], {}
     if cfg.resume:
         restored = load_checkpoint(run_dir, method, ledger)
         if restored is not None:
-            offset, rows, _ = restored
+            offset, rows, extra = restored
             log.info("resuming %s from round %d", run_dir, offset)
     recorder = RunRecorder(run_dir, rows)
     strategy = AdapterStrategy(method, cfg.clients_per_round, cfg.seed, offset, ledger, cfg.client_eval)
+    # nodes that live on across a server restart are not asked for their partition again
+    strategy.partitions = {int(k): float(v) for k, v in extra.get("partitions", {}).items()}
     eval_sets = _server_eval_sets(task, cfg)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -209,7 +211,8 @@ def run_server(grid, run_config: dict) -> dict:
         if run_round in strategy.round_workers:
             row["workers"] = strategy.round_workers[run_round]  # {pid: {base_loads, clients_served}}
         recorder.log(row)
-        save_checkpoint(run_dir, run_round, method, ledger, recorder.rows)
+        save_checkpoint(run_dir, run_round, method, ledger, recorder.rows,
+                        extra={"partitions": {str(k): v for k, v in strategy.partitions.items()}})
         log.info("round %d: %s", run_round, {k: row[k] for k in ("up_wire_mean", "down_wire_mean", "eval_loss") if k in row})
         return MetricRecord({k: float(v) for k, v in res.items()})
 
