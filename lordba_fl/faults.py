@@ -37,7 +37,7 @@ def before_training(cfg: RunConfig, server_round: int, partition: int) -> None:
 
 
 def after_training(cfg: RunConfig, method, frame: bytes, state, server_round: int, partition: int,
-                   num_partitions: int, downlink: bytes = b"") -> bytes:
+                   num_partitions: int, downlink: bytes) -> bytes:
     """The uplink this client actually sends: attacked if it is byzantine (``method.attack``, given
     the round's ``downlink``), corrupted by chance."""
     f = cfg.faults

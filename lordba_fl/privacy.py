@@ -66,7 +66,12 @@ class DPConfig:
     @property
     def flip_noise(self) -> float:
         """``p``, the probability randomized response flips a bit (0 when flips are not sent)."""
-        return 1.0 / (1.0 + math.exp(self.flip_epsilon)) if self.flip_epsilon > 0 else 0.0
+        return rr_flip_probability(self.flip_epsilon) if self.flip_epsilon > 0 else 0.0
+
+
+def rr_flip_probability(flip_epsilon: float) -> float:
+    """``p = 1 / (1 + e^eps_b)``: binary randomized response at ``eps_b`` per bit."""
+    return 1.0 / (1.0 + math.exp(flip_epsilon))
 
 
 def differing_bits(n_bits: int, budget: float) -> int:
@@ -81,8 +86,9 @@ def _round_event(noise_multiplier: float, flip_epsilon: float, bits: int):
         return dpa.NonPrivateDpEvent()
     events = [dpa.GaussianDpEvent(noise_multiplier / 2.0)]  # sensitivity 2C, noise std z C
     if flip_epsilon > 0 and bits > 0:
-        p = 1.0 / (1.0 + math.exp(flip_epsilon))
-        events.append(dpa.SelfComposedDpEvent(dpa.RandomizedResponseDpEvent(2.0 * p, 2), bits))
+        # dp-accounting's noise parameter: the chance the answer is uniform over the 2 buckets = 2p
+        rr = dpa.RandomizedResponseDpEvent(2.0 * rr_flip_probability(flip_epsilon), 2)
+        events.append(dpa.SelfComposedDpEvent(rr, bits))
     return dpa.ComposedDpEvent(events)
 
 

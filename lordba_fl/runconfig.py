@@ -37,8 +37,8 @@ class FaultConfig:
     attack : str
         What byzantine clients send: ``invert-flips`` (flip every sign they did not flip; LoRA: the
         reversed update), ``flip-all`` (LoRA: every value negated), ``explode-scales`` (deltas x 1e4),
-        ``replay`` (their first update again in later rounds). NaN / inf scales cannot be sent: the codec refuses to encode and
-        to decode them (``tests/test_codec_defense.py``).
+        ``replay`` (their first update again in later rounds). NaN / inf scales cannot be sent: the
+        codec refuses to encode and to decode them (``tests/test_codec_defense.py``).
     """
 
     fail_prob: float = 0.0

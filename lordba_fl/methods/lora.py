@@ -288,8 +288,7 @@ class LoRAFedAvg(Method):
         """The analogues of the LoRDBA attacks on the client's update ``u = trained - start``:
         ``invert-flips`` sends ``-u`` (the reversed update), ``flip-all`` sends ``-trained`` (every
         value's sign flipped), ``explode-scales`` sends ``1e4 u``."""
-        _, _, rnd, version, raw = decode_lora(downlink, self.segments, (_FP16,))
-        start = _fp16_values(raw).astype(np.float32)
+        start = _fp16_values(decode_lora(downlink, self.segments, (_FP16,))[4]).astype(np.float32)
         if self.bits:
             _, bits, rnd, version, raw = decode_lora(uplink, self.segments, (_QUANT,))
             update = dequantize_channels(raw, self.segments, bits)
