@@ -131,6 +131,25 @@ def _unsqueeze(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.unsqueeze(0)
 
 
+def initial_scale_values(cfg: LoRDBAConfig, n_in: int, n_out: int) -> dict[str, float]:
+    """The constant each fresh scale starts at (before the outermost one is zeroed).
+
+    ``normalized``: the folded ``A = S1 diag(s_mid) diag(s_in)`` gets entries ``1/sqrt(in * r)``,
+    split as ``s_in = 1/sqrt(in)``, ``s_mid = 1/sqrt(r)``; a scale the config leaves out passes its
+    share to the other one (``s_mid = 1/sqrt(in * r)`` without ``s_in``), so every scale set starts
+    equally conditioned. ``ones``: every scale is 1.
+    """
+    if cfg.scale_init == "ones":
+        return {"in": 1.0, "mid": 1.0, "out": 1.0}
+    g_in, g_mid = n_in ** -0.5, cfg.rank ** -0.5
+    has_in, has_mid = "in" in cfg.scales, "mid" in cfg.scales
+    return {
+        "in": g_in * (1.0 if has_mid else g_mid),
+        "mid": g_mid * (1.0 if has_in else g_in),
+        "out": 1.0,  # zeroed by the caller when it is the outermost scale
+    }
+
+
 class LoRDBALinear(nn.Module):
     """A frozen base linear layer plus a LoRDBA adapter.
 
@@ -166,8 +185,9 @@ class LoRDBALinear(nn.Module):
         self.lordba_latent_A = nn.Parameter(la.to(device))
         self.lordba_latent_B = nn.Parameter(lb.to(device))
         sizes = {"in": n_in, "mid": r, "out": n_out}
+        start = initial_scale_values(cfg, n_in, n_out)
         for name in ("in", "mid", "out"):
-            p = nn.Parameter(torch.ones(sizes[name], device=device)) if name in cfg.scales else None
+            p = nn.Parameter(torch.full((sizes[name],), start[name], device=device)) if name in cfg.scales else None
             self.register_parameter(f"lordba_scale_{name}", p)
         # Scratch init is a no-op: zero the outermost scale present (LoRA's B = 0 convention).
         with torch.no_grad():

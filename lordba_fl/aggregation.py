@@ -62,6 +62,16 @@ def collect_updates(
     return accepted, rejected
 
 
+def flip_allowance(n_bits: int, rate: float) -> int:
+    """Most sign flips a client may send: ``floor(rate * n)``, the count an honest client keeps.
+
+    Client and server both use this integer, so a client that spends its whole budget is never
+    refused by a float comparison. ``rate * n`` is rounded to 6 decimals before the floor, so a
+    product like ``0.29 * 100 = 28.999999999999996`` counts as 29.
+    """
+    return int(math.floor(round(rate * n_bits, 6)))
+
+
 @dataclass(frozen=True)
 class RobustOptions:
     """Defences applied to decoded updates before any aggregator sees them.
@@ -96,9 +106,10 @@ class RobustOptions:
         """(kept updates with capped weights and bounded deltas, rejected ``(index, reason)``)."""
         kept, rejected = [], []
         for i, (u, w) in enumerate(updates):
-            rate = float(u.flips.float().mean())
-            if rate > self.max_flip_rate + 1e-12:
-                rejected.append((i, f"flips {rate:.4f} of the signs, more than the budget {self.max_flip_rate}"))
+            count, allowed = int(u.flips.sum()), flip_allowance(u.flips.numel(), self.max_flip_rate)
+            if count > allowed:
+                rejected.append((i, f"flips {count} of {u.flips.numel()} signs, more than the budget's "
+                                    f"floor({self.max_flip_rate} * {u.flips.numel()}) = {allowed}"))
             elif not bool(torch.isfinite(u.scale_delta).all()):
                 rejected.append((i, "scale delta holds NaN or inf"))
             else:

@@ -22,6 +22,12 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 )
 SCALE_NAMES: tuple[str, ...] = ("in", "mid", "out")
 INITS: tuple[str, ...] = ("scratch", "svd")
+# How a fresh adapter's scales start (the outermost one is zero either way, so it starts as a no-op):
+# "normalized" gives the folded factor A = S1 diag(s_mid) diag(s_in) entries of 1/sqrt(in * r), so a
+# unit of scale moves the product about as much as a unit of LoRA's kaiming-initialised A does and
+# Adam at LoRA's learning rate takes LoRA-sized steps; "ones" is the first design (s_in = s_mid = 1),
+# whose steps are sqrt(in * r) times larger (it diverges at lr 1e-3, DESIGN.md's centralized table).
+SCALE_INITS: tuple[str, ...] = ("normalized", "ones")
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,10 @@ class LoRDBAConfig:
     )
     scales: tuple[str, ...] = field(
         default=SCALE_NAMES, metadata={"help": "Channel-wise scales to train, a subset of ('in', 'mid', 'out')."}
+    )
+    scale_init: str = field(
+        default="normalized",
+        metadata={"help": "Fresh scales: 'normalized' (s_in = 1/sqrt(in), s_mid = 1/sqrt(r), LoRA-sized steps) or 'ones'."},
     )
     svd_sweeps: int = field(default=5, metadata={"help": "Alternating least-squares sweeps of the 'svd' init."})
     seed: int | None = field(default=None, metadata={"help": "Seed of the scratch latents; None uses torch's RNG."})
@@ -74,6 +84,8 @@ class LoRDBAConfig:
             raise ValueError(f"ste_k must be a finite number > 0 (the reference uses 100); got {self.ste_k!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {list(INITS)}; got {self.init!r}")
+        if self.scale_init not in SCALE_INITS:
+            raise ValueError(f"scale_init must be one of {list(SCALE_INITS)}; got {self.scale_init!r}")
         if not _finite_positive(self.init_std):
             raise ValueError(f"init_std must be a finite number > 0 (e.g. 0.01); got {self.init_std!r}")
         scales = (self.scales,) if isinstance(self.scales, str) else tuple(self.scales)

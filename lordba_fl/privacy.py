@@ -76,7 +76,7 @@ def rr_flip_probability(flip_epsilon: float) -> float:
 
 def differing_bits(n_bits: int, budget: float) -> int:
     """How many bits two honest flip masks can differ in: ``min(n, 2 floor(budget n))``."""
-    return min(n_bits, 2 * int(budget * n_bits))
+    return min(n_bits, 2 * int(math.floor(round(budget * n_bits, 6))))
 
 
 def _round_event(noise_multiplier: float, flip_epsilon: float, bits: int):

@@ -107,10 +107,32 @@ def test_robust_options_reject_cap_and_bound():
 
     ups = [(upd(1, [1.0, 0.0]), 1.0), (upd(2, [0.0, 1.0]), 1.0), (upd(100, [0.0, 0.0]), 1.0), (upd(0, [30.0, 40.0]), 10.0)]
     kept, rejected = RobustOptions(max_flip_rate=0.05, weight_cap=2.0, norm_bound=2.0).apply(ups)
-    assert rejected == [(2, "flips 1.0000 of the signs, more than the budget 0.05")]
+    assert rejected == [(2, "flips 100 of 100 signs, more than the budget's floor(0.05 * 100) = 5")]
     assert [w for _, w in kept] == [1.0, 1.0, 2.0]  # 10 capped at 2 x median(1, 1, 10)
     # norms 1, 1, 50: the median is 1, so the last delta is scaled to norm 2
     torch.testing.assert_close(kept[2][0].scale_delta, torch.tensor([1.2, 1.6]))
     assert kept[0][0] is ups[0][0]  # within bounds: untouched
     with pytest.raises(ValueError, match="weight-cap and server.norm-bound must be >= 0"):
         RobustOptions(norm_bound=-1.0)
+
+
+@pytest.mark.parametrize("n, budget", [(4_884_480, 0.05), (4_884_480, 0.01), (100, 0.29), (1_000, 0.007), (7, 0.5)])
+def test_an_honest_client_spending_its_whole_budget_is_accepted_and_one_more_flip_is_refused(n, budget):
+    """The client keeps floor(budget * n) flips (exact integers, e.g. 0.29 * 100 = 28.999... in floats
+    counts as 29); the server accepts exactly that many and refuses one more."""
+    from lordba_fl.aggregation import RobustOptions, flip_allowance
+    from lordba_fl.methods.lordba import budget_flips
+
+    want = {(4_884_480, 0.05): 244_224, (4_884_480, 0.01): 48_844, (100, 0.29): 29, (1_000, 0.007): 7, (7, 0.5): 3}
+    assert flip_allowance(n, budget) == want[(n, budget)]
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(n, generator=gen)  # every sign wants to flip against the broadcast below
+    flips = budget_flips(latent, latent >= 0, budget)
+    assert int(flips.sum()) == want[(n, budget)]
+    robust = RobustOptions(max_flip_rate=budget)
+    kept, rejected = robust.apply([(Update(1, 0, flips, torch.zeros(2)), 1.0)])
+    assert len(kept) == 1 and rejected == []
+    over = flips.clone()
+    over[int(torch.nonzero(~over)[0])] = True
+    kept, rejected = robust.apply([(Update(1, 0, over, torch.zeros(2)), 1.0)])
+    assert kept == [] and "more than the budget" in rejected[0][1]

@@ -17,7 +17,7 @@ from torch import nn
 
 from lordba_fl import privacy
 from lordba_fl.adapter import attach_lordba_, lordba_layers
-from lordba_fl.aggregation import LatentVote, Refit, RobustOptions, ServerState, collect_updates
+from lordba_fl.aggregation import LatentVote, Refit, RobustOptions, ServerState, collect_updates, flip_allowance
 from lordba_fl.clientstate import StateError, load_optimizer_, pack_floats, pack_optimizer, unpack_floats
 from lordba_fl.codec import CodecOptions, Update, decode_state, decode_update, encode_state, encode_update
 from lordba_fl.config import LoRDBAConfig
@@ -42,7 +42,7 @@ log = logging.getLogger("lordba_fl")
 def budget_flips(latent: torch.Tensor, broadcast_negative: torch.Tensor, budget: float) -> torch.Tensor:
     """Flip mask ``sign(L) XOR S`` limited to ``budget * n`` flips, keeping the largest ``|L|``."""
     flips = (latent < 0) ^ broadcast_negative  # (n,)
-    k = int(budget * latent.numel())
+    k = flip_allowance(latent.numel(), budget)
     n_flips = int(flips.sum())
     if n_flips <= k:
         return flips
