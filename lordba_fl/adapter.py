@@ -131,6 +131,45 @@ def _unsqueeze(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.unsqueeze(0)
 
 
+@torch.no_grad()
+def effective_weight(layer: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` weight a frozen base layer applies, in fp32, whatever its storage.
+
+    A quantized layer is read back by feeding it the identity (``W^T + b`` for ``x = I``), so the
+    result is exactly what its forward computes, for every backend.
+    """
+    if type(layer) is nn.Linear:
+        return layer.weight.detach().float()
+    dequantized = getattr(layer, "dequantized_weight", None)
+    if dequantized is not None:
+        return dequantized(torch.float32)
+    device = _module_device(layer)
+    eye = torch.eye(int(layer.in_features), device=device)  # (in, in)
+    zero = torch.zeros(1, int(layer.in_features), device=device)  # (1, in): the bias alone
+    return (layer(eye).float() - layer(zero).float()).t().cpu()  # (in, out) -> (out, in)
+
+
+@torch.no_grad()
+def base_svd_latents(base_layer: nn.Module, rank: int, magnitude: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents whose signs are the top-``rank`` singular vectors of the frozen base weight.
+
+    ``W0 = U diag(sigma) V^T``; ``L1 = V_r^T``, ``L2 = U_r`` with each component's sign fixed so
+    that its largest entry of ``U`` is positive (an SVD defines it only up to sign), rescaled so
+    every latent has magnitude about ``magnitude`` like the random init.
+    """
+    w = effective_weight(base_layer).double()  # (out, in)
+    if rank > min(w.shape):
+        raise ValueError(f"sign_init='base-svd' needs rank <= min(out, in) = {min(w.shape)}; got rank {rank}")
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    u, vh = u[:, :rank], vh[:rank]  # (out, r), (r, in)
+    sign = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))[0]  # (r,)
+    sign[sign == 0] = 1.0
+    u, vh = u * sign[None, :], vh * sign[:, None]
+    la = vh / vh.abs().mean(1, keepdim=True) * magnitude  # (r, in)
+    lb = u / u.abs().mean(0, keepdim=True) * magnitude  # (out, r)
+    return la.float().cpu(), lb.float().cpu()
+
+
 def initial_scale_values(cfg: LoRDBAConfig, n_in: int, n_out: int) -> dict[str, float]:
     """The constant each fresh scale starts at (before the outermost one is zeroed).
 
@@ -182,6 +221,8 @@ class LoRDBALinear(nn.Module):
         r, n_in, n_out = cfg.rank, self.in_features, self.out_features
         la = torch.randn(r, n_in, generator=generator) * cfg.init_std  # (r, in)
         lb = torch.randn(n_out, r, generator=generator) * cfg.init_std  # (out, r)
+        if cfg.sign_init == "base-svd":
+            la, lb = base_svd_latents(base_layer, r, cfg.init_std)
         self.lordba_latent_A = nn.Parameter(la.to(device))
         self.lordba_latent_B = nn.Parameter(lb.to(device))
         sizes = {"in": n_in, "mid": r, "out": n_out}

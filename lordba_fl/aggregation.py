@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lordba_fl.codec import CodecError, CodecOptions, Update, decode_update
-from lordba_fl.layout import AdapterSpec, AdapterState
+from lordba_fl.init import align_components, fit_lordba, refine_lordba
+from lordba_fl.layout import AdapterSpec, AdapterState, split_carriers, split_scales
 
 
 @dataclass
@@ -25,6 +26,8 @@ class ServerState:
 
     state: AdapterState
     latent: torch.Tensor
+    residual: dict[str, torch.Tensor] | None = None  # refit error feedback: per layer (out, in) fp32
+    info: dict = field(default_factory=dict)  # what the last aggregation measured (not state)
 
     @classmethod
     def initial(cls, state: AdapterState) -> ServerState:
@@ -32,10 +35,13 @@ class ServerState:
         return cls(state.clone(), state.signs())
 
     def clone(self) -> ServerState:
-        return ServerState(self.state.clone(), self.latent.clone())
+        residual = None if self.residual is None else {k: v.clone() for k, v in self.residual.items()}
+        return ServerState(self.state.clone(), self.latent.clone(), residual)
 
     def equals(self, other: ServerState) -> bool:
-        return self.state.equals(other.state) and torch.equal(self.latent, other.latent)
+        same_residual = (self.residual or {}).keys() == (other.residual or {}).keys() and all(
+            torch.equal(v, other.residual[k]) for k, v in (self.residual or {}).items())
+        return self.state.equals(other.state) and torch.equal(self.latent, other.latent) and same_residual
 
 
 def collect_updates(
@@ -211,7 +217,19 @@ class LatentVote:
         wants = latent < 0
         negative = torch.where((wants != old.negative) & (latent.abs() > self.tau), wants, old.negative)
         scales = old.scales + self.eta * scale_step
-        return ServerState(AdapterState(old.version + 1, negative, scales), latent)
+        return ServerState(AdapterState(old.version + 1, negative, scales), latent, server.residual)
+
+
+REFIT_MODES = ("faithful", "svd")
+
+
+def layer_product(s1: torch.Tensor, s2: torch.Tensor, sc: dict[str, torch.Tensor], layer) -> torch.Tensor:
+    """``diag(s_out) S2 diag(s_mid) S1 diag(s_in)`` (out, in) in float64; absent scales are ones."""
+    one = lambda n: torch.ones(n, dtype=torch.float64)  # noqa: E731
+    b = s2.double() * sc["mid"].double()[None, :] if "mid" in sc else s2.double()
+    b = b * sc["out"].double()[:, None] if "out" in sc else b  # (out, r)
+    a = s1.double() * (sc["in"].double() if "in" in sc else one(layer.in_features))[None, :]  # (r, in)
+    return b @ a  # (out, in)
 
 
 @dataclass(frozen=True)
@@ -219,58 +237,97 @@ class Refit:
     """Average the clients' exact adapter products and re-fit a LoRDBA factorization per layer.
 
     Client ``k``'s layer product is ``ΔW_k = diag(s_out) S2 diag(s_mid) S1 diag(s_in)`` with its
-    signs ``S^t XOR F_k`` and scales ``s^t + d_k``; the server forms ``Σ n_k ΔW_k / Σ n_k`` and fits
-    signs and scales to it with the ``svd`` init (SVD + closed-form scale sweeps). The new latent is
-    the fitted signs (``±1``): global signs come from the structure of the averaged update, not votes.
+    signs ``S^t XOR F_k`` and scales ``s^t + d_k``; the server forms the target
+    ``Σ n_k ΔW_k / Σ n_k`` (plus, with ``error_feedback``, the part of earlier targets the broadcast
+    could not represent) and fits signs and scales to it.
+
+    ``mode="faithful"`` (default) starts from the current carriers and the clients' averaged scales
+    and only takes steps that lower the fit error (:func:`lordba_fl.init.refine_lordba`): a round in
+    which no client changes anything leaves the adapter exactly as it was. With ``restart``, a fresh
+    SVD fit of the target, its components aligned to the current carriers, is refined too and kept
+    when its error is lower. ``mode="svd"`` is the first design: signs of a fresh SVD, the current
+    carriers discarded (not idempotent; kept for comparison).
+
+    The round's relative fit error per layer (broadcast against target, the paper's
+    residual-to-magnitude ratio) is returned in ``ServerState.info["fit_error"]``.
     """
 
     spec: AdapterSpec
     sweeps: int = 3
     scale_rule: str = "mean"
     trim: float = 0.2
+    mode: str = "faithful"
+    passes: int = 3
+    restart: bool = False
+    error_feedback: bool = False
+
+    def __post_init__(self):
+        if self.mode not in REFIT_MODES:
+            raise ValueError(f"server.refit must be one of {REFIT_MODES}; got {self.mode!r}")
+        if self.error_feedback and self.mode != "faithful":
+            raise ValueError("server.error-feedback needs server.refit='faithful'")
 
     def __call__(self, server: ServerState, updates: Sequence[tuple[Update, float]]) -> ServerState:
-        from lordba_fl.init import fit_lordba
-        from lordba_fl.layout import split_carriers, split_scales
-
         if not updates:
             raise ValueError("no updates to aggregate; keep the current state when every reply failed")
         old = server.state
         total = sum(w for _, w in updates)
+        weights = torch.tensor([w for _, w in updates], dtype=torch.float64)
         negative = old.negative.clone()
-        scales = old.scales.clone()
+        deltas = torch.stack([u.scale_delta.float() for u, _ in updates])  # (K, n_scales)
+        scales = old.scales + combine(deltas, weights, self.scale_rule, self.trim).float()  # warm start: averaged scales
         new_neg = split_carriers(self.spec, negative)
         new_scales = split_scales(self.spec, scales)
+        old_signs = split_carriers(self.spec, old.signs())
         clients = [
             (split_carriers(self.spec, old.signs() * (1.0 - 2.0 * u.flips.float())),
              split_scales(self.spec, old.scales + u.scale_delta.float()), w)
             for u, w in updates
         ]
-        weights = torch.tensor([w for _, w in updates], dtype=torch.float64)
+        residual = dict(server.residual or {})
+        errors = {}
         for layer in self.spec.layers:
-            products = []
-            for carriers, sc, w in clients:
-                s1, s2 = carriers[layer.name]  # (r, in), (out, r)
-                s = {k: v.double() for k, v in sc[layer.name].items()}
-                b = s2.double() * s.get("mid", torch.ones(layer.rank, dtype=torch.float64))[None, :]
-                b = b * s.get("out", torch.ones(layer.out_features, dtype=torch.float64))[:, None]  # (out, r)
-                a = s1.double() * s.get("in", torch.ones(layer.in_features, dtype=torch.float64))[None, :]  # (r, in)
-                products.append(b @ a)  # (out, in)
-            if self.scale_rule == "mean":  # accumulate: no (K, out, in) stack needed
+            name = layer.name
+            products = [layer_product(*carriers[name], sc[name], layer) for carriers, sc, _ in clients]
+            if self.scale_rule == "mean":
                 target = sum((w / total) * prod for prod, (_, _, w) in zip(products, clients))
             else:
                 target = combine(torch.stack(products), weights, self.scale_rule, self.trim)  # (out, in)
             del products
+            if self.error_feedback and name in residual:
+                target = target + residual[name].double()
             if not bool(target.abs().max() > 0):
-                # every client's product is zero (e.g. s_out still 0): nothing to re-fit, average the scales
-                for kind, view in new_scales[layer.name].items():
-                    view.copy_(sum(w * sc[layer.name][kind] for _, sc, w in clients) / total)
-                continue
-            l1, l2, fitted, _ = fit_lordba(target, layer.rank, self.spec.scales, self.sweeps)
-            a_neg, b_neg = new_neg[layer.name]
-            a_neg.copy_(l1 < 0)
-            b_neg.copy_(l2 < 0)
-            for kind, view in new_scales[layer.name].items():
+                continue  # every product is zero (e.g. s_out still 0): keep the signs, averaged scales stand
+            a_neg, b_neg = new_neg[name]
+            if self.mode == "svd":
+                l1, l2, fitted, err = fit_lordba(target, layer.rank, self.spec.scales, self.sweeps)
+                s1, s2 = (l1 < 0), (l2 < 0)
+            else:
+                s1_old, s2_old = old_signs[name]
+                warm = {k: v for k, v in new_scales[name].items()}
+                f1, f2, fitted, err = refine_lordba(target, s1_old, s2_old, warm, self.spec.scales,
+                                                    self.sweeps, self.passes)
+                if self.restart:
+                    f1, f2, fitted, err = self._restart(target, layer, s1_old, (f1, f2, fitted, err))
+                s1, s2 = (f1 < 0), (f2 < 0)
+                if self.error_feedback:
+                    fit = layer_product(f1, f2, fitted, layer)
+                    residual[name] = (target - fit).float()
+            errors[name] = err
+            a_neg.copy_(s1)
+            b_neg.copy_(s2)
+            for kind, view in new_scales[name].items():
                 view.copy_(fitted[kind].float())
         state = AdapterState(old.version + 1, negative, scales)
-        return ServerState(state, state.signs())
+        info = {"fit_error": errors}
+        return ServerState(state, state.signs(), residual if self.error_feedback else None, info)
+
+    def _restart(self, target, layer, s1_old, warm_fit):
+        """A fresh SVD fit aligned to the current carriers, refined; the better of it and ``warm_fit``."""
+        l1, l2, fitted, _ = fit_lordba(target, layer.rank, self.spec.scales, self.sweeps)
+        s1, s2, perm = align_components(torch.where(l1 < 0, -1.0, 1.0), torch.where(l2 < 0, -1.0, 1.0), s1_old)
+        start = dict(fitted)
+        if "mid" in start:
+            start["mid"] = start["mid"][perm]
+        fresh = refine_lordba(target, s1, s2, start, self.spec.scales, self.sweeps, self.passes)
+        return fresh if fresh[3] < warm_fit[3] else warm_fit

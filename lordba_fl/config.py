@@ -28,6 +28,10 @@ INITS: tuple[str, ...] = ("scratch", "svd")
 # Adam at LoRA's learning rate takes LoRA-sized steps; "ones" is the first design (s_in = s_mid = 1),
 # whose steps are sqrt(in * r) times larger (it diverges at lr 1e-3, DESIGN.md's centralized table).
 SCALE_INITS: tuple[str, ...] = ("normalized", "ones")
+# Where a fresh adapter's signs come from: "random" (seeded N(0, init_std^2) latents) or "base-svd"
+# (the top-r singular vectors of the layer's own frozen, dequantized base weight, PiSSA-style: every
+# party derives the same signs from the base, so they cost no bytes).
+SIGN_INITS: tuple[str, ...] = ("random", "base-svd")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,10 @@ class LoRDBAConfig:
         default="normalized",
         metadata={"help": "Fresh scales: 'normalized' (s_in = 1/sqrt(in), s_mid = 1/sqrt(r), LoRA-sized steps) or 'ones'."},
     )
+    sign_init: str = field(
+        default="random",
+        metadata={"help": "Fresh signs: 'random' (seeded) or 'base-svd' (top singular vectors of the frozen base weight)."},
+    )
     svd_sweeps: int = field(default=5, metadata={"help": "Alternating least-squares sweeps of the 'svd' init."})
     seed: int | None = field(default=None, metadata={"help": "Seed of the scratch latents; None uses torch's RNG."})
 
@@ -86,6 +94,8 @@ class LoRDBAConfig:
             raise ValueError(f"init must be one of {list(INITS)}; got {self.init!r}")
         if self.scale_init not in SCALE_INITS:
             raise ValueError(f"scale_init must be one of {list(SCALE_INITS)}; got {self.scale_init!r}")
+        if self.sign_init not in SIGN_INITS:
+            raise ValueError(f"sign_init must be one of {list(SIGN_INITS)}; got {self.sign_init!r}")
         if not _finite_positive(self.init_std):
             raise ValueError(f"init_std must be a finite number > 0 (e.g. 0.01); got {self.init_std!r}")
         scales = (self.scales,) if isinstance(self.scales, str) else tuple(self.scales)

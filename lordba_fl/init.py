@@ -63,6 +63,152 @@ def fit_lordba(
     return l1.float(), l2.float(), {k: fitted[k].float() for k in scales}, err
 
 
+def _scale_sweeps(t, s1, s2, sc: dict, names: tuple[str, ...], sweeps: int, tol: float) -> tuple[dict, float]:
+    """Alternating exact least-squares steps on the scales in ``names``, carriers fixed.
+
+    Each block step is an exact minimiser, so the error never rises; a sweep is kept only when it
+    lowers the error by more than ``tol`` (relative), so a fit that is already optimal (an exactly
+    representable target) keeps its scales bit for bit. Returns (scales, relative error).
+    """
+    err = _rel_err(t, _product(s2, sc["mid"], s1, sc["out"], sc["in"]))
+    for _ in range(sweeps):
+        new = dict(sc)
+        if "mid" in names:
+            gram = (s2.t() @ (new["out"].square()[:, None] * s2)) * (s1 @ (new["in"].square()[:, None] * s1.t()))  # (r, r)
+            rhs = ((s2 * new["out"][:, None]).t() @ (t * new["in"][None, :]) * s1).sum(1)  # (r,)
+            new["mid"] = torch.linalg.lstsq(gram, rhs[:, None]).solution[:, 0]
+        if "out" in names:
+            m = (s2 * new["mid"][None, :]) @ s1 * new["in"][None, :]  # (out, in)
+            new["out"] = (t * m).sum(1) / m.square().sum(1).clamp_min(1e-30)
+        if "in" in names:
+            m = new["out"][:, None] * ((s2 * new["mid"][None, :]) @ s1)  # (out, in)
+            new["in"] = (t * m).sum(0) / m.square().sum(0).clamp_min(1e-30)
+        new_err = _rel_err(t, _product(s2, new["mid"], s1, new["out"], new["in"]))
+        if not new_err < err - tol:
+            break
+        sc, err = new, new_err
+    return sc, err
+
+
+def _flip_pass_a(t, s1, s2, sc, tol: float) -> int:
+    """Coordinate descent on the rows of ``S1`` (in place): for each rank component ``k``, flip
+    ``S1[k, j]`` in every column ``j`` where that lowers ``||T - B S1 diag(s_in)||``.
+
+    With ``B = diag(s_out) S2 diag(s_mid)`` fixed, the columns of ``S1`` are independent problems, so
+    flipping component ``k`` in all improving columns at once is exact. Flipping ``x = S1[k, j]``
+    changes column j's squared error by ``4 (c x b_k.rho + c^2 |b_k|^2)`` (``c = s_in[j]``,
+    ``rho`` the residual column). Returns the number of flips.
+    """
+    b = (s2 * sc["mid"][None, :]) * sc["out"][:, None]  # (out, r)
+    c = sc["in"]  # (in,)
+    resid = t - (b @ s1) * c[None, :]  # (out, in)
+    flips, scale = 0, float(t.square().sum())
+    for k in range(s1.shape[0]):
+        bk = b[:, k]  # (out,)
+        change = 4 * (c * s1[k] * (bk @ resid) + c.square() * bk.square().sum())  # (in,)
+        hit = change < -tol * scale
+        n = int(hit.sum())
+        if n:
+            resid[:, hit] += 2 * bk[:, None] * (c * s1[k])[None, hit]  # rho + 2 c x b_k
+            s1[k, hit] = -s1[k, hit]
+            flips += n
+    return flips
+
+
+def _flip_pass_b(t, s1, s2, sc, tol: float) -> int:
+    """The same for the columns of ``S2`` (in place): rows of ``T`` are independent given
+    ``A' = diag(s_mid) S1 diag(s_in)``; flipping ``x = S2[i, k]`` changes row i's squared error by
+    ``4 (d x a_k.rho + d^2 |a_k|^2)`` with ``d = s_out[i]``."""
+    a = (s1 * sc["mid"][:, None]) * sc["in"][None, :]  # (r, in)
+    d = sc["out"]  # (out,)
+    resid = t - d[:, None] * (s2 @ a)  # (out, in)
+    flips, scale = 0, float(t.square().sum())
+    for k in range(s2.shape[1]):
+        ak = a[k]  # (in,)
+        change = 4 * (d * s2[:, k] * (resid @ ak) + d.square() * ak.square().sum())  # (out,)
+        hit = change < -tol * scale
+        n = int(hit.sum())
+        if n:
+            resid[hit] += 2 * (d * s2[:, k])[hit, None] * ak[None, :]
+            s2[hit, k] = -s2[hit, k]
+            flips += n
+    return flips
+
+
+@torch.no_grad()
+def refine_lordba(
+    target: torch.Tensor,
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+    scales: dict[str, torch.Tensor],
+    names: tuple[str, ...],
+    sweeps: int = 3,
+    passes: int = 3,
+    tol: float = 1e-9,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], float]:
+    """Faithful re-binarization: fit ``target`` starting from the current carriers and scales.
+
+    Alternates (a) exact least-squares sweeps of the scales with the carriers fixed and (b) greedy
+    coordinate descent on the signs (DBF-style: one rank component at a time, every sign whose flip
+    lowers the error), until a pass changes nothing. Every step lowers the Frobenius error or is
+    not taken, so a sign changes only where that lowers the fit error, and an exactly representable
+    target (e.g. the current adapter's own product) keeps its carriers and scales unchanged.
+
+    Parameters
+    ----------
+    target : Tensor
+        ``(out, in)`` update to fit, in the adapter's ``dW / g`` units.
+    s1, s2 : Tensor
+        Current carriers ``(r, in)`` and ``(out, r)`` of ``+-1`` (not modified).
+    scales : dict
+        Current ``{"in", "mid", "out"}`` scales (absent kinds are ones and stay fixed).
+    names : tuple of str
+        The trained scale kinds.
+    sweeps, passes : int
+        Scale sweeps per pass; alternating passes.
+    tol : float
+        Relative improvement a step must make to be taken.
+
+    Returns
+    -------
+    (S1, S2, scales, relative error) with the scales for ``names`` only.
+    """
+    t = target.detach().to(torch.float64)
+    n_out, n_in = t.shape
+    s1, s2 = s1.to(torch.float64).clone(), s2.to(torch.float64).clone()  # (r, in), (out, r)
+    rank = s1.shape[0]
+    sizes = {"in": n_in, "mid": rank, "out": n_out}
+    sc = {k: (scales[k].to(torch.float64).clone() if k in names else torch.ones(sizes[k], dtype=torch.float64))
+          for k in ("in", "mid", "out")}
+    if not bool((sc["out"] != 0).any() and (sc["in"] != 0).any() and (sc["mid"] != 0).any()):
+        sc, _ = _scale_sweeps(t, s1, s2, sc, names, sweeps, tol)  # a zero scale gives the signs no gradient
+    for _ in range(passes):
+        flipped = _flip_pass_a(t, s1, s2, sc, tol) + _flip_pass_b(t, s1, s2, sc, tol)
+        sc, _ = _scale_sweeps(t, s1, s2, sc, names, sweeps, tol)
+        if not flipped:
+            break
+    sc, err = _scale_sweeps(t, s1, s2, sc, names, 4 * sweeps, tol)  # alternating LS converges slowly
+    return s1, s2, {k: sc[k] for k in names}, err
+
+
+def align_components(s1_new, s2_new, s1_old) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order and sign new rank components like the old carriers: the product is invariant to a
+    permutation of the components and to flipping row k of ``S1`` together with column k of ``S2``.
+
+    Components are matched by the largest total ``|<S1_old[i], S1_new[j]>|`` (Hungarian
+    assignment); a matched pair with a negative overlap flips both of its carriers. Returns
+    ``(S1, S2, perm)`` with ``perm[i]`` the new component placed at position i.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    overlap = s1_old.double() @ s1_new.double().t()  # (r, r)
+    _, perm = linear_sum_assignment(-overlap.abs().numpy())
+    perm = torch.as_tensor(perm)
+    s1, s2 = s1_new[perm].clone(), s2_new[:, perm].clone()
+    sign = torch.where(overlap[torch.arange(len(perm)), perm] < 0, -1.0, 1.0).to(s1.dtype)  # (r,)
+    return s1 * sign[:, None], s2 * sign[None, :], perm
+
+
 @torch.no_grad()
 def svd_init_(layer: LoRDBALinear, delta_weight: torch.Tensor, sweeps: int = 5) -> float:
     """Initialise ``layer`` so its update approximates ``delta_weight`` (out, in); returns the relative error."""

@@ -121,6 +121,12 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     flip: FlipControl = FlipControl()
     aggregator: str = "refit"
+    refit_mode: str = "faithful"
+    refit_restart: bool = False
+    error_feedback: bool = False
+    scale_init: str = "normalized"
+    sign_init: str = "random"
+    init_from: str = ""
     beta: float = 0.0
     tau: float = 0.0
     eta: float = 1.0
@@ -227,6 +233,19 @@ class RunConfig:
         if self.dp.on and (self.method != "lordba" or self.aggregator != "vote"):
             raise ValueError("dp.mode=local privatizes LoRDBA flip masks and scale deltas aggregated by the vote; "
                              f"set method=lordba and server.aggregator=vote (got {self.method!r}, {self.aggregator!r})")
+        from lordba_fl.aggregation import REFIT_MODES
+        from lordba_fl.config import SCALE_INITS, SIGN_INITS
+
+        for key, value, known in (("server.refit", self.refit_mode, REFIT_MODES), ("init.scales", self.scale_init, SCALE_INITS),
+                                  ("init.signs", self.sign_init, SIGN_INITS)):
+            if value not in known:
+                raise ValueError(f"run config {key!r} must be one of {list(known)}; got {value!r}")
+        if self.error_feedback and (self.aggregator != "refit" or self.refit_mode != "faithful"):
+            raise ValueError("server.error-feedback feeds the refit's residual back; set server.aggregator='refit' and "
+                             "server.refit='faithful' (or server.error-feedback=false)")
+        if self.init_from and self.method != "lordba":
+            raise ValueError(f"init.from starts a LoRDBA federation from an adapter file; method {self.method!r} "
+                             "does not take one (set init.from='')")
         if not self.round_timeout > 0:
             raise ValueError(f"server.round-timeout must be > 0 seconds; got {self.round_timeout}")
         if self.rank < 1 or self.lr <= 0:
@@ -255,6 +274,12 @@ _KEYS: dict[str, tuple[str, type]] = {
     "flip.latent-lr": ("flip.latent_lr", float),
     "flip.budget": ("flip.flip_budget", float),
     "server.aggregator": ("aggregator", str),
+    "server.refit": ("refit_mode", str),
+    "server.refit-restart": ("refit_restart", bool),
+    "server.error-feedback": ("error_feedback", bool),
+    "init.scales": ("scale_init", str),
+    "init.signs": ("sign_init", str),
+    "init.from": ("init_from", str),
     "server.beta": ("beta", float),
     "server.tau": ("tau", float),
     "server.eta": ("eta", float),

@@ -53,6 +53,23 @@ def budget_flips(latent: torch.Tensor, broadcast_negative: torch.Tensor, budget:
     return keep
 
 
+def flip_agreement(masks: list[torch.Tensor]) -> dict[str, float]:
+    """How often clients flip the same signs: of the positions any client flipped, the fraction
+    flipped by two or more (``flip_agreement``), and what independent clients with the same flip
+    rates would give (``flip_agreement_chance``)."""
+    if len(masks) < 2:
+        return {}
+    count = torch.stack(masks).sum(0)  # (n,) clients flipping each position
+    any_ = int((count >= 1).sum())
+    if any_ == 0:
+        return {"flip_agreement": 0.0, "flip_agreement_chance": 0.0}
+    p = torch.tensor([float(m.float().mean()) for m in masks], dtype=torch.float64)  # (K,)
+    none = torch.prod(1 - p)
+    one = sum(p[k] * torch.prod(1 - p[torch.arange(len(p)) != k]) for k in range(len(p)))
+    chance = float((1 - none - one) / (1 - none)) if float(1 - none) > 0 else 0.0
+    return {"flip_agreement": int((count >= 2).sum()) / any_, "flip_agreement_chance": chance}
+
+
 def train_groups(model: nn.Module, spec: AdapterSpec, lr: float, latent_lr: float) -> list[dict]:
     """Optimizer groups of a LoRDBA client: the scales at ``lr``, the latents at ``latent_lr`` (0: frozen)."""
     latents, scales = [], []
@@ -97,7 +114,8 @@ class LoRDBAMethod(Method):
     # ---- model ----------------------------------------------------------------------------------
     def adapt(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
-        attach_lordba_(model, LoRDBAConfig(rank=cfg.rank, alpha=cfg.alpha, scales=cfg.scales, seed=cfg.seed))
+        attach_lordba_(model, LoRDBAConfig(rank=cfg.rank, alpha=cfg.alpha, scales=cfg.scales, seed=cfg.seed,
+                                           scale_init=cfg.scale_init, sign_init=cfg.sign_init))
         self.spec = AdapterSpec.from_model(model)
         return model
 
@@ -120,7 +138,8 @@ class LoRDBAMethod(Method):
             self.aggregator = LatentVote(cfg.beta, cfg.tau, cfg.eta, scale_rule=cfg.scale_rule, trim=cfg.trim,
                                          flip_noise=cfg.dp.flip_noise if cfg.dp.on else 0.0)
         else:
-            self.aggregator = Refit(self.spec, scale_rule=cfg.scale_rule, trim=cfg.trim)
+            self.aggregator = Refit(self.spec, scale_rule=cfg.scale_rule, trim=cfg.trim, mode=cfg.refit_mode,
+                                    restart=cfg.refit_restart, error_feedback=cfg.error_feedback)
 
     @property
     def version(self) -> int:
@@ -175,7 +194,12 @@ class LoRDBAMethod(Method):
         for v in sorted(self.history)[: max(0, len(self.history) - self.cfg.history)]:
             del self.history[v]
         metrics["client_flip_rate"] = sum(float(u.flips.float().mean()) for u, _ in accepted) / len(accepted)
+        metrics.update(flip_agreement([u.flips for u, _ in accepted]))
         metrics["global_flip_rate"] = float((new.negative ^ old.negative).float().mean())
+        errors = sorted(self.server.info.get("fit_error", {}).values())
+        if errors:  # refit: broadcast vs aggregate, relative Frobenius error per layer
+            metrics["fit_error_median"] = errors[len(errors) // 2]
+            metrics["fit_error_max"] = errors[-1]
         return metrics
 
     def _account(self, replies) -> dict:
@@ -200,13 +224,16 @@ class LoRDBAMethod(Method):
         }
         for v, neg in self.history.items():
             tensors[f"history.{v}"] = neg
+        for name, r in (self.server.residual or {}).items():
+            tensors[f"residual.{name}"] = r
         meta = {"version": self.version, "node_versions": {str(k): v for k, v in self.node_versions.items()},
                 "participations": {str(k): v for k, v in self.participations.items()}}
         return tensors, meta
 
     def load_server_state(self, tensors: dict, meta: dict) -> None:
         state = AdapterState(int(meta["version"]), tensors["negative"].clone(), tensors["scales"].clone())
-        self.server = ServerState(state, tensors["latent"].clone())
+        residual = {k.split(".", 1)[1]: t.clone() for k, t in tensors.items() if k.startswith("residual.")}
+        self.server = ServerState(state, tensors["latent"].clone(), residual or None)
         self.history = {int(k.split(".", 1)[1]): t.clone() for k, t in tensors.items() if k.startswith("history.")}
         self.node_versions = {int(k): int(v) for k, v in meta["node_versions"].items()}
         self.participations = {int(k): int(v) for k, v in meta.get("participations", {}).items()}

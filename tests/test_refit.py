@@ -1,0 +1,131 @@
+"""The faithful re-binarization (server.refit='faithful'): warm-started, never worse, idempotent."""
+
+import pytest
+import torch
+
+from lordba_fl.aggregation import Refit, ServerState, layer_product
+from lordba_fl.codec import Update
+from lordba_fl.init import align_components, refine_lordba
+from lordba_fl.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers, split_scales
+
+SPEC = AdapterSpec((LayerSpec("a", 40, 48, 8), LayerSpec("b", 24, 16, 8)), ("in", "mid", "out"), b"r" * 16)
+
+
+def _state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return AdapterState(3, torch.rand(SPEC.n_bits, generator=g) < 0.5, torch.rand(SPEC.n_scales, generator=g) + 0.5)
+
+
+def _update(state, flip_p, delta_sd, seed):
+    g = torch.Generator().manual_seed(seed)
+    return Update(1, state.version, torch.rand(SPEC.n_bits, generator=g) < flip_p,
+                  torch.randn(SPEC.n_scales, generator=g) * delta_sd)
+
+
+def _products(neg, scales):
+    carriers, sc = split_carriers(SPEC, 1.0 - 2.0 * neg.float()), split_scales(SPEC, scales)
+    return {l.name: layer_product(*carriers[l.name], sc[l.name], l) for l in SPEC.layers}
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_a_round_in_which_no_client_changes_anything_changes_nothing():
+    state = _state()
+    server = ServerState.initial(state)
+    nothing = Update(1, state.version, torch.zeros(SPEC.n_bits, dtype=torch.bool), torch.zeros(SPEC.n_scales))
+    new = Refit(SPEC)(server, [(nothing, 2.0), (nothing, 5.0)])
+    assert new.state.version == state.version + 1
+    assert torch.equal(new.state.negative, state.negative)  # 0 flips
+    assert torch.equal(new.state.scales, state.scales)  # bit for bit
+    assert max(new.info["fit_error"].values()) < 1e-9  # an exactly representable target
+
+
+def test_the_first_design_was_not_idempotent():
+    """mode='svd' takes signs of a fresh SVD: the same no-change round churns signs (what faithful fixes)."""
+    state = _state()
+    nothing = Update(1, state.version, torch.zeros(SPEC.n_bits, dtype=torch.bool), torch.zeros(SPEC.n_scales))
+    new = Refit(SPEC, mode="svd")(ServerState.initial(state), [(nothing, 1.0)])
+    churn = float((new.state.negative ^ state.negative).float().mean())
+    assert churn > 0.1 and max(new.info["fit_error"].values()) > 0.05
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_refit_is_never_worse_than_averaged_scales_on_the_current_signs(seed):
+    """The warm start is the vote's answer (current signs, FedAvg scales); every step lowers the error."""
+    state = _state(seed)
+    ups = [(_update(state, 0.02, 0.1, seed * 10 + k), float(k + 1)) for k in range(3)]
+    new = Refit(SPEC)(ServerState.initial(state), ups)
+    total = sum(w for _, w in ups)
+    targets = {n: sum(w / total * _products(state.negative ^ u.flips, state.scales + u.scale_delta)[n] for u, w in ups)
+               for n in ("a", "b")}
+    averaged = state.scales + sum(w / total * u.scale_delta for u, w in ups)
+    start, got = _products(state.negative, averaged), _products(new.state.negative, new.state.scales)
+    for name, target in targets.items():
+        assert _rel(got[name], target) <= _rel(start[name], target) + 1e-7
+        assert new.info["fit_error"][name] == pytest.approx(_rel(got[name], target), abs=1e-6)  # reported = measured
+
+
+def test_one_client_exactly_representable_update_is_reproduced_better_than_by_svd():
+    state = _state(4)
+    u = _update(state, 0.01, 0.05, 7)
+    target = _products(state.negative ^ u.flips, state.scales + u.scale_delta)
+    faithful = Refit(SPEC)(ServerState.initial(state), [(u, 1.0)])
+    svd = Refit(SPEC, mode="svd", sweeps=20)(ServerState.initial(state), [(u, 1.0)])
+    for name in ("a", "b"):
+        assert faithful.info["fit_error"][name] < 0.05 and faithful.info["fit_error"][name] < svd.info["fit_error"][name]
+    flips = float((faithful.state.negative ^ state.negative).float().mean())
+    assert flips < 0.05  # not churn: about the client's 1%
+
+
+def test_refine_flips_a_sign_only_where_the_error_falls():
+    g = torch.Generator().manual_seed(0)
+    s1 = torch.where(torch.rand(4, 20, generator=g) < 0.5, -1.0, 1.0)
+    s2 = torch.where(torch.rand(30, 4, generator=g) < 0.5, -1.0, 1.0)
+    sc = {"in": torch.rand(20, generator=g) + 0.5, "mid": torch.rand(4, generator=g) + 0.5, "out": torch.rand(30, generator=g) + 0.5}
+    # the target is the product with 3 signs of S1 and 2 of S2 wrong
+    t1, t2 = s1.clone(), s2.clone()
+    t1[0, 3] *= -1; t1[2, 7] *= -1; t1[3, 19] *= -1; t2[5, 1] *= -1; t2[29, 0] *= -1  # noqa: E702
+    target = sc["out"][:, None] * ((t2 * sc["mid"][None, :]) @ t1) * sc["in"][None, :]
+    before = s1.clone()
+    f1, f2, fitted, err = refine_lordba(target, s1, s2, sc, ("in", "mid", "out"))
+    assert err < 1e-6  # the fp32 target's own rounding (~6e-8 per entry) bounds it
+    assert torch.equal(f1, t1) and torch.equal(f2, t2)  # exactly the 5 wrong signs flipped
+    assert torch.equal(s1, before)  # inputs are not modified
+
+
+def test_align_components_undoes_a_permutation_and_sign_flips():
+    g = torch.Generator().manual_seed(1)
+    s1 = torch.where(torch.rand(6, 64, generator=g) < 0.5, -1.0, 1.0)
+    s2 = torch.where(torch.rand(50, 6, generator=g) < 0.5, -1.0, 1.0)
+    perm, sign = torch.tensor([3, 0, 5, 1, 4, 2]), torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0, -1.0])
+    n1, n2 = s1[perm] * sign[:, None], s2[:, perm] * sign[None, :]  # the same product, reordered
+    a1, a2, p = align_components(n1, n2, s1)
+    assert torch.equal(a1, s1) and torch.equal(a2, s2)
+    assert torch.equal(n1[p].abs(), s1.abs())
+
+
+def test_error_feedback_carries_the_residual_into_the_next_target():
+    state = _state(5)
+    ups = [(_update(state, 0.02, 0.2, k), 1.0) for k in range(2)]
+    ef = Refit(SPEC, error_feedback=True)
+    first = ef(ServerState.initial(state), ups)
+    total_target = {n: sum(0.5 * _products(state.negative ^ u.flips, state.scales + u.scale_delta)[n] for u, _ in ups)
+                    for n in ("a", "b")}
+    fit = _products(first.state.negative, first.state.scales)
+    for n in ("a", "b"):
+        torch.testing.assert_close(first.residual[n].double(), total_target[n] - fit[n], atol=1e-6, rtol=0)
+    # a quiet round fits product + residual = the first round's target
+    nothing = Update(1, first.state.version, torch.zeros(SPEC.n_bits, dtype=torch.bool), torch.zeros(SPEC.n_scales))
+    second = ef(first, [(nothing, 1.0)])
+    got = _products(second.state.negative, second.state.scales)
+    for n in ("a", "b"):
+        assert _rel(got[n], total_target[n]) <= _rel(fit[n], total_target[n]) + 1e-7
+
+
+def test_bad_refit_settings_are_refused():
+    with pytest.raises(ValueError, match="faithful"):
+        Refit(SPEC, mode="bogus")
+    with pytest.raises(ValueError, match="error-feedback"):
+        Refit(SPEC, mode="svd", error_feedback=True)
