@@ -34,7 +34,7 @@ def test_base_svd_signs_are_the_top_singular_vectors_of_the_base_weight():
             assert torch.equal(s2[:, k].double(), torch.where(flip * u[:, k] < 0, -1.0, 1.0).double())
             assert torch.equal(s1[k].double(), torch.where(flip * vh[k] < 0, -1.0, 1.0).double())
         # and the adapter starts as a no-op (s_out = 0), like the random init
-            assert float(layers[name].lordba_scale_out.detach().abs().max()) == 0.0
+        assert float(layers[name].lordba_scale_out.detach().abs().max()) == 0.0
 
 
 def test_base_svd_signs_are_the_same_for_every_party():
