@@ -30,6 +30,7 @@ from torch import nn
 from lordba_fl.adapter import attach_lordba_, find_targets, lordba_layers
 from lordba_fl.codec import CodecError, pack_signs, packed_row_bytes, unpack_signs
 from lordba_fl.config import LoRDBAConfig
+from lordba_fl.init import svd_init_
 
 FORMAT = "lordba"
 FORMAT_VERSION = 1
@@ -325,6 +326,14 @@ def lordba_from_peft_lora(
     dict
         The relative Frobenius reconstruction error ``||dW - dW_lordba|| / ||dW||`` of every layer.
     """
+    deltas, r, lora_alpha = read_peft_lora_deltas(directory)
+    base = cfg.to_dict() if cfg is not None else {"rank": r, "alpha": lora_alpha}
+    base.update(target_modules=sorted(deltas), init="svd")
+    return attach_lordba_(model, LoRDBAConfig.from_dict(base), delta_weights=deltas)
+
+
+def read_peft_lora_deltas(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int, float]:
+    """``({module_name: dW (out, in)}, r, lora_alpha)`` of a PEFT LoRA adapter directory."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -352,9 +361,39 @@ def lordba_from_peft_lora(
         deltas[name] = (b.float() @ a.float()) * lora_scaling  # (out, r) @ (r, in) -> (out, in)
     if not deltas:
         raise LoRDBAFileError(f"{weights_path} holds no lora_A/lora_B weights")
-    base = cfg.to_dict() if cfg is not None else {"rank": r, "alpha": lora_alpha}
-    base.update(target_modules=sorted(deltas), init="svd")
-    return attach_lordba_(model, LoRDBAConfig.from_dict(base), delta_weights=deltas)
+    return deltas, r, lora_alpha
+
+
+def init_from_(model: nn.Module, path: str | os.PathLike) -> dict[str, float]:
+    """Set the adapter already attached to ``model`` from an existing adapter, in place.
+
+    ``path`` is a packed LoRDBA file (:func:`save_lordba`; base fingerprint, rank, scale set and
+    modules must match) or a PEFT LoRA directory, whose dense updates are fitted into the attached
+    adapter with the ``svd`` init (any LoRA rank; the modules must be the adapter's). Everything is
+    checked before anything is written. Returns the relative fit error per layer (empty for a
+    packed file, which loads exactly).
+    """
+    path = Path(path)
+    layers = lordba_layers(model)
+    if not layers:
+        raise ValueError("init_from_ needs a model with a LoRDBA adapter attached (attach_lordba_ first)")
+    if path.is_dir():
+        deltas, _, _ = read_peft_lora_deltas(path)
+        if set(deltas) != set(layers):
+            missing, extra = sorted(set(layers) - set(deltas)), sorted(set(deltas) - set(layers))
+            raise LoRDBAFileError(
+                f"{path}: the LoRA adapts other modules than this run's adapter (missing {missing[:3]}, extra "
+                f"{extra[:3]}); train it with the same target modules, or start from scratch (init.from='')")
+        for name, layer in layers.items():
+            if tuple(deltas[name].shape) != (layer.out_features, layer.in_features):
+                raise LoRDBAFileError(f"{path}: {name} is {tuple(deltas[name].shape)} in the LoRA but "
+                                      f"{(layer.out_features, layer.in_features)} in this model: another base model")
+        return {name: svd_init_(layer, deltas[name]) for name, layer in layers.items()}
+    if path.is_file():
+        load_lordba_(model, path)
+        return {}
+    raise FileNotFoundError(f"init.from={str(path)!r} does not exist: give a packed LoRDBA .safetensors file "
+                            "(save_lordba) or a PEFT LoRA directory (save_pretrained)")
 
 
 def peft_lora_config(directory: str | os.PathLike | None = None, **kwargs):

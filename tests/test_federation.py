@@ -333,3 +333,45 @@ def test_client_side_evaluation_can_be_switched_off(tmp_path):
     grid, _, rows = _run(tmp_path, method="lordba", rounds=1, **{"eval.client-side": False})
     assert not _pairs(grid, "evaluate", 1) and len(_pairs(grid, "train", 1)) == 4
     assert "client_eval_loss" not in rows[1] and "eval_loss" in rows[1]  # the server still evaluates
+
+
+def test_init_from_a_packed_adapter_starts_where_that_run_ended_and_a_mismatch_is_refused(tmp_path):
+    from lordba_fl.storage import LoRDBAFileError
+
+    _, first_dir, first = _run(tmp_path / "a", rounds=1)
+    packed = first_dir / "adapter.lordba.safetensors"
+    _, _, second = _run(tmp_path / "b", rounds=1, **{"init.from": str(packed)})
+    assert second[0]["eval_loss"] == first[-1]["eval_loss"]  # round 0 of the new run is the old run's end
+    # another rank: refused before any message is sent
+    grid = LocalGrid(make_client_app(), 4, dict(BASE))
+    with pytest.raises(LoRDBAFileError, match="rank=4"):
+        _run(tmp_path / "c", grid=grid, rank=8, alpha=16.0, **{"init.from": str(packed)})
+    assert grid.sent == []
+    with pytest.raises(FileNotFoundError, match="PEFT LoRA directory"):
+        _run(tmp_path / "d", **{"init.from": str(tmp_path / "nope")})
+
+
+def test_init_from_a_peft_lora_directory_equals_the_svd_import(tmp_path):
+    from lordba_fl import LoRDBAConfig, attach_lordba_, lordba_layers
+    from lordba_fl.models import load_model
+    from lordba_fl.storage import LoRDBAFileError, init_from_, lordba_from_peft_lora
+
+    def tiny_llama():
+        return load_model("tiny-llama", quant="q4_1")[0]
+
+    _, run_dir, _ = _run(tmp_path, rounds=1)
+    peft_dir = run_dir / "peft_lora"
+    ref = tiny_llama()
+    ref_err = lordba_from_peft_lora(ref, peft_dir, LoRDBAConfig(rank=4, alpha=8.0))
+    model = tiny_llama()
+    attach_lordba_(model, LoRDBAConfig(rank=4, alpha=8.0, seed=3))
+    err = init_from_(model, peft_dir)
+    assert err.keys() == ref_err.keys() and all(err[k] == pytest.approx(ref_err[k], rel=1e-9) for k in err)
+    for (n, a), (_, b) in zip(lordba_layers(model).items(), lordba_layers(ref).items()):
+        assert torch.equal(a.lordba_latent_A > 0, b.lordba_latent_A > 0) and torch.equal(a.lordba_latent_B > 0, b.lordba_latent_B > 0), n
+        for kind in ("in", "mid", "out"):  # fp32 values of the same float64 fit (BLAS may differ in the last bit)
+            torch.testing.assert_close(a.scale(kind), b.scale(kind))
+    narrow = tiny_llama()
+    attach_lordba_(narrow, LoRDBAConfig(rank=4, target_modules=("q_proj",)))
+    with pytest.raises(LoRDBAFileError, match="other modules"):
+        init_from_(narrow, peft_dir)

@@ -31,6 +31,7 @@ from lordba_fl.layout import (
     write_state_,
 )
 from lordba_fl.methods import Method, register_method
+from lordba_fl.storage import init_from_
 from lordba_fl.train import make_optimizer, train_local
 
 HELD_KEY = "lordba.held"  # context.state: the full-state frame this node holds
@@ -128,9 +129,13 @@ class LoRDBAMethod(Method):
 
     # ---- server ---------------------------------------------------------------------------------
     def init_server(self, model: nn.Module) -> None:
+        cfg = self.cfg
+        if cfg.init_from:  # checked here, before any round runs; clients get it in their first (full) downlink
+            errors = sorted(init_from_(model, cfg.init_from).values())
+            log.info("init.from=%s: %d layers%s", cfg.init_from, len(self.spec.layers),
+                     f", median svd fit error {errors[len(errors) // 2]:.3f}" if errors else " (packed, exact)")
         self.server = ServerState.initial(read_state(model, self.spec, version=0))
         self.history = {0: self.server.state.negative.clone()}
-        cfg = self.cfg
         if cfg.dp.on:
             log.info("dp.mode=local: noise multiplier %.4g, flip randomized response p=%.4g",
                      self.dp_noise_multiplier(), cfg.dp.flip_noise)  # calibrated (or refused) at start
