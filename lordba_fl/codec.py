@@ -9,7 +9,8 @@ Packing is vectorized (numpy on CPU tensors, torch on any other device).
 
 **Frames.** One message carries one frame per kind (:class:`FrameKind`): a client's *update* (flip
 mask of its signs against the broadcast, plus scale deltas), or the server's *state*, full (signs +
-fp16 scales) or a *delta* against a version the receiver holds (flip mask + fp16 scales). A frame is::
+fp16 scales) or a *delta* against a version the receiver holds (flip mask + fp16 scale bits XOR the
+held version's). A frame is::
 
     header (92 bytes, little-endian, see _HEADER)   magic "LDBA", format version, kind, flags,
                                                     16-byte model fingerprint, round, version,
@@ -21,7 +22,9 @@ fp16 scales) or a *delta* against a version the receiver holds (flip mask + fp16
                           or GAPS = run lengths between set bits, each as k bytes of 255 then one byte
                           < 255 (sum = gap), chosen when sparser and smaller (flip masks usually are)
     scale section (zstd)  FP16 = fp16 values, low bytes then high bytes; Q8 = one fp16 step per
-                          (layer, scale kind), then int8 values in [-127, 127], value = q * step
+                          (layer, scale kind), then int8 values in [-127, 127], value = q * step;
+                          FP16_XOR (state deltas) = fp16 bits XOR the base version's fp16 bits,
+                          low bytes then high bytes
 
 The CRC-32 covers the header (with the CRC field zeroed) and every section. Decoding checks, in
 order: length, magic, format version, CRC, kind, model fingerprint, dictionary, declared sizes
@@ -177,6 +180,7 @@ class SignEncoding(enum.IntEnum):
 class ScaleEncoding(enum.IntEnum):
     FP16 = 0
     Q8 = 1
+    FP16_XOR = 2  # state deltas: the fp16 bit patterns XOR those of the base version's scales
 
 
 _SCALE_ENCODINGS = {"fp16": ScaleEncoding.FP16, "q8": ScaleEncoding.Q8}
@@ -419,6 +423,29 @@ def _decode_fp16(raw: bytes, n: int) -> np.ndarray:
     return values
 
 
+def _fp16_bits(values: np.ndarray, what: str) -> np.ndarray:
+    planes = np.frombuffer(_encode_fp16(values, what), dtype=np.uint8).reshape(2, -1)
+    return np.ascontiguousarray(planes.T).view(np.uint16).reshape(-1)  # (n,)
+
+
+def _encode_fp16_xor(values: np.ndarray, base: np.ndarray, what: str) -> bytes:
+    """fp16 bits of ``values`` XOR fp16 bits of ``base``, as byte planes: exact against any held
+    version, and a scale that did not change (or changed in its last mantissa bits only) costs
+    (almost) nothing after zstd, since its high byte XORs to zero."""
+    x = _fp16_bits(values, what) ^ _fp16_bits(base, "base.scales")  # (n,)
+    return x.view(np.uint8).reshape(-1, 2).T.tobytes()
+
+
+def _decode_fp16_xor(raw: bytes, base: np.ndarray, n: int) -> np.ndarray:
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(2, n)
+    x = np.ascontiguousarray(planes.T).view(np.uint16).reshape(n) ^ _fp16_bits(base, "base.scales")
+    values = x.view(np.float16).astype(np.float32)
+    if not np.isfinite(values).all():
+        bad = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise NonFiniteError(f"scale section decodes to a non-finite value at index {bad} (NaN or Inf)")
+    return values
+
+
 def fp16_round(x32: np.ndarray, up: bool) -> np.ndarray:
     """``x32`` to fp16 rounded up (``up``) or down instead of to nearest (inf where it overflows)."""
     with np.errstate(over="ignore"):
@@ -454,7 +481,7 @@ def _decode_q8(raw: bytes, segments: np.ndarray) -> np.ndarray:
 
 
 def _scale_raw_bytes(spec: AdapterSpec, encoding: int) -> int:
-    if encoding == ScaleEncoding.FP16:
+    if encoding in (ScaleEncoding.FP16, ScaleEncoding.FP16_XOR):
         return 2 * spec.n_scales
     if encoding == ScaleEncoding.Q8:
         return 2 * spec.scale_segments.size + spec.n_scales
@@ -665,16 +692,21 @@ def encode_state(
 ) -> bytes:
     """Encode the broadcast state, in full or as a delta against ``base`` (a version the receiver holds).
 
-    Scales travel as fp16 in both forms, so a delta reconstructs exactly what a full frame would.
+    Scales travel as fp16 in both forms: a full frame sends them, a delta frame sends their fp16 bits
+    XOR those of ``base.scales`` (``FP16_XOR``), so a delta reconstructs exactly what a full frame
+    would, provided the receiver holds ``base`` as it was broadcast.
     """
     options = options or CodecOptions()
     neg = _as_numpy_bits(state.negative, spec.n_bits, "state.negative")
-    raw = _encode_fp16(_as_numpy_f32(state.scales, spec.n_scales, "state.scales"), "state.scales")
+    values = _as_numpy_f32(state.scales, spec.n_scales, "state.scales")
     if base is None:
         kind, bits, base_version = FrameKind.STATE_FULL, neg, UNVERSIONED
+        enc, raw = ScaleEncoding.FP16, _encode_fp16(values, "state.scales")
     else:
         base_neg = _as_numpy_bits(base.negative, spec.n_bits, "base.negative")
         kind, bits, base_version = FrameKind.STATE_DELTA, neg ^ base_neg, _u32("base.version", base.version)
+        base_values = _as_numpy_f32(base.scales, spec.n_scales, "base.scales")
+        enc, raw = ScaleEncoding.FP16_XOR, _encode_fp16_xor(values, base_values, "state.scales")
     return _build(
         kind,
         spec,
@@ -683,7 +715,7 @@ def encode_state(
         version=state.version,
         base_version=base_version,
         bits=bits,
-        scale_encoding=ScaleEncoding.FP16,
+        scale_encoding=enc,
         scale_raw=raw,
     )
 
@@ -702,9 +734,10 @@ def decode_state(
     """
     options = options or CodecOptions()
     h, bits, scale_raw = _parse(buf, spec, options, (FrameKind.STATE_FULL, FrameKind.STATE_DELTA))
-    if h.scale_encoding != ScaleEncoding.FP16:
-        raise MalformedFrameError("state frames carry fp16 scales; this one declares another encoding")
-    scales = torch.from_numpy(_decode_fp16(scale_raw, spec.n_scales))
+    allowed = (ScaleEncoding.FP16, ScaleEncoding.FP16_XOR) if h.kind == FrameKind.STATE_DELTA else (ScaleEncoding.FP16,)
+    if h.scale_encoding not in allowed:
+        raise MalformedFrameError(f"{FrameKind(h.kind).name} frames carry {' or '.join(e.name for e in allowed)} "
+                                  f"scales; this one declares encoding {h.scale_encoding}")
     if h.kind == FrameKind.STATE_DELTA:
         if base is None or base.version != h.base_version:
             held = "no state" if base is None else f"version {base.version}"
@@ -714,4 +747,9 @@ def decode_state(
         negative = torch.from_numpy(_as_numpy_bits(base.negative, spec.n_bits, "base.negative") ^ bits)
     else:
         negative = torch.from_numpy(bits)
+    if h.scale_encoding == ScaleEncoding.FP16_XOR:
+        base_values = _as_numpy_f32(base.scales, spec.n_scales, "base.scales")
+        scales = torch.from_numpy(_decode_fp16_xor(scale_raw, base_values, spec.n_scales))
+    else:
+        scales = torch.from_numpy(_decode_fp16(scale_raw, spec.n_scales))
     return AdapterState(h.version, negative, scales)

@@ -12,6 +12,7 @@ from lordba_fl.codec import (
     CodecOptions,
     FrameKind,
     ModelMismatchError,
+    ScaleEncoding,
     SignEncoding,
     Update,
     _decode_bits,
@@ -216,6 +217,26 @@ def test_state_full_and_delta_round_trip_across_missed_versions():
         decode_state(delta_frame, spec, base=AdapterState(2, v0.negative, v0.scales))
     with pytest.raises(BaseVersionError):
         decode_state(delta_frame, spec)
+
+
+def test_state_delta_scales_are_fp16_xor_of_the_held_ones_and_cost_little_when_they_barely_move():
+    spec = _spec(((256, 192, 8),))
+    g = torch.Generator().manual_seed(2)
+    v1 = AdapterState(1, torch.rand(spec.n_bits, generator=g) < 0.5, torch.rand(spec.n_scales, generator=g) + 0.5)
+    same = AdapterState(2, v1.negative.clone(), v1.scales.clone())
+    nudged = AdapterState(2, v1.negative.clone(), v1.scales * (1 + 1e-3 * torch.randn(spec.n_scales, generator=g)))
+    for new in (same, nudged):
+        frame = encode_state(new, spec, base=v1)
+        h = read_header(frame)
+        assert h.scale_encoding == ScaleEncoding.FP16_XOR
+        got = decode_state(frame, spec, base=v1)
+        assert torch.equal(got.scales, new.scales.half().float())  # exact, like a full frame
+        raw = zstandard.ZstdDecompressor().decompress(frame[-h.scale_comp:])
+        want = (new.scales.half().numpy().view(np.uint16) ^ v1.scales.half().numpy().view(np.uint16))
+        assert raw == want.view(np.uint8).reshape(-1, 2).T.tobytes()  # low bytes, then high bytes
+    full = read_header(encode_state(nudged, spec)).scale_comp
+    assert read_header(encode_state(same, spec, base=v1)).scale_comp < 64  # all zeros
+    assert read_header(encode_state(nudged, spec, base=v1)).scale_comp < 0.7 * full  # high bytes mostly zero
 
 
 def test_dictionary_is_used_and_must_match():

@@ -199,8 +199,9 @@ def test_rejected_frames_leave_client_state_untouched():
     new = AdapterState(5, held.negative ^ (torch.rand(SPEC.n_bits, generator=g) < 0.1), torch.randn(SPEC.n_scales, generator=g))
     frame = encode_state(new, SPEC, base=held)
     table, signs, _ = _sections(frame)
-    bad_scales = np.zeros(SPEC.n_scales, dtype=np.float16)
+    bad_scales = held.scales.numpy().astype(np.float16)  # a delta frame's scales are fp16 bits XOR the held ones
     bad_scales[-1] = np.nan
+    bad_scales = bad_scales.view(np.uint16) ^ held.scales.numpy().astype(np.float16).view(np.uint16)
     corrupt = [
         frame[:-3],
         frame[:50] + bytes([frame[50] ^ 1]) + frame[51:],

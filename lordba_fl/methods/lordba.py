@@ -109,6 +109,7 @@ class LoRDBAMethod(Method):
         self.spec: AdapterSpec | None = None
         self.server: ServerState | None = None
         self.history: dict[int, torch.Tensor] = {}
+        self.scale_history: dict[int, torch.Tensor] = {}
         self.node_versions: dict[int, int] = {}
         self.participations: dict[int, int] = {}  # dp: privatized uplinks received per node
 
@@ -136,6 +137,7 @@ class LoRDBAMethod(Method):
                      f", median svd fit error {errors[len(errors) // 2]:.3f}" if errors else " (packed, exact)")
         self.server = ServerState.initial(read_state(model, self.spec, version=0))
         self.history = {0: self.server.state.negative.clone()}
+        self.scale_history = {0: self.server.state.scales.clone()}  # what each kept version broadcast
         if cfg.dp.on:
             log.info("dp.mode=local: noise multiplier %.4g, flip randomized response p=%.4g",
                      self.dp_noise_multiplier(), cfg.dp.flip_noise)  # calibrated (or refused) at start
@@ -154,8 +156,8 @@ class LoRDBAMethod(Method):
         current = self.server.state
         held = self.node_versions.get(node_id)
         base = None
-        if held is not None and held in self.history:
-            base = AdapterState(held, self.history[held], current.scales)
+        if held is not None and held in self.history and held in self.scale_history:
+            base = AdapterState(held, self.history[held], self.scale_history[held])
         return encode_state(current, self.spec, self.state_options, round=server_round, base=base)
 
     def note_held(self, node_id: int, version: int | None) -> None:
@@ -196,8 +198,9 @@ class LoRDBAMethod(Method):
         self.server = candidate
         new = self.server.state
         self.history[new.version] = new.negative.clone()
+        self.scale_history[new.version] = new.scales.clone()
         for v in sorted(self.history)[: max(0, len(self.history) - self.cfg.history)]:
-            del self.history[v]
+            del self.history[v], self.scale_history[v]
         metrics["client_flip_rate"] = sum(float(u.flips.float().mean()) for u, _ in accepted) / len(accepted)
         metrics.update(flip_agreement([u.flips for u, _ in accepted]))
         metrics["global_flip_rate"] = float((new.negative ^ old.negative).float().mean())
@@ -229,6 +232,7 @@ class LoRDBAMethod(Method):
         }
         for v, neg in self.history.items():
             tensors[f"history.{v}"] = neg
+            tensors[f"history_scales.{v}"] = self.scale_history[v]
         for name, r in (self.server.residual or {}).items():
             tensors[f"residual.{name}"] = r
         meta = {"version": self.version, "node_versions": {str(k): v for k, v in self.node_versions.items()},
@@ -240,6 +244,8 @@ class LoRDBAMethod(Method):
         residual = {k.split(".", 1)[1]: t.clone() for k, t in tensors.items() if k.startswith("residual.")}
         self.server = ServerState(state, tensors["latent"].clone(), residual or None)
         self.history = {int(k.split(".", 1)[1]): t.clone() for k, t in tensors.items() if k.startswith("history.")}
+        self.scale_history = {int(k.split(".", 1)[1]): t.clone() for k, t in tensors.items()
+                              if k.startswith("history_scales.")}
         self.node_versions = {int(k): int(v) for k, v in meta["node_versions"].items()}
         self.participations = {int(k): int(v) for k, v in meta.get("participations", {}).items()}
 
