@@ -214,6 +214,9 @@ class LoRDBALinear(nn.Module):
         self.ste_k = float(cfg.ste_k)
         self.scale_names = cfg.scales
         self.adapter_enabled = True
+        # True while a client trains the latents as unconstrained float factors (no sign, no STE):
+        # the warm-up rounds of lordba_fl.methods.lordba fit the result back to signs on the device
+        self.float_factors = False
         self._fold_cache = None
         # (latent_A, latent_B, s_in, s_mid, s_out) stacked over K clients while lordba_fl.batched trains them
         self.stack: tuple | None = None
@@ -252,6 +255,9 @@ class LoRDBALinear(nn.Module):
             a, b = self._folded(x.dtype)
             return (x @ a.t() @ b.t()).mul_(self.scaling)  # (..., in) -> (..., r) -> (..., out)
         self._fold_cache = None
+        if self.float_factors:
+            a, b = self._float_factors()
+            return (x @ a.t() @ b.t()) * self.scaling  # (..., in) -> (..., r) -> (..., out)
         params = (self.lordba_latent_A, self.lordba_latent_B, self.lordba_scale_in, self.lordba_scale_mid, self.lordba_scale_out)
         out = _LoRDBADelta.apply(
             x.reshape(1, -1, self.in_features), *(_unsqueeze(p) for p in params), self.scaling, self.ste, self.ste_k
@@ -276,13 +282,28 @@ class LoRDBALinear(nn.Module):
         delta = self.delta(x) if self.stack is None else self.stacked_delta(x)
         return y + delta.to(y.dtype)
 
+    def _float_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A = L1 s_mid s_in`` (r, in) and ``B = s_out L2`` (out, r) with the latents as real values."""
+        a, b = self.lordba_latent_A, self.lordba_latent_B
+        if self.lordba_scale_mid is not None:
+            a = a * self.lordba_scale_mid[:, None]
+        if self.lordba_scale_in is not None:
+            a = a * self.lordba_scale_in[None, :]
+        if self.lordba_scale_out is not None:
+            b = b * self.lordba_scale_out[:, None]
+        return a, b
+
     def _folded(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         params = [p for p in self.parameters(recurse=False)]
         key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
         cache = getattr(self, "_fold_cache", None)
+        key = (key, self.float_factors)
         if cache is None or cache[0] != key:
-            a = _fold_a(binarize(self.lordba_latent_A), self.lordba_scale_in, self.lordba_scale_mid)  # (r, in)
-            b = _fold_b(binarize(self.lordba_latent_B), self.lordba_scale_out)  # (out, r)
+            if self.float_factors:
+                a, b = (t.detach().clone() for t in self._float_factors())
+            else:
+                a = _fold_a(binarize(self.lordba_latent_A), self.lordba_scale_in, self.lordba_scale_mid)  # (r, in)
+                b = _fold_b(binarize(self.lordba_latent_B), self.lordba_scale_out)  # (out, r)
             cache = (key, a.to(dtype), b.to(dtype))
             self._fold_cache = cache
         return cache[1], cache[2]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lordba_fl.codec import CodecError, CodecOptions, Update, decode_update
-from lordba_fl.init import align_components, fit_lordba, refine_lordba
+from lordba_fl.init import fit_from, fit_lordba
 from lordba_fl.layout import AdapterSpec, AdapterState, split_carriers, split_scales
 
 
@@ -305,10 +305,8 @@ class Refit:
             else:
                 s1_old, s2_old = old_signs[name]
                 warm = {k: v for k, v in new_scales[name].items()}
-                f1, f2, fitted, err = refine_lordba(target, s1_old, s2_old, warm, self.spec.scales,
-                                                    self.sweeps, self.passes)
-                if self.restart:
-                    f1, f2, fitted, err = self._restart(target, layer, s1_old, (f1, f2, fitted, err))
+                f1, f2, fitted, err = fit_from(target, s1_old, s2_old, warm, self.spec.scales, restart=self.restart,
+                                               sweeps=self.sweeps, passes=self.passes)
                 s1, s2 = (f1 < 0), (f2 < 0)
                 if self.error_feedback:
                     fit = layer_product(f1, f2, fitted, layer)
@@ -321,13 +319,3 @@ class Refit:
         state = AdapterState(old.version + 1, negative, scales)
         info = {"fit_error": errors}
         return ServerState(state, state.signs(), residual if self.error_feedback else None, info)
-
-    def _restart(self, target, layer, s1_old, warm_fit):
-        """A fresh SVD fit aligned to the current carriers, refined; the better of it and ``warm_fit``."""
-        l1, l2, fitted, _ = fit_lordba(target, layer.rank, self.spec.scales, self.sweeps)
-        s1, s2, perm = align_components(torch.where(l1 < 0, -1.0, 1.0), torch.where(l2 < 0, -1.0, 1.0), s1_old)
-        start = dict(fitted)
-        if "mid" in start:
-            start["mid"] = start["mid"][perm]
-        fresh = refine_lordba(target, s1, s2, start, self.spec.scales, self.sweeps, self.passes)
-        return fresh if fresh[3] < warm_fit[3] else warm_fit

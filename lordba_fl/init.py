@@ -73,16 +73,20 @@ def _scale_sweeps(t, s1, s2, sc: dict, names: tuple[str, ...], sweeps: int, tol:
     err = _rel_err(t, _product(s2, sc["mid"], s1, sc["out"], sc["in"]))
     for _ in range(sweeps):
         new = dict(sc)
+        # a block whose least-squares problem is degenerate (e.g. s_mid while s_out is still 0) keeps its value
         if "mid" in names:
             gram = (s2.t() @ (new["out"].square()[:, None] * s2)) * (s1 @ (new["in"].square()[:, None] * s1.t()))  # (r, r)
             rhs = ((s2 * new["out"][:, None]).t() @ (t * new["in"][None, :]) * s1).sum(1)  # (r,)
-            new["mid"] = torch.linalg.lstsq(gram, rhs[:, None]).solution[:, 0]
+            if bool(gram.abs().max() > 0):
+                new["mid"] = torch.linalg.lstsq(gram, rhs[:, None]).solution[:, 0]
         if "out" in names:
             m = (s2 * new["mid"][None, :]) @ s1 * new["in"][None, :]  # (out, in)
-            new["out"] = (t * m).sum(1) / m.square().sum(1).clamp_min(1e-30)
+            den = m.square().sum(1)  # (out,)
+            new["out"] = torch.where(den > 0, (t * m).sum(1) / den.clamp_min(1e-300), new["out"])
         if "in" in names:
             m = new["out"][:, None] * ((s2 * new["mid"][None, :]) @ s1)  # (out, in)
-            new["in"] = (t * m).sum(0) / m.square().sum(0).clamp_min(1e-30)
+            den = m.square().sum(0)  # (in,)
+            new["in"] = torch.where(den > 0, (t * m).sum(0) / den.clamp_min(1e-300), new["in"])
         new_err = _rel_err(t, _product(s2, new["mid"], s1, new["out"], new["in"]))
         if not new_err < err - tol:
             break
@@ -90,7 +94,21 @@ def _scale_sweeps(t, s1, s2, sc: dict, names: tuple[str, ...], sweeps: int, tol:
     return sc, err
 
 
-def _flip_pass_a(t, s1, s2, sc, tol: float) -> int:
+def _limit(hit: torch.Tensor, change: torch.Tensor, budget: list[int] | None) -> torch.Tensor:
+    """Keep at most ``budget[0]`` of the improving flips ``hit``, the largest error reductions first."""
+    if budget is None:
+        return hit
+    n = int(hit.sum())
+    if n > budget[0]:
+        keep = torch.zeros_like(hit)
+        if budget[0] > 0:
+            keep[torch.topk(torch.where(hit, -change, torch.full_like(change, -float("inf"))), budget[0]).indices] = True
+        hit = keep
+    budget[0] -= int(hit.sum())
+    return hit
+
+
+def _flip_pass_a(t, s1, s2, sc, tol: float, budget: list[int] | None = None) -> int:
     """Coordinate descent on the rows of ``S1`` (in place): for each rank component ``k``, flip
     ``S1[k, j]`` in every column ``j`` where that lowers ``||T - B S1 diag(s_in)||``.
 
@@ -106,7 +124,7 @@ def _flip_pass_a(t, s1, s2, sc, tol: float) -> int:
     for k in range(s1.shape[0]):
         bk = b[:, k]  # (out,)
         change = 4 * (c * s1[k] * (bk @ resid) + c.square() * bk.square().sum())  # (in,)
-        hit = change < -tol * scale
+        hit = _limit(change < -tol * scale, change, budget)
         n = int(hit.sum())
         if n:
             resid[:, hit] += 2 * bk[:, None] * (c * s1[k])[None, hit]  # rho + 2 c x b_k
@@ -115,7 +133,7 @@ def _flip_pass_a(t, s1, s2, sc, tol: float) -> int:
     return flips
 
 
-def _flip_pass_b(t, s1, s2, sc, tol: float) -> int:
+def _flip_pass_b(t, s1, s2, sc, tol: float, budget: list[int] | None = None) -> int:
     """The same for the columns of ``S2`` (in place): rows of ``T`` are independent given
     ``A' = diag(s_mid) S1 diag(s_in)``; flipping ``x = S2[i, k]`` changes row i's squared error by
     ``4 (d x a_k.rho + d^2 |a_k|^2)`` with ``d = s_out[i]``."""
@@ -126,7 +144,7 @@ def _flip_pass_b(t, s1, s2, sc, tol: float) -> int:
     for k in range(s2.shape[1]):
         ak = a[k]  # (in,)
         change = 4 * (d * s2[:, k] * (resid @ ak) + d.square() * ak.square().sum())  # (out,)
-        hit = change < -tol * scale
+        hit = _limit(change < -tol * scale, change, budget)
         n = int(hit.sum())
         if n:
             resid[hit] += 2 * (d * s2[:, k])[hit, None] * ak[None, :]
@@ -145,6 +163,7 @@ def refine_lordba(
     sweeps: int = 3,
     passes: int = 3,
     tol: float = 1e-9,
+    max_flips: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], float]:
     """Faithful re-binarization: fit ``target`` starting from the current carriers and scales.
 
@@ -168,6 +187,9 @@ def refine_lordba(
         Scale sweeps per pass; alternating passes.
     tol : float
         Relative improvement a step must make to be taken.
+    max_flips : int, optional
+        Most signs (of both carriers together) the fit may change; the largest error reductions
+        are taken first within each component.
 
     Returns
     -------
@@ -182,8 +204,9 @@ def refine_lordba(
           for k in ("in", "mid", "out")}
     if not bool((sc["out"] != 0).any() and (sc["in"] != 0).any() and (sc["mid"] != 0).any()):
         sc, _ = _scale_sweeps(t, s1, s2, sc, names, sweeps, tol)  # a zero scale gives the signs no gradient
+    budget = None if max_flips is None else [int(max_flips)]
     for _ in range(passes):
-        flipped = _flip_pass_a(t, s1, s2, sc, tol) + _flip_pass_b(t, s1, s2, sc, tol)
+        flipped = _flip_pass_a(t, s1, s2, sc, tol, budget) + _flip_pass_b(t, s1, s2, sc, tol, budget)
         sc, _ = _scale_sweeps(t, s1, s2, sc, names, sweeps, tol)
         if not flipped:
             break
@@ -219,3 +242,50 @@ def svd_init_(layer: LoRDBALinear, delta_weight: torch.Tensor, sweeps: int = 5) 
     for name, value in scales.items():
         layer.scale(name).copy_(value)
     return err
+
+
+@torch.no_grad()
+def fit_from(target, s1, s2, scales: dict, names: tuple[str, ...], *, restart: bool = False,
+             max_flips: int | None = None, sweeps: int = 3, passes: int = 3):
+    """:func:`refine_lordba` from the current carriers; with ``restart`` also from a fresh SVD fit of
+    ``target`` whose components are aligned to the current carriers (:func:`align_components`),
+    keeping the lower error. A restart may change any number of signs, so it is only tried when
+    ``max_flips`` is None. Returns ``(S1, S2, scales, relative error)``."""
+    warm = refine_lordba(target, s1, s2, scales, names, sweeps, passes, max_flips=max_flips)
+    if not restart or max_flips is not None:
+        return warm
+    l1, l2, fitted, _ = fit_lordba(target, s1.shape[0], names, sweeps)
+    f1, f2, perm = align_components(torch.where(l1 < 0, -1.0, 1.0), torch.where(l2 < 0, -1.0, 1.0), s1)
+    start = dict(fitted)
+    if "mid" in start:
+        start["mid"] = start["mid"][perm]
+    fresh = refine_lordba(target, f1, f2, start, names, sweeps, passes)
+    return fresh if fresh[3] < warm[3] else warm
+
+
+@torch.no_grad()
+def fit_float_factors_(layer: LoRDBALinear, s1: torch.Tensor, s2: torch.Tensor, s_out: torch.Tensor | None,
+                       max_flips: int | None, magnitude: float, restart: bool = False) -> tuple[int, float]:
+    """Fit a layer trained with float factors back to LoRDBA form, in place (on the device).
+
+    The target is the layer's float product ``diag(s_out) L2 diag(s_mid) L1 diag(s_in)``; the fit
+    starts from the signs ``s1`` (r, in), ``s2`` (out, r) it had before training (the broadcast),
+    the trained scales and ``s_out`` (the broadcast's, when training folded it into ``L2``), and
+    changes at most ``max_flips`` signs (:func:`fit_from`). The latents become the fitted signs
+    times ``magnitude``. Returns (signs changed, relative fit error).
+    """
+    names = layer.scale_names
+    a, b = layer.lordba_latent_A.double(), layer.lordba_latent_B.double()  # (r, in), (out, r)
+    ones = lambda n: torch.ones(n, dtype=torch.float64)  # noqa: E731
+    sc = {k: (layer.scale(k).double() if k in names else ones(n))
+          for k, n in (("in", layer.in_features), ("mid", layer.rank), ("out", layer.out_features))}
+    target = _product(b, sc["mid"], a, sc["out"], sc["in"])  # (out, in)
+    if s_out is not None:
+        sc["out"] = s_out.double().clone()
+    f1, f2, fitted, err = fit_from(target, s1, s2, sc, names, restart=restart, max_flips=max_flips)
+    changed = int((f1 != s1.double()).sum() + (f2 != s2.double()).sum())
+    layer.lordba_latent_A.copy_(f1 * magnitude)
+    layer.lordba_latent_B.copy_(f2 * magnitude)
+    for k, v in fitted.items():
+        layer.scale(k).copy_(v)
+    return changed, err

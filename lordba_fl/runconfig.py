@@ -127,6 +127,8 @@ class RunConfig:
     scale_init: str = "normalized"
     sign_init: str = "random"
     init_from: str = ""
+    warmup_rounds: int = 0
+    warmup_budget: float = 1.0
     beta: float = 0.0
     tau: float = 0.0
     eta: float = 1.0
@@ -243,6 +245,14 @@ class RunConfig:
         if self.error_feedback and (self.aggregator != "refit" or self.refit_mode != "faithful"):
             raise ValueError("server.error-feedback feeds the refit's residual back; set server.aggregator='refit' and "
                              "server.refit='faithful' (or server.error-feedback=false)")
+        if self.warmup_rounds < 0 or (self.warmup_rounds and self.method != "lordba"):
+            raise ValueError(f"init.warmup-rounds must be >= 0 and only applies to method='lordba'; got "
+                             f"{self.warmup_rounds} with method {self.method!r}")
+        if not 0.0 <= self.warmup_budget <= 1.0:
+            raise ValueError(f"init.warmup-budget must be a fraction in [0, 1] (1: no limit); got {self.warmup_budget}")
+        if self.warmup_rounds and self.dp.on:
+            raise ValueError("init.warmup-rounds sends device-fitted updates that dp.mode=local does not privatize; "
+                             "set init.warmup-rounds=0 under DP")
         if self.init_from and self.method != "lordba":
             raise ValueError(f"init.from starts a LoRDBA federation from an adapter file; method {self.method!r} "
                              "does not take one (set init.from='')")
@@ -280,6 +290,8 @@ _KEYS: dict[str, tuple[str, type]] = {
     "init.scales": ("scale_init", str),
     "init.signs": ("sign_init", str),
     "init.from": ("init_from", str),
+    "init.warmup-rounds": ("warmup_rounds", int),
+    "init.warmup-budget": ("warmup_budget", float),
     "server.beta": ("beta", float),
     "server.tau": ("tau", float),
     "server.eta": ("eta", float),

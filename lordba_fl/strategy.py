@@ -191,7 +191,7 @@ class AdapterStrategy(FedAvg):
         out = {"clients_sampled": float(self.clients_per_round), "clients_failed": float(len(failed)),
                "clients_silent": float(sum(why.startswith("no reply") for _, why in failed))}
         out.update(agg)
-        out.update(_weighted(metrics, ("train_loss", "flip_rate")))
+        out.update(_weighted(metrics, ("train_loss", "flip_rate", "device_fit_error")))
         states = [float(m["client-state-bytes"]) for m in metrics if "client-state-bytes" in m]
         if states:
             out["client_state_bytes_max"] = max(states)

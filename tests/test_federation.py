@@ -375,3 +375,15 @@ def test_init_from_a_peft_lora_directory_equals_the_svd_import(tmp_path):
     attach_lordba_(narrow, LoRDBAConfig(rank=4, target_modules=("q_proj",)))
     with pytest.raises(LoRDBAFileError, match="other modules"):
         init_from_(narrow, peft_dir)
+
+
+def test_warmup_rounds_fit_float_factors_on_the_device_within_the_flip_budget(tmp_path):
+    """Round 1 trains float factors and fits them to signs on the device (a device fit error is
+    reported, flips stay within each layer's budget and are accepted by the server's exact check);
+    round 2 is a normal STE round."""
+    _, _, rows = _run(tmp_path, **{"init.warmup-rounds": 1, "init.warmup-budget": 0.02, "server.aggregator": "refit"})
+    warm, ste = rows[1], rows[2]
+    assert warm["clients_succeeded"] == 4 and warm["rejected"] == 0
+    assert 0 < warm["device_fit_error"] < 1 and "device_fit_error" not in ste
+    assert 0 < warm["client_flip_rate"] <= 0.02
+    assert warm["eval_loss"] != rows[0]["eval_loss"]

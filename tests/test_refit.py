@@ -129,3 +129,62 @@ def test_bad_refit_settings_are_refused():
         Refit(SPEC, mode="bogus")
     with pytest.raises(ValueError, match="error-feedback"):
         Refit(SPEC, mode="svd", error_feedback=True)
+
+
+def _float_layer(seed=0):
+    from torch import nn
+
+    from lordba_fl import LoRDBAConfig, LoRDBALinear
+
+    torch.manual_seed(seed)
+    base = nn.Linear(40, 24).requires_grad_(False)
+    layer = LoRDBALinear(base, LoRDBAConfig(rank=4, alpha=8.0, seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lordba_latent_A.copy_(torch.where(torch.rand(4, 40, generator=g) < 0.5, -1.0, 1.0))
+        layer.lordba_latent_B.copy_(torch.where(torch.rand(24, 4, generator=g) < 0.5, -1.0, 1.0))
+        for k in ("in", "mid", "out"):
+            layer.scale(k).copy_(torch.rand(layer.scale(k).shape, generator=g) + 0.5)
+    return layer
+
+
+def test_float_factors_forward_equals_the_signed_adapter_at_unit_latents_and_fit_back_is_idempotent():
+    from lordba_fl.init import fit_float_factors_
+
+    layer = _float_layer()
+    x = torch.randn(3, 40)
+    signed = layer(x)
+    layer.float_factors = True
+    torch.testing.assert_close(layer(x), signed)  # latents are exactly +-1: the same product
+    layer.float_factors = False
+    s1, s2 = layer.lordba_latent_A.detach().clone(), layer.lordba_latent_B.detach().clone()
+    scales = {k: layer.scale(k).detach().clone() for k in ("in", "mid", "out")}
+    changed, err = fit_float_factors_(layer, s1, s2, None, None, 0.01)
+    assert changed == 0 and err < 1e-12
+    assert torch.equal(layer.lordba_latent_A, s1 * 0.01)
+    for k, v in scales.items():
+        assert torch.equal(layer.scale(k).detach(), v)
+
+
+@pytest.mark.parametrize("budget", [0, 3, None])
+def test_float_fit_changes_at_most_its_budget_of_signs_and_never_raises_the_error(budget):
+    from lordba_fl.init import _product, fit_float_factors_
+
+    layer = _float_layer(1)
+    s1, s2 = layer.lordba_latent_A.detach().clone(), layer.lordba_latent_B.detach().clone()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # what float training does: latents drift, some past zero
+        layer.lordba_latent_A.add_(torch.randn(4, 40, generator=g) * 0.8)
+        layer.lordba_latent_B.add_(torch.randn(24, 4, generator=g) * 0.8)
+    sc = {k: layer.scale(k).detach().double() for k in ("in", "mid", "out")}
+    target = _product(layer.lordba_latent_B.detach().double(), sc["mid"], layer.lordba_latent_A.detach().double(),
+                      sc["out"], sc["in"])
+    start_err = float((target - _product(s2.double(), sc["mid"], s1.double(), sc["out"], sc["in"])).norm() / target.norm())
+    changed, err = fit_float_factors_(layer, s1, s2, None, budget, 0.01)
+    assert err <= start_err
+    flipped = int(((layer.lordba_latent_A < 0) != (s1 < 0)).sum() + ((layer.lordba_latent_B < 0) != (s2 < 0)).sum())
+    assert flipped == changed
+    if budget is not None:
+        assert changed <= budget
+    else:
+        assert changed > 3  # unbudgeted, the drift asks for more than 3 flips

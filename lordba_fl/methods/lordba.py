@@ -21,6 +21,7 @@ from lordba_fl.aggregation import LatentVote, Refit, RobustOptions, ServerState,
 from lordba_fl.clientstate import StateError, load_optimizer_, pack_floats, pack_optimizer, unpack_floats
 from lordba_fl.codec import CodecOptions, Update, decode_state, decode_update, encode_state, encode_update
 from lordba_fl.config import LoRDBAConfig
+from lordba_fl.init import fit_float_factors_
 from lordba_fl.layout import (
     AdapterSpec,
     AdapterState,
@@ -84,6 +85,22 @@ def train_groups(model: nn.Module, spec: AdapterSpec, lr: float, latent_lr: floa
     groups = [{"params": scales, "lr": lr}]
     if latent_lr > 0:
         groups.append({"params": latents, "lr": latent_lr})
+    return groups
+
+
+def float_factor_groups(model: nn.Module, spec: AdapterSpec, lr: float) -> list[dict]:
+    """Optimizer groups of a warm-up round: ``L2`` (LoRA's ``B``, ``s_out`` folded in and held at 1)
+    and the ``in``/``mid`` scales at ``lr``; ``L1`` at ``lr * sqrt(in)``: its entries are +-1 where
+    LoRA's ``A`` entries are about ``1 / sqrt(in)``, so this gives Adam LoRA's relative step."""
+    groups = [{"params": [], "lr": lr}]
+    for m in lordba_layers(model).values():
+        groups[0]["params"] += [m.scale(k) for k in spec.scales if k != "out"] + [m.lordba_latent_B]
+        groups.append({"params": [m.lordba_latent_A], "lr": lr * m.in_features ** 0.5})
+        if m.scale("out") is not None:
+            m.scale("out").requires_grad_(False)
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
     return groups
 
 
@@ -172,7 +189,7 @@ class LoRDBAMethod(Method):
         accepted, rejected = collect_updates(  # under dp every client weighs the same: num_examples is data
             [(r.frame, 1.0 if dp else r.weight) for r in replies], self.spec, self.options, version=self.version
         )
-        budget = cfg.flip.flip_budget
+        budget = cfg.warmup_budget if server_round <= cfg.warmup_rounds else cfg.flip.flip_budget
         if dp:
             budget = privacy.max_flip_rate(cfg.dp, budget, self.spec.n_bits)
         robust = RobustOptions(budget if cfg.enforce_budget else 1.0, cfg.weight_cap, cfg.norm_bound)
@@ -268,10 +285,53 @@ class LoRDBAMethod(Method):
         write_state_(model, self.spec, glob, latent_magnitude=self.cfg.flip.m0)
         return glob.version
 
+    def _float_fit_round(self, model, tok, glob: AdapterState, examples, seed) -> dict:
+        """A warm-up round (``init.warmup-rounds``), the federated form of the paper's QAT-full: train
+        unconstrained float factors like LoRA (``A = L1 s_mid s_in`` from the broadcast signs,
+        ``B = diag(s_out) S2`` folded into a float ``L2``, zero in round 1 like LoRA's ``B``), then
+        fit the product back to signs + scales on the device: from the broadcast carriers, and (with
+        an unlimited ``init.warmup-budget``) from its own SVD aligned to them, keeping the better."""
+        cfg = self.cfg
+        write_state_(model, self.spec, glob, latent_magnitude=1.0)
+        layers = lordba_layers(model)
+        start = {}
+        with torch.no_grad():
+            for name, m in layers.items():
+                s_out = m.scale("out")
+                start[name] = (m.lordba_latent_A.detach().clone(), m.lordba_latent_B.detach().clone(),
+                               None if s_out is None else s_out.detach().clone())
+                if s_out is not None:  # B = diag(s_out) S2 becomes one float factor
+                    m.lordba_latent_B.mul_(s_out[:, None])
+                    s_out.fill_(1.0)
+        groups = float_factor_groups(model, self.spec, cfg.lr)
+        for m in layers.values():
+            m.float_factors = True
+        try:
+            metrics = train_local(model, groups, tok, examples, cfg.train, seed)
+        finally:
+            for m in layers.values():
+                m.float_factors = False
+        budget = cfg.warmup_budget
+        errors = []
+        for name, m in layers.items():
+            limit = None if budget >= 1.0 else flip_allowance(m.rank * (m.in_features + m.out_features), budget)
+            errors.append(fit_float_factors_(m, *start[name], limit, cfg.flip.m0, restart=limit is None)[1])
+        metrics["device_fit_error"] = sorted(errors)[len(errors) // 2]
+        return metrics
+
     def client_train(self, model, tok, frame, state, examples, server_round, seed):
         cfg, flip = self.cfg, self.cfg.flip
         keep = state if cfg.stateful else None  # where this node's own state lives, if it keeps one
         glob = self._receive(frame, state)
+        if server_round <= cfg.warmup_rounds:
+            metrics = self._float_fit_round(model, tok, glob, examples, seed)
+            for p in model.parameters():
+                p.grad = None
+            flips = budget_flips(read_latents(model, self.spec), glob.negative, cfg.warmup_budget)
+            delta = read_scales(model, self.spec) - glob.scales
+            metrics.update(flip_rate=float(flips.float().mean()), held_version=float(glob.version))
+            update = Update(server_round, glob.version, flips, delta)
+            return encode_update(update, self.spec, self.options, rng=seed), metrics
         own = keep[LATENT_KEY] if keep is not None and LATENT_KEY in keep else None
         if own is not None:
             # a stateful node keeps its magnitudes; the broadcast decides the signs
