@@ -56,9 +56,16 @@ from simulations.run import QUICK, project_run_config
 
 # ---- what runs ------------------------------------------------------------------------------------
 # LoRDBA variants: name -> run-config overrides (each run at every rank of LORDBA_RANKS)
+# (normalized scale init everywhere: the default). "flips": clients can flip (m0 = 0.002 < E * lr) and
+# spend a 5% budget; "warmup": 2 float-factor rounds fitted on the device, then as "refit-flips".
+_FLIPS = {"flip.m0": 0.002, "flip.budget": 0.05}
 LORDBA_VARIANTS: dict[str, dict] = {
-    "lordba-vote": {"method": "lordba", "server.aggregator": "vote"},
     "lordba-refit": {"method": "lordba", "server.aggregator": "refit"},
+    "lordba-refit-flips": {"method": "lordba", "server.aggregator": "refit", **_FLIPS},
+    "lordba-vote-flips": {"method": "lordba", "server.aggregator": "vote", **_FLIPS},
+    "lordba-refit-ef": {"method": "lordba", "server.aggregator": "refit", "server.error-feedback": True, **_FLIPS},
+    "lordba-warmup": {"method": "lordba", "server.aggregator": "refit", "init.warmup-rounds": 2, **_FLIPS},
+    "lordba-base-svd": {"method": "lordba", "server.aggregator": "refit", "init.signs": "base-svd", **_FLIPS},
 }
 LORDBA_RANKS = (16, 32)
 # baselines: name -> (run-config overrides, ranks); ranks chosen to span LoRDBA's bytes (r 1-4) and quality (r 16)

@@ -67,13 +67,13 @@ def test_client_rounds_fall_back_to_counts_when_means_are_missing():
 
 def test_summary_losses_flips_and_metric():
     rows = [dict(r, perplexity=2.0 ** r["round"], client_flip_rate=0.01 * r["round"], global_flip_rate=0.0) for r in ROWS]
-    rec = summarize(spec("lordba-vote"), rows, exit_code=0, wall_s=12.34,
+    rec = summarize(spec("lordba-vote-flips"), rows, exit_code=0, wall_s=12.34,
                     run_config={"method": "lordba", "rank": 16, "alpha": 32.0, "lr": 1e-3, "seed": 0, "rounds": 3})
     assert rec["eval_losses"] == [4.7, 4.2, 4.0, 4.1]
     assert (rec["initial_eval_loss"], rec["final_eval_loss"], rec["best_eval_loss"], rec["best_round"]) == (4.7, 4.1, 4.0, 2)
     assert rec["metric_name"] == "perplexity" and rec["final_metric"] == 8.0
     assert rec["client_flip_rate"] == [0.01, 0.02, 0.03] and rec["global_flip_rate"] == [0.0] * 3
-    assert rec["total_bytes_per_client"] == 12000 and rec["wall_s"] == 12.3 and rec["run"] == "lordba-vote-r16-s0"
+    assert rec["total_bytes_per_client"] == 12000 and rec["wall_s"] == 12.3 and rec["run"] == "lordba-vote-flips-r16-s0"
     base = summarize(spec(), ROWS)
     assert base["client_flip_rate"] is None  # not a LoRDBA run
     gsm = summarize(spec(task="gsm"), [dict(r, accuracy_unseen=0.25) for r in ROWS])
@@ -83,14 +83,14 @@ def test_summary_losses_flips_and_metric():
 def test_ratios_to_lora_fedavg_r16():
     ref = summarize(spec(), ROWS)  # 1000 up, 3000 down per client-round, 12000 per client, loss 4.1
     cheap = [row(0, loss=4.7)] + [row(t, up_sum=100, up_n=2, down_sum=300, down_n=2, loss=4.51) for t in (1, 2, 3)]
-    rec = add_ratios(summarize(spec("lordba-vote"), cheap), ref)
+    rec = add_ratios(summarize(spec("lordba-vote-flips"), cheap), ref)
     assert rec["ref_run"] == "lora-fedavg-r16-s0"
     assert rec["up_bytes_per_client_round_ratio_to_ref"] == pytest.approx(50 / 1000)
     assert rec["down_bytes_per_client_round_ratio_to_ref"] == pytest.approx(150 / 3000)
     assert rec["total_bytes_per_client_ratio_to_ref"] == pytest.approx((3 * 200) / 12000)
     assert rec["final_eval_loss_ratio_to_ref"] == pytest.approx(4.51 / 4.1)
     assert add_ratios(dict(ref), ref)["final_eval_loss_ratio_to_ref"] == 1.0
-    assert add_ratios(summarize(spec("lordba-vote"), cheap), None)["total_bytes_per_client_ratio_to_ref"] is None
+    assert add_ratios(summarize(spec("lordba-vote-flips"), cheap), None)["total_bytes_per_client_ratio_to_ref"] is None
 
 
 def test_pareto_front_with_ties_and_dominated_points():
@@ -117,7 +117,7 @@ def _rec(variant, rank, loss, total, seed=0, code=0):
 def test_pareto_record_detects_a_dominated_lordba_run():
     recs = [
         _rec("lora-fedavg", 16, 3.90, 2e8), _rec("lora-fedavg", 1, 4.10, 1.2e7),
-        _rec("lordba-vote", 16, 4.20, 2e7),   # lora r1 has fewer bytes and a lower loss
+        _rec("lordba-vote-flips", 16, 4.20, 2e7),   # lora r1 has fewer bytes and a lower loss
         _rec("lordba-refit", 16, 4.15, 2.5e7), _rec("lordba-refit", 32, 4.12, 4e7),  # best lordba: beaten by lora r1
         _rec("lora-q2", 16, 3.95, 3e8, code=1),  # failed: left out
     ]
@@ -125,26 +125,26 @@ def test_pareto_record_detects_a_dominated_lordba_run():
     assert p["kind"] == "pareto" and p["front"] == ["lora-fedavg-r1", "lora-fedavg-r16"]
     assert p["best_lordba"] == "lordba-refit-r32" and p["best_lordba_on_front"] is False
     assert p["best_lordba_beaten_by"] == ["lora-fedavg-r1"] and p["lordba_on_front"] == []
-    assert p["excluded"] == ["lora-q2-r16-s0"] and not p["points"]["lordba-vote-r16"]["on_front"]
+    assert p["excluded"] == ["lora-q2-r16-s0"] and not p["points"]["lordba-vote-flips-r16"]["on_front"]
 
 
 def test_pareto_record_lordba_on_the_front_and_seed_means():
     recs = [
         _rec("lora-fedavg", 16, 3.90, 2e8), _rec("lora-fedavg", 1, 4.10, 1.2e7),
-        _rec("lordba-vote", 16, 4.00, 2e7, seed=0), _rec("lordba-vote", 16, 4.10, 2e7, seed=1),  # mean 4.05
+        _rec("lordba-vote-flips", 16, 4.00, 2e7, seed=0), _rec("lordba-vote-flips", 16, 4.10, 2e7, seed=1),  # mean 4.05
         _rec("lora-q2", 4, 4.05, 3e7),  # equal loss, more bytes: does not beat it
     ]
     p = pareto_record("shakespeare", recs)
-    assert p["points"]["lordba-vote-r16"]["final_eval_loss"] == pytest.approx(4.05)
-    assert p["points"]["lordba-vote-r16"]["seeds"] == [0, 1] and p["seeds"] == [0, 1]
-    assert p["front"] == ["lora-fedavg-r1", "lordba-vote-r16", "lora-fedavg-r16"]
-    assert p["best_lordba_on_front"] is True and p["lordba_on_front"] == ["lordba-vote-r16"]
+    assert p["points"]["lordba-vote-flips-r16"]["final_eval_loss"] == pytest.approx(4.05)
+    assert p["points"]["lordba-vote-flips-r16"]["seeds"] == [0, 1] and p["seeds"] == [0, 1]
+    assert p["front"] == ["lora-fedavg-r1", "lordba-vote-flips-r16", "lora-fedavg-r16"]
+    assert p["best_lordba_on_front"] is True and p["lordba_on_front"] == ["lordba-vote-flips-r16"]
 
 
 def test_a_lower_or_equal_bytes_baseline_with_equal_loss_does_not_beat_lordba():
-    recs = [_rec("lordba-vote", 16, 4.0, 2e7), _rec("lora-fedavg", 1, 4.0, 2e7)]
+    recs = [_rec("lordba-vote-flips", 16, 4.0, 2e7), _rec("lora-fedavg", 1, 4.0, 2e7)]
     p = pareto_record("shakespeare", recs)
-    assert p["best_lordba_on_front"] is True and p["front"] == ["lora-fedavg-r1", "lordba-vote-r16"]
+    assert p["best_lordba_on_front"] is True and p["front"] == ["lora-fedavg-r1", "lordba-vote-flips-r16"]
 
 
 def test_lr_file_takes_the_last_chosen_lr_line_of_the_task_and_maps_names(tmp_path):
@@ -177,7 +177,7 @@ def test_plan_and_run_config():
     assert len(runs) == 2 * len(LORDBA_VARIANTS) + sum(len(r) for _, r in BASELINES.values())
     assert (runs[0]["variant"], runs[0]["rank"]) == ("lora-fedavg", 16)  # the reference first
     assert [r["rank"] for r in plan_runs("gsm", only=["lora-fedavg"])] == [16, 1, 2, 4]
-    assert [(r["variant"], r["rank"]) for r in plan_runs("gsm", only=["lordba-vote-r32"])] == [("lordba-vote", 32)]
+    assert [(r["variant"], r["rank"]) for r in plan_runs("gsm", only=["lordba-vote-flips-r32"])] == [("lordba-vote-flips", 32)]
     assert len(plan_runs("gsm", quick=True, seeds=(0, 1))) == 6
     with pytest.raises(ValueError, match="known"):
         plan_runs("gsm", only=["lora-fedavg-r3"])
