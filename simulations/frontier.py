@@ -279,6 +279,7 @@ def summarize(spec: dict, rows: list[dict], exit_code: int = 0, wall_s: float = 
         "global_flip_rate": [r.get("global_flip_rate") for r in trained] if lordba else None,
         "flip_agreement": [r.get("flip_agreement") for r in trained] if lordba else None,
         "flip_agreement_chance": [r.get("flip_agreement_chance") for r in trained] if lordba else None,
+        "fit_error_median": [r.get("fit_error_median") for r in trained] if lordba else None,
         "wall_s": round(wall_s, 1), "exit_code": exit_code,
     }
     if spec["task"] == "gsm":
