@@ -66,6 +66,11 @@ LORDBA_VARIANTS: dict[str, dict] = {
     "lordba-refit-ef": {"method": "lordba", "server.aggregator": "refit", "server.error-feedback": True, **_FLIPS},
     "lordba-warmup": {"method": "lordba", "server.aggregator": "refit", "init.warmup-rounds": 2, **_FLIPS},
     "lordba-base-svd": {"method": "lordba", "server.aggregator": "refit", "init.signs": "base-svd", **_FLIPS},
+    # scales on the output side only (s_mid, s_out): half the scale bytes each way
+    "lordba-mo-refit-flips": {"method": "lordba", "server.aggregator": "refit", "scales": "mid,out",
+                              "flip.m0": 0.002, "flip.budget": 0.02},
+    "lordba-mo-vote-flips": {"method": "lordba", "server.aggregator": "vote", "scales": "mid,out",
+                             "flip.m0": 0.002, "flip.budget": 0.02},
 }
 LORDBA_RANKS = (16, 32)
 # baselines: name -> (run-config overrides, ranks); ranks chosen to span LoRDBA's bytes (r 1-4) and quality (r 16)
