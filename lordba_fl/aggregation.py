@@ -243,7 +243,9 @@ class Refit:
 
     ``mode="faithful"`` (default) starts from the current carriers and the clients' averaged scales
     and only takes steps that lower the fit error (:func:`lordba_fl.init.refine_lordba`): a round in
-    which no client changes anything leaves the adapter exactly as it was. With ``restart``, a fresh
+    which no client changes anything leaves the adapter exactly as it was; ``flip_budget`` caps the
+    signs a round changes per layer (the largest error reductions win), which bounds the downlink's
+    sign churn. With ``restart``, a fresh
     SVD fit of the target, its components aligned to the current carriers, is refined too and kept
     when its error is lower. ``mode="svd"`` is the first design: signs of a fresh SVD, the current
     carriers discarded (not idempotent; kept for comparison).
@@ -260,10 +262,13 @@ class Refit:
     passes: int = 3
     restart: bool = False
     error_feedback: bool = False
+    flip_budget: float = 1.0  # most of each layer's signs a round may change (1: no limit)
 
     def __post_init__(self):
         if self.mode not in REFIT_MODES:
             raise ValueError(f"server.refit must be one of {REFIT_MODES}; got {self.mode!r}")
+        if not 0.0 <= self.flip_budget <= 1.0:
+            raise ValueError(f"server.flip-budget must be a fraction in [0, 1] (1: no limit); got {self.flip_budget}")
         if self.error_feedback and self.mode != "faithful":
             raise ValueError("server.error-feedback needs server.refit='faithful'")
 
@@ -305,7 +310,9 @@ class Refit:
             else:
                 s1_old, s2_old = old_signs[name]
                 warm = {k: v for k, v in new_scales[name].items()}
+                limit = None if self.flip_budget >= 1.0 else flip_allowance(layer.n_bits, self.flip_budget)
                 f1, f2, fitted, err = fit_from(target, s1_old, s2_old, warm, self.spec.scales, restart=self.restart,
+                                               max_flips=limit,
                                                sweeps=self.sweeps, passes=self.passes)
                 s1, s2 = (f1 < 0), (f2 < 0)
                 if self.error_feedback:

@@ -199,17 +199,24 @@ class CodecOptions:
         kind, stochastic rounding, so the decoded delta is unbiased). Broadcast scales are always fp16.
     dictionary : bytes, optional
         A zstd dictionary (:func:`train_dictionary`) used for every section.
+    state_mantissa_bits : int
+        Mantissa bits kept of each broadcast (state) scale, 1..10 (10: plain fp16); fewer make the
+        downlink's XOR deltas cheaper (7 is bfloat16's precision). Rounded to nearest even, in full
+        and delta frames alike, so every receiver holds the same values.
     """
 
     level: int = 3
     scale_encoding: str = "fp16"
     dictionary: bytes | None = None
+    state_mantissa_bits: int = 10
 
     def __post_init__(self):
         if not isinstance(self.level, int) or not -7 <= self.level <= 22:
             raise ValueError(f"codec level must be an integer in [-7, 22] (zstd levels); got {self.level!r}")
         if self.scale_encoding not in _SCALE_ENCODINGS:
             raise ValueError(f"scale_encoding must be one of {sorted(_SCALE_ENCODINGS)}; got {self.scale_encoding!r}")
+        if isinstance(self.state_mantissa_bits, bool) or self.state_mantissa_bits not in range(1, 11):
+            raise ValueError(f"state_mantissa_bits must be an integer in 1..10 (10: fp16); got {self.state_mantissa_bits!r}")
         if self.dictionary is not None and not isinstance(self.dictionary, (bytes, bytearray)):
             raise ValueError("dictionary must be the bytes of a zstd dictionary (see train_dictionary) or None")
 
@@ -423,17 +430,28 @@ def _decode_fp16(raw: bytes, n: int) -> np.ndarray:
     return values
 
 
-def _fp16_bits(values: np.ndarray, what: str) -> np.ndarray:
+def _fp16_bits(values: np.ndarray, what: str, mantissa_bits: int = 10) -> np.ndarray:
+    """The fp16 bit patterns of ``values`` (n,), rounded to ``mantissa_bits`` (nearest, ties to even)."""
     planes = np.frombuffer(_encode_fp16(values, what), dtype=np.uint8).reshape(2, -1)
-    return np.ascontiguousarray(planes.T).view(np.uint16).reshape(-1)  # (n,)
+    bits = np.ascontiguousarray(planes.T).view(np.uint16).reshape(-1)  # (n,)
+    drop = 10 - mantissa_bits
+    if drop == 0:
+        return bits
+    b = bits.astype(np.uint32)
+    rounded = (b + ((1 << (drop - 1)) - 1) + ((b >> drop) & 1)) & ~np.uint32((1 << drop) - 1)
+    overflow = (rounded & 0x7C00) == 0x7C00  # rounded up past 65504: truncate instead
+    return np.where(overflow, b & ~np.uint32((1 << drop) - 1), rounded).astype(np.uint16)
 
 
-def _encode_fp16_xor(values: np.ndarray, base: np.ndarray, what: str) -> bytes:
+def _planes(bits: np.ndarray) -> bytes:
+    return bits.view(np.uint8).reshape(-1, 2).T.tobytes()  # low bytes, then high bytes
+
+
+def _encode_fp16_xor(values: np.ndarray, base: np.ndarray, what: str, mantissa_bits: int = 10) -> bytes:
     """fp16 bits of ``values`` XOR fp16 bits of ``base``, as byte planes: exact against any held
     version, and a scale that did not change (or changed in its last mantissa bits only) costs
     (almost) nothing after zstd, since its high byte XORs to zero."""
-    x = _fp16_bits(values, what) ^ _fp16_bits(base, "base.scales")  # (n,)
-    return x.view(np.uint8).reshape(-1, 2).T.tobytes()
+    return _planes(_fp16_bits(values, what, mantissa_bits) ^ _fp16_bits(base, "base.scales", mantissa_bits))
 
 
 def _decode_fp16_xor(raw: bytes, base: np.ndarray, n: int) -> np.ndarray:
@@ -699,14 +717,15 @@ def encode_state(
     options = options or CodecOptions()
     neg = _as_numpy_bits(state.negative, spec.n_bits, "state.negative")
     values = _as_numpy_f32(state.scales, spec.n_scales, "state.scales")
+    m = options.state_mantissa_bits
     if base is None:
         kind, bits, base_version = FrameKind.STATE_FULL, neg, UNVERSIONED
-        enc, raw = ScaleEncoding.FP16, _encode_fp16(values, "state.scales")
+        enc, raw = ScaleEncoding.FP16, _planes(_fp16_bits(values, "state.scales", m))
     else:
         base_neg = _as_numpy_bits(base.negative, spec.n_bits, "base.negative")
         kind, bits, base_version = FrameKind.STATE_DELTA, neg ^ base_neg, _u32("base.version", base.version)
         base_values = _as_numpy_f32(base.scales, spec.n_scales, "base.scales")
-        enc, raw = ScaleEncoding.FP16_XOR, _encode_fp16_xor(values, base_values, "state.scales")
+        enc, raw = ScaleEncoding.FP16_XOR, _encode_fp16_xor(values, base_values, "state.scales", m)
     return _build(
         kind,
         spec,

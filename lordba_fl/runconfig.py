@@ -124,6 +124,8 @@ class RunConfig:
     refit_mode: str = "faithful"
     refit_restart: bool = False
     error_feedback: bool = False
+    server_flip_budget: float = 1.0
+    state_mantissa_bits: int = 10
     scale_init: str = "normalized"
     sign_init: str = "random"
     init_from: str = ""
@@ -248,6 +250,11 @@ class RunConfig:
         if self.warmup_rounds < 0 or (self.warmup_rounds and self.method != "lordba"):
             raise ValueError(f"init.warmup-rounds must be >= 0 and only applies to method='lordba'; got "
                              f"{self.warmup_rounds} with method {self.method!r}")
+        if not 0.0 <= self.server_flip_budget <= 1.0:
+            raise ValueError(f"server.flip-budget must be a fraction in [0, 1] (1: no limit); got {self.server_flip_budget}")
+        if not 1 <= self.state_mantissa_bits <= 10:
+            raise ValueError(f"codec.state-mantissa-bits must be in 1..10 (10: fp16, 7: bfloat16's precision); "
+                             f"got {self.state_mantissa_bits}")
         if not 0.0 <= self.warmup_budget <= 1.0:
             raise ValueError(f"init.warmup-budget must be a fraction in [0, 1] (1: no limit); got {self.warmup_budget}")
         if self.warmup_rounds and self.dp.on:
@@ -287,6 +294,8 @@ _KEYS: dict[str, tuple[str, type]] = {
     "server.refit": ("refit_mode", str),
     "server.refit-restart": ("refit_restart", bool),
     "server.error-feedback": ("error_feedback", bool),
+    "server.flip-budget": ("server_flip_budget", float),
+    "codec.state-mantissa-bits": ("state_mantissa_bits", int),
     "init.scales": ("scale_init", str),
     "init.signs": ("sign_init", str),
     "init.from": ("init_from", str),

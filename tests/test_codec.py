@@ -280,3 +280,20 @@ def test_encoder_rejects_bad_updates():
         encode_update(Update(0, 0, u.flips, u.scale_delta[:-1]), spec)
     with pytest.raises(ValueError, match="round"):
         encode_update(Update(-1, 0, u.flips, u.scale_delta), spec)
+
+
+@pytest.mark.parametrize("bits16, want", [(0x3C01, 0x3C00), (0x3C05, 0x3C08), (0x3C04, 0x3C00), (0x3C0C, 0x3C10),
+                                          (0xBC0D, 0xBC10), (0x7BFF, 0x7BF8)])
+def test_state_mantissa_rounding_by_hand(bits16, want):
+    """7 of 10 mantissa bits: nearest, ties to even; never rounded up past fp16's largest value."""
+    spec = _spec(((8, 8, 1),))
+    value = np.array([bits16], dtype=np.uint16).view(np.float16).astype(np.float32)
+    state = AdapterState(1, torch.zeros(spec.n_bits, dtype=torch.bool), torch.from_numpy(np.resize(value, spec.n_scales)))
+    opts = CodecOptions(state_mantissa_bits=7)
+    got = decode_state(encode_state(state, spec, opts), spec, opts).scales.numpy().astype(np.float16).view(np.uint16)
+    assert got.tolist() == [want] * spec.n_scales
+    base = AdapterState(0, state.negative, torch.ones(spec.n_scales))
+    delta = decode_state(encode_state(state, spec, opts, base=base), spec, opts, base=base)
+    assert delta.scales.numpy().astype(np.float16).view(np.uint16).tolist() == [want] * spec.n_scales
+    with pytest.raises(ValueError, match="state_mantissa_bits"):
+        CodecOptions(state_mantissa_bits=11)

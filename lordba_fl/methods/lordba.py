@@ -122,7 +122,7 @@ class LoRDBAMethod(Method):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.options = CodecOptions(level=cfg.codec_level, scale_encoding=cfg.scale_encoding)
-        self.state_options = CodecOptions(level=cfg.codec_level)
+        self.state_options = CodecOptions(level=cfg.codec_level, state_mantissa_bits=cfg.state_mantissa_bits)
         self.spec: AdapterSpec | None = None
         self.server: ServerState | None = None
         self.history: dict[int, torch.Tensor] = {}
@@ -163,7 +163,8 @@ class LoRDBAMethod(Method):
                                          flip_noise=cfg.dp.flip_noise if cfg.dp.on else 0.0)
         else:
             self.aggregator = Refit(self.spec, scale_rule=cfg.scale_rule, trim=cfg.trim, mode=cfg.refit_mode,
-                                    restart=cfg.refit_restart, error_feedback=cfg.error_feedback)
+                                    restart=cfg.refit_restart, error_feedback=cfg.error_feedback,
+                                    flip_budget=cfg.server_flip_budget)
 
     @property
     def version(self) -> int:
