@@ -60,7 +60,7 @@ def _adapted_model(cfg: RunConfig):
 
 
 def _worker(cfg: RunConfig):
-    key = (cfg.method, cfg.model, cfg.quant, cfg.rank, cfg.alpha, cfg.scales, cfg.seed, cfg.task,
+    key = (cfg.method, cfg.model, cfg.quant, cfg.rank, cfg.alpha, cfg.scales, cfg.scale_init, cfg.sign_init, cfg.seed, cfg.task,
            tuple(sorted(cfg.task_kwargs().items())), cfg.scale_encoding, cfg.codec_level, cfg.device, cfg.compute_dtype)
     if key not in _WORKER:
         _WORKER.clear()

@@ -125,6 +125,7 @@ class RunConfig:
     refit_restart: bool = False
     error_feedback: bool = False
     server_flip_budget: float = 1.0
+    seeded_base: bool = True
     state_mantissa_bits: int = 10
     scale_init: str = "normalized"
     sign_init: str = "random"
@@ -295,6 +296,7 @@ _KEYS: dict[str, tuple[str, type]] = {
     "server.refit-restart": ("refit_restart", bool),
     "server.error-feedback": ("error_feedback", bool),
     "server.flip-budget": ("server_flip_budget", float),
+    "server.seeded-base": ("seeded_base", bool),
     "codec.state-mantissa-bits": ("state_mantissa_bits", int),
     "init.scales": ("scale_init", str),
     "init.signs": ("sign_init", str),

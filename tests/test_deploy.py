@@ -125,7 +125,8 @@ def test_tls_authenticated_federation_on_loopback(tmp_path):
 
 
 def _check_bytes(rows: list[dict], run_config: str) -> None:
-    """Round 1's downlink is the full state of version 0, which every party derives from the seed:
+    """Round 1's downlink is version 0, which every party derives from the seed (sent as a delta against
+    the SuperNodes' own seeded version 0: they build it in other processes and decode it exactly):
     rebuild it here and compare the logged bytes exactly."""
     from flwr.common.config import parse_config_args
 

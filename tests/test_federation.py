@@ -387,3 +387,17 @@ def test_warmup_rounds_fit_float_factors_on_the_device_within_the_flip_budget(tm
     assert 0 < warm["device_fit_error"] < 1 and "device_fit_error" not in ste
     assert 0 < warm["client_flip_rate"] <= 0.02
     assert warm["eval_loss"] != rows[0]["eval_loss"]
+
+
+def test_first_contact_is_a_delta_against_the_seeded_version_and_changes_nothing_else(tmp_path):
+    """server.seeded-base: a node's first downlink is a delta against version 0, which it builds from
+    the seed itself; the run is exactly the run that sends full states, for fewer bytes."""
+    from lordba_fl.codec import FrameKind, read_header
+
+    grid, _, seeded = _run(tmp_path / "a", **{"server.aggregator": "refit"})
+    _, _, full = _run(tmp_path / "b", **{"server.aggregator": "refit", "server.seeded-base": False})
+    assert [r["eval_loss"] for r in seeded] == [r["eval_loss"] for r in full]
+    assert [r["up_payload_sum"] for r in seeded] == [r["up_payload_sum"] for r in full]
+    first = [read_header(read_frame(q.content)) for q, _ in _pairs(grid, "train", 1)]
+    assert all(h.kind == FrameKind.STATE_DELTA and h.base_version == 0 for h in first)
+    assert seeded[1]["down_payload_sum"] < full[1]["down_payload_sum"] / 4

@@ -19,7 +19,7 @@ from lordba_fl import privacy
 from lordba_fl.adapter import attach_lordba_, lordba_layers
 from lordba_fl.aggregation import LatentVote, Refit, RobustOptions, ServerState, collect_updates, flip_allowance
 from lordba_fl.clientstate import StateError, load_optimizer_, pack_floats, pack_optimizer, unpack_floats
-from lordba_fl.codec import CodecOptions, Update, decode_state, decode_update, encode_state, encode_update
+from lordba_fl.codec import CodecOptions, Update, decode_state, decode_update, encode_state, encode_update, read_header
 from lordba_fl.config import LoRDBAConfig
 from lordba_fl.init import fit_float_factors_
 from lordba_fl.layout import (
@@ -127,6 +127,7 @@ class LoRDBAMethod(Method):
         self.server: ServerState | None = None
         self.history: dict[int, torch.Tensor] = {}
         self.scale_history: dict[int, torch.Tensor] = {}
+        self.initial_state: AdapterState | None = None
         self.node_versions: dict[int, int] = {}
         self.participations: dict[int, int] = {}  # dp: privatized uplinks received per node
 
@@ -136,7 +137,18 @@ class LoRDBAMethod(Method):
         attach_lordba_(model, LoRDBAConfig(rank=cfg.rank, alpha=cfg.alpha, scales=cfg.scales, seed=cfg.seed,
                                            scale_init=cfg.scale_init, sign_init=cfg.sign_init))
         self.spec = AdapterSpec.from_model(model)
+        # version 0 as every party builds it from the run's seed: a first contact can be a delta against it
+        self.initial_state = read_state(model, self.spec, version=0)
         return model
+
+    @property
+    def seeded_base(self) -> bool:
+        """Whether version 0 is the seeded state every client builds itself (``server.seeded-base``),
+        so the server keeps it and sends a node it has not served a delta against it. Not with
+        ``init.from`` (clients do not have the file) nor ``init.signs=base-svd`` (an SVD of the base
+        may differ in near-zero entries between BLAS builds)."""
+        cfg = self.cfg
+        return cfg.seeded_base and not cfg.init_from and cfg.sign_init == "random"
 
     def dp_noise_multiplier(self) -> float:
         """``z`` of this run's Gaussian noise (``dp.target-epsilon`` calibrated over ``rounds``)."""
@@ -173,6 +185,8 @@ class LoRDBAMethod(Method):
     def downlink(self, node_id: int, server_round: int) -> bytes:
         current = self.server.state
         held = self.node_versions.get(node_id)
+        if held is None and self.seeded_base:
+            held = 0
         base = None
         if held is not None and held in self.history and held in self.scale_history:
             base = AdapterState(held, self.history[held], self.scale_history[held])
@@ -217,7 +231,9 @@ class LoRDBAMethod(Method):
         new = self.server.state
         self.history[new.version] = new.negative.clone()
         self.scale_history[new.version] = new.scales.clone()
-        for v in sorted(self.history)[: max(0, len(self.history) - self.cfg.history)]:
+        pinned = {0} if self.seeded_base else set()  # the seeded version stays: first contacts are deltas to it
+        kept = [v for v in sorted(self.history) if v not in pinned]
+        for v in kept[: max(0, len(kept) - self.cfg.history)]:
             del self.history[v], self.scale_history[v]
         metrics["client_flip_rate"] = sum(float(u.flips.float().mean()) for u, _ in accepted) / len(accepted)
         metrics.update(flip_agreement([u.flips for u, _ in accepted]))
@@ -274,7 +290,10 @@ class LoRDBAMethod(Method):
         return decode_state(state[HELD_KEY]["frame"], self.spec, self.state_options)
 
     def _receive(self, frame: bytes, state) -> AdapterState:
-        glob = decode_state(frame, self.spec, self.state_options, base=self._held(state))
+        held = self._held(state)
+        if self.seeded_base and read_header(frame).base_version == 0 and (held is None or held.version != 0):
+            held = self.initial_state  # a first contact (or a silent node): a delta against the seeded version 0
+        glob = decode_state(frame, self.spec, self.state_options, base=held)
         if state is not None:
             from flwr.app import ConfigRecord
 
