@@ -57,20 +57,22 @@ from simulations.run import QUICK, project_run_config
 # ---- what runs ------------------------------------------------------------------------------------
 # LoRDBA variants: name -> run-config overrides (each run at every rank of LORDBA_RANKS)
 # (normalized scale init everywhere: the default). "flips": clients can flip (m0 = 0.002 < E * lr) and
-# spend a 5% budget; "warmup": 2 float-factor rounds fitted on the device, then as "refit-flips".
+# spend a 5% budget. "lean": what bytes allow: output-side scales only (s_mid, s_out: half the scale
+# bytes), a 2% client budget, the refit changing at most 0.5% of each layer's signs a round (downlink
+# sign churn), broadcast scales at 7 mantissa bits (cheaper XOR deltas). "warmup": 2 float-factor
+# rounds fitted on the device first; "ef": the refit's residual fed back; "base-svd": signs from the base.
 _FLIPS = {"flip.m0": 0.002, "flip.budget": 0.05}
+_LEAN = {"method": "lordba", "server.aggregator": "refit", "scales": "mid,out", "flip.m0": 0.002, "flip.budget": 0.02,
+         "server.flip-budget": 0.005, "codec.state-mantissa-bits": 7}
 LORDBA_VARIANTS: dict[str, dict] = {
-    "lordba-refit": {"method": "lordba", "server.aggregator": "refit"},
+    "lordba-lean": _LEAN,
+    "lordba-lean-3s": {**_LEAN, "scales": "in,mid,out"},
+    "lordba-lean-warmup": {**_LEAN, "init.warmup-rounds": 2},
+    "lordba-lean-ef": {**_LEAN, "server.error-feedback": True},
+    "lordba-lean-base-svd": {**_LEAN, "init.signs": "base-svd"},
     "lordba-refit-flips": {"method": "lordba", "server.aggregator": "refit", **_FLIPS},
     "lordba-vote-flips": {"method": "lordba", "server.aggregator": "vote", **_FLIPS},
-    "lordba-refit-ef": {"method": "lordba", "server.aggregator": "refit", "server.error-feedback": True, **_FLIPS},
-    "lordba-warmup": {"method": "lordba", "server.aggregator": "refit", "init.warmup-rounds": 2, **_FLIPS},
-    "lordba-base-svd": {"method": "lordba", "server.aggregator": "refit", "init.signs": "base-svd", **_FLIPS},
-    # scales on the output side only (s_mid, s_out): half the scale bytes each way
-    "lordba-mo-refit-flips": {"method": "lordba", "server.aggregator": "refit", "scales": "mid,out",
-                              "flip.m0": 0.002, "flip.budget": 0.02},
-    "lordba-mo-vote-flips": {"method": "lordba", "server.aggregator": "vote", "scales": "mid,out",
-                             "flip.m0": 0.002, "flip.budget": 0.02},
+    "lordba-refit": {"method": "lordba", "server.aggregator": "refit"},
 }
 LORDBA_RANKS = (16, 32)
 # baselines: name -> (run-config overrides, ranks); ranks chosen to span LoRDBA's bytes (r 1-4) and quality (r 16)

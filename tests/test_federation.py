@@ -105,19 +105,27 @@ def test_faulty_clients_do_not_stop_the_round(tmp_path):
     assert _state(run_dir, 2).state.version == 2
 
 
-def test_a_node_that_goes_silent_catches_up_with_the_full_state(tmp_path):
+@pytest.mark.parametrize("seeded", [False, True])
+def test_a_node_that_goes_silent_catches_up_with_the_full_state(tmp_path, seeded):
     """Node 101 trains in round 2 and keeps the broadcast, but its reply is lost: the round goes on
     with the others, and since the server cannot know what 101 now holds, the next message to it
-    carries the full state."""
+    carries the full state (with server.seeded-base: a delta against the seeded version 0, which
+    every node can rebuild whatever it holds)."""
     from lordba_fl.codec import FrameKind, read_header
 
-    grid, run_dir, rows = _run(tmp_path, faults={101: "vanish@2"}, method="lordba")
+    grid, run_dir, rows = _run(tmp_path, faults={101: "vanish@2"}, method="lordba", **{"server.seeded-base": seeded})
     assert rows[1]["clients_silent"] == 0 and rows[1]["accepted"] == 4
     assert rows[2]["clients_silent"] == 1 and rows[2]["accepted"] == 3 and rows[2]["clients_succeeded"] == 3
     kinds = {(int(m.content["config"]["server-round"]), m.metadata.message_type, m.metadata.dst_node_id):
              read_header(read_frame(m.content)).kind for m in grid.sent if m.metadata.message_type != "query"}
     assert kinds[(2, "train", 101)] == kinds[(2, "train", 100)] == FrameKind.STATE_DELTA
-    assert kinds[(2, "evaluate", 101)] == FrameKind.STATE_FULL  # caught up ...
+    caught_up = read_header(read_frame(next(m.content for m in grid.sent if m.metadata.dst_node_id == 101 and
+                                            m.metadata.message_type == "evaluate" and
+                                            int(m.content["config"]["server-round"]) == 2)))
+    if seeded:
+        assert caught_up.kind == FrameKind.STATE_DELTA and caught_up.base_version == 0  # caught up ...
+    else:
+        assert caught_up.kind == FrameKind.STATE_FULL  # caught up ...
     assert kinds[(2, "evaluate", 100)] == FrameKind.STATE_DELTA
     assert rows[2]["clients_eval_failed"] == 0  # ... and evaluated: nothing failed to decode
     assert _state(run_dir, 2).state.version == 2

@@ -185,8 +185,8 @@ class LoRDBAMethod(Method):
     def downlink(self, node_id: int, server_round: int) -> bytes:
         current = self.server.state
         held = self.node_versions.get(node_id)
-        if held is None and self.seeded_base:
-            held = 0
+        if self.seeded_base and (held is None or held not in self.history):
+            held = 0  # first contact, or a version no longer kept: a delta against the seeded version 0
         base = None
         if held is not None and held in self.history and held in self.scale_history:
             base = AdapterState(held, self.history[held], self.scale_history[held])
