@@ -240,8 +240,9 @@ class LoRDBAMethod(Method):
         metrics["global_flip_rate"] = float((new.negative ^ old.negative).float().mean())
         errors = sorted(self.server.info.get("fit_error", {}).values())
         if errors:  # refit: broadcast vs aggregate, relative Frobenius error per layer
-            metrics["fit_error_median"] = errors[len(errors) // 2]
-            metrics["fit_error_max"] = errors[-1]
+            # 6 significant digits: float64 BLAS sums may differ in the last bits between processes
+            metrics["fit_error_median"] = float(f"{errors[len(errors) // 2]:.6g}")
+            metrics["fit_error_max"] = float(f"{errors[-1]:.6g}")
         return metrics
 
     def _account(self, replies) -> dict:
@@ -336,7 +337,7 @@ class LoRDBAMethod(Method):
         for name, m in layers.items():
             limit = None if budget >= 1.0 else flip_allowance(m.rank * (m.in_features + m.out_features), budget)
             errors.append(fit_float_factors_(m, *start[name], limit, cfg.flip.m0, restart=limit is None)[1])
-        metrics["device_fit_error"] = sorted(errors)[len(errors) // 2]
+        metrics["device_fit_error"] = float(f"{sorted(errors)[len(errors) // 2]:.6g}")
         return metrics
 
     def client_train(self, model, tok, frame, state, examples, server_round, seed):
