@@ -75,9 +75,9 @@ class FlipControl:
         pressure ``|L|`` are kept, the rest revert (1.0 = no budget).
     """
 
-    m0: float = 0.01
+    m0: float = 0.002
     latent_lr: float = 1e-3
-    flip_budget: float = 0.01
+    flip_budget: float = 0.02
 
     def __post_init__(self):
         if not self.m0 > 0:
@@ -116,7 +116,7 @@ class RunConfig:
     clients_per_round: int = 4
     rank: int = 16
     alpha: float = 32.0
-    scales: tuple[str, ...] = ("in", "mid", "out")
+    scales: tuple[str, ...] = ("mid", "out")
     lr: float = 1e-3
     train: TrainConfig = TrainConfig()
     flip: FlipControl = FlipControl()
@@ -124,9 +124,9 @@ class RunConfig:
     refit_mode: str = "faithful"
     refit_restart: bool = False
     error_feedback: bool = False
-    server_flip_budget: float = 1.0
+    server_flip_budget: float = 0.005
     seeded_base: bool = True
-    state_mantissa_bits: int = 10
+    state_mantissa_bits: int = 7
     scale_init: str = "normalized"
     sign_init: str = "random"
     init_from: str = ""
