@@ -123,7 +123,7 @@ class RunConfig:
     aggregator: str = "refit"
     refit_mode: str = "faithful"
     refit_restart: bool = False
-    error_feedback: bool = False
+    error_feedback: bool = True
     server_flip_budget: float = 0.005
     seeded_base: bool = True
     state_mantissa_bits: int = 7
@@ -245,9 +245,6 @@ class RunConfig:
                                   ("init.signs", self.sign_init, SIGN_INITS)):
             if value not in known:
                 raise ValueError(f"run config {key!r} must be one of {list(known)}; got {value!r}")
-        if self.error_feedback and (self.aggregator != "refit" or self.refit_mode != "faithful"):
-            raise ValueError("server.error-feedback feeds the refit's residual back; set server.aggregator='refit' and "
-                             "server.refit='faithful' (or server.error-feedback=false)")
         if self.warmup_rounds < 0 or (self.warmup_rounds and self.method != "lordba"):
             raise ValueError(f"init.warmup-rounds must be >= 0 and only applies to method='lordba'; got "
                              f"{self.warmup_rounds} with method {self.method!r}")

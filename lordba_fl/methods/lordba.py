@@ -175,7 +175,8 @@ class LoRDBAMethod(Method):
                                          flip_noise=cfg.dp.flip_noise if cfg.dp.on else 0.0)
         else:
             self.aggregator = Refit(self.spec, scale_rule=cfg.scale_rule, trim=cfg.trim, mode=cfg.refit_mode,
-                                    restart=cfg.refit_restart, error_feedback=cfg.error_feedback,
+                                    restart=cfg.refit_restart,
+                                    error_feedback=cfg.error_feedback and cfg.refit_mode == "faithful",
                                     flip_budget=cfg.server_flip_budget)
 
     @property
