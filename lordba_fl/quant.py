@@ -125,6 +125,11 @@ def _to_nf4(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     q.weight = bnb.nn.Params4bit(linear.weight.data.float(), requires_grad=False, quant_type="nf4")
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    # bitsandbytes' CPU fast path (CPUs with AVX-512 BF16 / AMX, eval mode, no grad) repacks the frozen
+    # weight in place on first use, computes in bf16 (other numerics than training forwards take) and
+    # fails on widths that are not multiples of 64 ("shape '[64, 1]' is invalid for input of size 96"):
+    # every nf4 layer takes the generic dequantize-and-matmul path, the same on every CPU
+    q.support_avx512bf16_for_cpu = False
     return q.to(device)  # bitsandbytes quantizes on the move to a real device (CPU or CUDA)
 
 
@@ -182,7 +187,9 @@ def quantize_base_(
                 continue
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, convert(module, compute_dtype))
+            quantized = convert(module, compute_dtype)
+            quantized.train(module.training)  # a new module starts in training mode; keep the model's mode
+            setattr(parent, child, quantized)
     model.lordba_base_quant = backend
     return model
 

@@ -237,7 +237,10 @@ def test_export_on_nf4_base_matches_peft_on_the_same_base(tmp_path, ids):
     randomize_adapter_(model)
     export_peft_lora(model, tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
-    torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    # inference on both sides: on CPUs with AVX-512 BF16, bitsandbytes takes a bf16 fast path only for
+    # inputs that need no grad, so a grad-tracking forward would compare two different base kernels
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_lordba_from_peft_lora_reports_true_errors(tmp_path, ids):
