@@ -163,12 +163,13 @@ def stateless_rows(tmp_path_factory):
 def test_stateful_clients_keep_compact_state(tmp_path, stateless_rows, kind, dtype):
     from lordba_fl.clientstate import encoded_size, unpack_floats
     from lordba_fl.metering import recorddict_bytes
+    from lordba_fl.runconfig import DEFAULTS, parse_run_config
 
     grid, run_dir, rows = _run(tmp_path, method="lordba", **{"client.state": kind, "client.state-dtype": dtype})
     ckpt = load_file(str(run_dir / "ckpt-2.safetensors"))
     n_bits, n_scales = ckpt["negative"].numel(), ckpt["scales"].numel()
     n_params = 2 * 7 * 2  # tiny-llama: 2 layers x 7 targets, latents A and B ...
-    n_params += 2 * 7 * 3  # ... and its three scales (in, mid, out)
+    n_params += 2 * 7 * len(parse_run_config(dict(DEFAULTS)).scales)  # ... and its scales (default: mid, out)
     state = grid.contexts[100].state
     assert ("lordba.optimizer" in state) == (kind == "latent+optimizer")
     rec = state["lordba.latent"]
@@ -252,7 +253,7 @@ def test_an_aggregate_no_client_could_receive_is_refused(tmp_path):
     (The first design's refit, a fresh SVD whose s_mid takes the singular values, overflows here; the
     faithful refit starts from the averaged scales and stays within fp16 on this attack.)"""
     over = {"faults.byzantine-fraction": 0.25, "faults.attack": "explode-scales", "server.aggregator": "refit",
-            "server.refit": "svd",
+            "server.refit": "svd", "scales": "in,mid,out",
             "server.enforce-budget": False, "server.norm-bound": 0.0, "rounds": 4}
     _, run_dir, rows = _run(tmp_path, method="lordba", **over)
     refused = [r["round"] for r in rows[1:] if r.get("aggregate_refused")]
