@@ -2,17 +2,19 @@
 
 For each task (``shakespeare``, ``gsm``) every run sees the same data, seed, sampling and settings
 (``SETTINGS`` + ``TASK_SETTINGS``); only the method, its rank (alpha = 2 x rank) and its learning rate
-change. The runs: each entry of ``LORDBA_VARIANTS`` at ranks 16 and 32, ``lora-fedavg`` at ranks 1, 2,
-4, 16, ``lora-q2`` at 4, 16 and ``ffa-lora`` at 16 (``BASELINES``): 11 runs per task and seed. Each
-run is ``simulations.run`` on Flower's simulation engine in a fresh process (``simulations.common.launch``).
+change. The runs: the default variant (``DEFAULT_VARIANTS``: the library's defaults) at ranks 16 and
+32, ``lora-fedavg`` at ranks 1, 2, 4, 16, ``lora-q2`` at 4, 16 and ``ffa-lora`` at 16 (``BASELINES``):
+9 runs per task and seed (shakespeare: ~5 min a LoRA run, ~6-7 min a LoRDBA run on 2 idle cores,
+measured). The other ``LORDBA_VARIANTS`` are the ablations (``--only NAME``). Each run is
+``simulations.run`` on Flower's simulation engine in a fresh process (``simulations.common.launch``).
 
 Usage::
 
-    python -m simulations.frontier                    # both tasks, SmolLM2-135M (~1 h+ per task on 2 cores, est.)
+    python -m simulations.frontier                    # both tasks, SmolLM2-135M (shakespeare ~50 min on 2 cores)
     python -m simulations.frontier --task gsm         # one task
     python -m simulations.frontier --quick            # tiny model, 2 rounds, 3 runs per task: a smoke run
     python -m simulations.frontier --replot results/frontier/frontier.jsonl   # plots + pareto lines, no run
-    python -m simulations.frontier --only lordba-vote lora-fedavg-r16 --ranks 8 16 --seeds 0 1
+    python -m simulations.frontier --only lordba-vote-flips lora-fedavg-r16 --ranks 8 16 --seeds 0 1
     python -m simulations.frontier --run-config "rounds=20 train.local-steps=2"  # any setting, every run
 
 ``--only`` takes variant names (every rank) or ``<name>-r<rank>`` (one run); ``--ranks`` replaces the
@@ -65,15 +67,23 @@ _FLIPS = {"flip.m0": 0.002, "flip.budget": 0.05}
 _LEAN = {"method": "lordba", "server.aggregator": "refit", "scales": "mid,out", "flip.m0": 0.002, "flip.budget": 0.02,
          "server.flip-budget": 0.005, "codec.state-mantissa-bits": 7}
 LORDBA_VARIANTS: dict[str, dict] = {
-    "lordba-lean": _LEAN,
-    "lordba-lean-3s": {**_LEAN, "scales": "in,mid,out"},
-    "lordba-lean-warmup": {**_LEAN, "init.warmup-rounds": 2},
-    "lordba-lean-ef": {**_LEAN, "server.error-feedback": True},
-    "lordba-lean-base-svd": {**_LEAN, "init.signs": "base-svd"},
-    "lordba-refit-flips": {"method": "lordba", "server.aggregator": "refit", **_FLIPS},
-    "lordba-vote-flips": {"method": "lordba", "server.aggregator": "vote", **_FLIPS},
-    "lordba-refit": {"method": "lordba", "server.aggregator": "refit"},
+    "lordba-lean-ef": {**_LEAN, "server.error-feedback": True},  # = the defaults (pyproject.toml)
+    "lordba-lean": {**_LEAN, "server.error-feedback": False},
+    "lordba-lean-3s": {**_LEAN, "scales": "in,mid,out", "server.error-feedback": False},
+    "lordba-lean-warmup": {**_LEAN, "init.warmup-rounds": 2, "server.error-feedback": False},
+    "lordba-lean-base-svd": {**_LEAN, "init.signs": "base-svd", "server.error-feedback": False},
+    "lordba-refit-flips": {"method": "lordba", "server.aggregator": "refit", "scales": "in,mid,out",
+                           "server.flip-budget": 1.0, "codec.state-mantissa-bits": 10, "server.error-feedback": False,
+                           **_FLIPS},
+    "lordba-vote-flips": {"method": "lordba", "server.aggregator": "vote", "scales": "in,mid,out",
+                          "codec.state-mantissa-bits": 10, **_FLIPS},
+    "lordba-refit": {"method": "lordba", "server.aggregator": "refit", "scales": "in,mid,out", "flip.m0": 0.01,
+                     "flip.budget": 0.01, "server.flip-budget": 1.0, "codec.state-mantissa-bits": 10,
+                     "server.error-feedback": False},
 }
+# run when --only is not given (each at every rank of LORDBA_RANKS): the library's defaults; the
+# other variants are the ablations measured beside it (README), run with --only
+DEFAULT_VARIANTS = ("lordba-lean-ef",)
 LORDBA_RANKS = (16, 32)
 # baselines: name -> (run-config overrides, ranks); ranks chosen to span LoRDBA's bytes (r 1-4) and quality (r 16)
 BASELINES: dict[str, tuple[dict, tuple[int, ...]]] = {
@@ -156,6 +166,8 @@ def plan_runs(task: str, seeds=(0,), lordba_ranks=LORDBA_RANKS, only=None, quick
         menu = [m for m in menu if m[0] in only or f"{m[0]}-r{m[3]}" in only]
     elif quick:
         menu = [m for m in menu if (m[0], m[3]) in QUICK_RUNS]
+    else:  # the default frontier: the default variant(s) and every baseline; ablations by --only
+        menu = [m for m in menu if m[1] != "lordba" or m[0] in DEFAULT_VARIANTS]
     menu.sort(key=lambda m: (m[0], m[3]) != REFERENCE)  # stable: the reference first, then as declared
     return [{"task": task, "variant": v, "family": fam, "rank": r, "seed": s, "overrides": dict(over)}
             for s in seeds for v, fam, over, r in menu]

@@ -7,6 +7,7 @@ import pytest
 
 from simulations.frontier import (
     BASELINES,
+    DEFAULT_VARIANTS,
     LORDBA_VARIANTS,
     add_ratios,
     bytes_per_client,
@@ -174,7 +175,7 @@ def test_lr_file_takes_the_last_chosen_lr_line_of_the_task_and_maps_names(tmp_pa
 
 def test_plan_and_run_config():
     runs = plan_runs("gsm")
-    assert len(runs) == 2 * len(LORDBA_VARIANTS) + sum(len(r) for _, r in BASELINES.values())
+    assert len(runs) == 2 * len(DEFAULT_VARIANTS) + sum(len(r) for _, r in BASELINES.values())  # ablations: --only
     assert (runs[0]["variant"], runs[0]["rank"]) == ("lora-fedavg", 16)  # the reference first
     assert [r["rank"] for r in plan_runs("gsm", only=["lora-fedavg"])] == [16, 1, 2, 4]
     assert [(r["variant"], r["rank"]) for r in plan_runs("gsm", only=["lordba-vote-flips-r32"])] == [("lordba-vote-flips", 32)]
