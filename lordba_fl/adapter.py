@@ -135,14 +135,19 @@ def _unsqueeze(t: torch.Tensor | None) -> torch.Tensor | None:
 def effective_weight(layer: nn.Module) -> torch.Tensor:
     """The ``(out, in)`` weight a frozen base layer applies, in fp32, whatever its storage.
 
-    A quantized layer is read back by feeding it the identity (``W^T + b`` for ``x = I``), so the
-    result is exactly what its forward computes, for every backend.
+    ``q4_1`` layers dequantize their blocks; bitsandbytes int8 layers give ``CB * SCB / 127`` (their
+    forward also quantizes the activations, so no input reads the weight back exactly); any other
+    weight-only quantized layer (nf4) is read back by feeding it the identity (``W^T + b`` for
+    ``x = I``), which is exactly what its forward computes.
     """
     if type(layer) is nn.Linear:
         return layer.weight.detach().float()
     dequantized = getattr(layer, "dequantized_weight", None)
     if dequantized is not None:
         return dequantized(torch.float32)
+    cb, scb = getattr(layer.weight, "CB", None), getattr(layer.weight, "SCB", None)
+    if cb is not None and scb is not None:  # (out, in) int8 codes, (out,) row absmax
+        return (cb.float() * (scb.float() / 127.0)[:, None]).cpu()
     device = _module_device(layer)
     eye = torch.eye(int(layer.in_features), device=device)  # (in, in)
     zero = torch.zeros(1, int(layer.in_features), device=device)  # (1, in): the bias alone

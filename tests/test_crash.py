@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,4 +86,11 @@ def test_server_killed_mid_run_resumes_to_the_same_state(tmp_path):
     # the new SuperNodes hold nothing: they were sent full states where the uninterrupted run sent deltas
     assert crash_rows[done + 1]["down_payload_sum"] > full_rows[done + 1]["down_payload_sum"]
     a, b = load_file(str(tmp_path / "full" / "ckpt-3.safetensors")), load_file(str(run_dir / "ckpt-3.safetensors"))
-    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.startswith("residual."):
+            # the refit's error-feedback residual is a float64 BLAS difference rounded to fp32: two processes
+            # may differ in its last bits (the broadcast signs and scales above do not)
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+        else:
+            assert bool((a[k] == b[k]).all()), k

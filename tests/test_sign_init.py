@@ -9,7 +9,7 @@ from lordba_fl.adapter import binarize, effective_weight
 from lordba_fl.methods.lordba import flip_agreement
 
 
-@pytest.mark.parametrize("backend", ["none", "q4_1", "int8"])
+@pytest.mark.parametrize("backend", ["none", "q4_1", "nf4"])
 def test_effective_weight_is_what_the_layer_computes(backend):
     model = quantize_base_(tiny_llama(), backend)
     layer = model.model.layers[0].self_attn.q_proj
@@ -17,6 +17,18 @@ def test_effective_weight_is_what_the_layer_computes(backend):
     w = effective_weight(layer)  # (out, in)
     bias = layer(torch.zeros(1, layer.in_features)).float()
     torch.testing.assert_close(layer(x).float(), x @ w.t() + bias, atol=1e-4, rtol=1e-4)
+
+
+def test_effective_weight_of_int8_is_the_dequantized_codes():
+    """int8 quantizes activations too, so its weight is read from the codes: within half a step of
+    the float weight (step = row absmax / 127), plus the fp16 rounding bitsandbytes may scale in
+    (2^-11 relative: at most 2^-10 of the row's absmax)."""
+    ref = tiny_llama().model.layers[0].self_attn.q_proj.weight.detach().float()  # (out, in)
+    layer = quantize_base_(tiny_llama(), "int8").model.layers[0].self_attn.q_proj
+    absmax = ref.abs().amax(1, keepdim=True)  # (out, 1)
+    err = (effective_weight(layer) - ref).abs()
+    assert bool((err <= 0.5 * absmax / 127.0 + absmax * 2.0**-10).all())
+    assert float(err.max()) > 0  # the codes really are quantized
 
 
 def test_base_svd_signs_are_the_top_singular_vectors_of_the_base_weight():
