@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lordba_fl.aggregation import flip_allowance
+
 DP_MODES = ("off", "local")
 
 
@@ -76,7 +78,7 @@ def rr_flip_probability(flip_epsilon: float) -> float:
 
 def differing_bits(n_bits: int, budget: float) -> int:
     """How many bits two honest flip masks can differ in: ``min(n, 2 floor(budget n))``."""
-    return min(n_bits, 2 * int(math.floor(round(budget * n_bits, 6))))
+    return min(n_bits, 2 * flip_allowance(n_bits, budget))  # the integer every honest client keeps
 
 
 def _round_event(noise_multiplier: float, flip_epsilon: float, bits: int):
