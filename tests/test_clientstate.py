@@ -92,7 +92,7 @@ def _train(opt, w, steps):
 
 def _resumed_error(dtype: str | None) -> float:
     """Max |w - w_ref| after 3 + 3 AdamW steps with the moments kept as ``dtype`` (None: forgotten)
-    vs 6 uninterrupted steps (lr 0.1, gradients spanning ~2^13 in one block)."""
+    vs 6 uninterrupted steps (lr 0.1, gradients spanning ~2^13 in one block), in units of w: |w| < 2."""
     w0 = torch.linspace(-1, 1, 50)
     ref = torch.nn.Parameter(w0.clone())
     _train(torch.optim.AdamW([ref], lr=0.1, weight_decay=0.0), ref, 6)
@@ -108,8 +108,10 @@ def _resumed_error(dtype: str | None) -> float:
 
 def test_adamw_resumes_from_its_stored_moments():
     errors = {d: _resumed_error(d) for d in ("fp32", "fp16", "q8", None)}
-    # fp32 stores sqrt(v) too: squaring it back costs an ulp of v, ~1e-8 in w
-    assert errors["fp32"] <= 1e-7
+    # fp32 stores sqrt(v) too: squaring it back costs an ulp of v, ~1e-8 in w; each of the 3 resumed
+    # steps may then round w the other way: |w| < 2, so an ulp of w is 2^-22 (CPUs with AVX-512 BF16
+    # or AMX fuse AdamW's arithmetic differently and land one ulp off: 1.19e-7 measured)
+    assert errors["fp32"] <= 3 * 2.0**-22 + 1e-8
     # fp16: 2^-11 of the block maximum per moment -> ~3 lr 2^-11 at most over 3 steps
     assert errors["fp16"] <= 3 * 0.1 * 2.0**-11
     # q8: ~3.6% relative error per moment (13 octaves over 127 levels) -> a few 1e-3; still well
