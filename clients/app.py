@@ -1,8 +1,8 @@
-"""Flower ClientApp: thin; the work is ``lordba_fl.federation.client_train`` / ``client_evaluate``."""
+"""Flower ClientApp: thin; the work is ``lordba_fl.federation.apps.client_train`` / ``client_evaluate``."""
 
 from flwr.clientapp import ClientApp
 
-from lordba_fl.federation import client_evaluate, client_query, client_train
+from lordba_fl.federation.apps import client_evaluate, client_query, client_train
 
 
 def make_client_app(run_config: dict | None = None) -> ClientApp:

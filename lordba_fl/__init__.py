@@ -1,24 +1,21 @@
 """lordba-fl: federated fine-tuning with double-binary (LoRDBA) adapters on frozen quantized bases."""
 
 from lordba_fl.adapter import (
+    LoRDBAConfig,
+    LoRDBAFileError,
     LoRDBALinear,
     attach_lordba_,
     expected_adapter_bits,
     expected_num_parameters,
-    lordba_layers,
-    set_adapters_enabled_,
-)
-from lordba_fl.config import LoRDBAConfig
-from lordba_fl.models import load_default_model
-from lordba_fl.quant import quantize_base_
-from lordba_fl.storage import (
-    LoRDBAFileError,
     export_peft_lora,
     load_lordba_,
     lordba_from_peft_lora,
+    lordba_layers,
     peft_lora_config,
     save_lordba,
+    set_adapters_enabled_,
 )
+from lordba_fl.base import load_default_model, quantize_base_
 
 __all__ = [
     "LoRDBAConfig",

@@ -1,7 +1,7 @@
 """Server-side aggregation of LoRDBA updates in latent space (DESIGN.md §3).
 
 The server holds the broadcast signs ``S^t``, fp32 scales ``s^t`` and a real-valued latent ``Λ^t``
-(never sent), all in the flat layout of :mod:`lordba_fl.layout`. Aggregators are pure: they return a
+(never sent), all in the flat layout of :mod:`lordba_fl.wire.layout`. Aggregators are pure: they return a
 new :class:`ServerState` and never modify the one they were given, so a round that fails half-way, or
 a reply that fails to decode, leaves the global state exactly as it was.
 """
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lordba_fl.codec import CodecError, CodecOptions, Update, decode_update
-from lordba_fl.init import fit_from, fit_lordba
-from lordba_fl.layout import AdapterSpec, AdapterState, split_carriers, split_scales
+from lordba_fl.adapter.fit import fit_from, fit_lordba
+from lordba_fl.wire.codec import CodecError, CodecOptions, Update, decode_update
+from lordba_fl.wire.layout import AdapterSpec, AdapterState, split_carriers, split_scales
 
 
 @dataclass
@@ -242,7 +242,7 @@ class Refit:
     could not represent) and fits signs and scales to it.
 
     ``mode="faithful"`` (default) starts from the current carriers and the clients' averaged scales
-    and only takes steps that lower the fit error (:func:`lordba_fl.init.refine_lordba`): a round in
+    and only takes steps that lower the fit error (:func:`lordba_fl.adapter.fit.refine_lordba`): a round in
     which no client changes anything leaves the adapter exactly as it was; ``flip_budget`` caps the
     signs a round changes per layer (the largest error reductions win), which bounds the downlink's
     sign churn. With ``restart``, a fresh
@@ -326,3 +326,22 @@ class Refit:
         state = AdapterState(old.version + 1, negative, scales)
         info = {"fit_error": errors}
         return ServerState(state, state.signs(), residual if self.error_feedback else None, info)
+
+
+# --------------------------------------------------------------------------------------------------
+# Factories registered in :data:`lordba_fl.registry.AGGREGATORS`: ``factory(spec, cfg) -> aggregator``,
+# an aggregator being ``(ServerState, [(Update, weight)]) -> ServerState`` (a new state at version
+# ``t + 1``; ``info`` may carry per-layer diagnostics such as ``fit_error``). ``cfg`` is the run config;
+# a user's aggregator (``server.aggregator = "pkg.module:factory"``) has the same signature.
+
+
+def make_vote(spec: AdapterSpec, cfg) -> LatentVote:
+    """``server.aggregator = "vote"``: :class:`LatentVote` from ``server.beta/tau/eta/scale-rule/trim``."""
+    return LatentVote(cfg.beta, cfg.tau, cfg.eta, scale_rule=cfg.scale_rule, trim=cfg.trim,
+                      flip_noise=cfg.dp.flip_noise if cfg.dp.on else 0.0)
+
+
+def make_refit(spec: AdapterSpec, cfg) -> Refit:
+    """``server.aggregator = "refit"``: :class:`Refit` from ``server.refit/refit-restart/error-feedback/flip-budget``."""
+    return Refit(spec, scale_rule=cfg.scale_rule, trim=cfg.trim, mode=cfg.refit_mode, restart=cfg.refit_restart,
+                 error_feedback=cfg.error_feedback and cfg.refit_mode == "faithful", flip_budget=cfg.server_flip_budget)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from lordba_fl.aggregation import SCALE_RULES
-from lordba_fl.clientstate import STATE_DTYPES, STATE_KINDS
+from lordba_fl.adapter.config import SCALE_INITS, SIGN_INITS
+from lordba_fl.aggregation import REFIT_MODES, SCALE_RULES
+from lordba_fl.base.models import MODELS
+from lordba_fl.base.quant import QUANT_BACKENDS
 from lordba_fl.privacy import DPConfig
+from lordba_fl.registry import AGGREGATORS, METHODS, TASKS
 from lordba_fl.train import TrainConfig
-
+from lordba_fl.wire.clientstate import STATE_DTYPES, STATE_KINDS
 
 ATTACKS = ("invert-flips", "flip-all", "explode-scales", "replay")
 
@@ -161,15 +164,11 @@ class RunConfig:
     def check_names(self) -> None:
         """Registered names, checked where the config enters (:func:`parse_run_config`), i.e. when the
         run starts rather than when a worker first loads a model."""
-        from lordba_fl.data import TASKS, gsm, shakespeare  # noqa: F401  (registration)
-        from lordba_fl.methods import METHODS, lora, lordba  # noqa: F401  (registration)
-        from lordba_fl.models import MODELS
-        from lordba_fl.quant import QUANT_BACKENDS
-
-        for key, value, known in (("method", self.method, METHODS), ("model", self.model, MODELS),
-                                  ("quant", self.quant, QUANT_BACKENDS), ("task", self.task, TASKS)):
+        for key, value, known in (("model", self.model, MODELS), ("quant", self.quant, QUANT_BACKENDS)):
             if value not in known:
                 raise ValueError(f"run config {key!r} must be one of {sorted(known)}; got {value!r}")
+        for registry, value in ((METHODS, self.method), (TASKS, self.task), (AGGREGATORS, self.aggregator)):
+            registry.get(value)  # imports an import path now: a typo fails at start, listing the names
 
     @property
     def stateful(self) -> bool:
@@ -203,8 +202,6 @@ class RunConfig:
     def __post_init__(self):
         if self.rounds < 1 or self.clients_per_round < 1:
             raise ValueError("rounds and clients-per-round must be >= 1")
-        if self.aggregator not in ("vote", "refit"):
-            raise ValueError(f"aggregator must be 'vote' or 'refit'; got {self.aggregator!r}")
         for key, value, ok, accepted in (
             ("alpha", self.alpha, self.alpha > 0, "> 0"),
             ("server.history", self.history, self.history >= 1, ">= 1 (sign versions kept)"),
@@ -238,9 +235,6 @@ class RunConfig:
         if self.dp.on and (self.method != "lordba" or self.aggregator != "vote"):
             raise ValueError("dp.mode=local privatizes LoRDBA flip masks and scale deltas aggregated by the vote; "
                              f"set method=lordba and server.aggregator=vote (got {self.method!r}, {self.aggregator!r})")
-        from lordba_fl.aggregation import REFIT_MODES
-        from lordba_fl.config import SCALE_INITS, SIGN_INITS
-
         for key, value, known in (("server.refit", self.refit_mode, REFIT_MODES), ("init.scales", self.scale_init, SCALE_INITS),
                                   ("init.signs", self.sign_init, SIGN_INITS)):
             if value not in known:

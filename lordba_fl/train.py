@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lordba_fl.data import Example
+from lordba_fl.data.tasks import Example
 
 IGNORE = -100
 

@@ -1,8 +1,8 @@
-"""Flower ServerApp: thin; the work is ``lordba_fl.federation.run_server``."""
+"""Flower ServerApp: thin; the work is ``lordba_fl.federation.apps.run_server``."""
 
 from flwr.serverapp import ServerApp
 
-from lordba_fl.federation import run_server
+from lordba_fl.federation.apps import run_server
 
 
 def make_server_app(run_config: dict | None = None) -> ServerApp:

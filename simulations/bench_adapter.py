@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from lordba_fl import LoRDBAConfig, attach_lordba_, load_default_model, save_lordba
-from lordba_fl.config import DEFAULT_TARGET_MODULES
+from lordba_fl.adapter.config import DEFAULT_TARGET_MODULES
 from simulations.common import emit
 
 VOCAB = 49152

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from lordba_fl.batched import ClientJob, train_batched, train_sequential
+from lordba_fl.base.models import load_model
 from lordba_fl.data import load_task
-from lordba_fl.layout import read_latents, read_scales
 from lordba_fl.methods import make_method
 from lordba_fl.methods.lordba import budget_flips
-from lordba_fl.models import load_model
 from lordba_fl.runconfig import RunConfig, parse_run_config
 from lordba_fl.train import encode_examples, micro_batches
+from lordba_fl.wire.layout import read_latents, read_scales
+from simulations.batched import ClientJob, train_batched, train_sequential
 from simulations.common import emit
 
 

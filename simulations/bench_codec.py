@@ -38,7 +38,7 @@ import torch
 import zstandard
 
 from lordba_fl import LoRDBAConfig, attach_lordba_, load_default_model
-from lordba_fl.codec import (
+from lordba_fl.wire.codec import (
     CodecOptions,
     Update,
     _decode_bits,
@@ -47,7 +47,7 @@ from lordba_fl.codec import (
     encode_update,
     read_header,
 )
-from lordba_fl.layout import AdapterSpec, read_scales
+from lordba_fl.wire.layout import AdapterSpec, read_scales
 from simulations.common import emit
 
 FLIP_RATES = (0.001, 0.01, 0.05, 0.2, 0.5)
@@ -62,7 +62,14 @@ def entropy_bytes(n: int, p: float) -> float:
 
 def _text_corpus() -> str:
     """Real English prose available offline: docstrings of standard-library modules."""
-    import argparse as a, collections, email, json as j, logging, pathlib, subprocess, unittest
+    import argparse as a
+    import collections
+    import email
+    import json as j
+    import logging
+    import pathlib
+    import subprocess
+    import unittest
 
     return "\n\n".join(inspect.getdoc(m) or "" for m in (a, collections, email, j, logging, pathlib, subprocess, unittest))
 
@@ -94,14 +101,14 @@ def real_scale_deltas(
 def gaussian_scale_deltas(rank: int, scales: tuple[str, ...]) -> tuple[AdapterSpec, torch.Tensor]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lordba_fl.models import default_model_dir
+    from lordba_fl.base.models import default_model_dir
 
     config = LlamaConfig.from_pretrained(default_model_dir())
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     shapes = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    from lordba_fl.config import DEFAULT_TARGET_MODULES
-    from lordba_fl.layout import LayerSpec, model_fingerprint
+    from lordba_fl.adapter.config import DEFAULT_TARGET_MODULES
+    from lordba_fl.wire.layout import LayerSpec, model_fingerprint
 
     cfg = LoRDBAConfig(rank=rank, scales=scales)
     layers = tuple(

@@ -54,9 +54,9 @@ def child(overrides: dict, frame_path: Path) -> dict:
     from transformers import PreTrainedTokenizerFast  # noqa: F401
 
     import lordba_fl.methods.lordba as lordba_method
+    from lordba_fl.base.models import load_model
     from lordba_fl.data import load_client_data
     from lordba_fl.methods import make_method
-    from lordba_fl.models import load_model
     from lordba_fl.runconfig import parse_run_config
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -106,9 +106,9 @@ def child(overrides: dict, frame_path: Path) -> dict:
 
 def server_frame(overrides: dict, path: Path) -> int:
     """The full-state downlink a client gets on first contact (what every party derives from the seed)."""
+    from lordba_fl.base.models import load_model
     from lordba_fl.data import load_client_data
     from lordba_fl.methods import make_method
-    from lordba_fl.models import load_model
     from lordba_fl.runconfig import parse_run_config
 
     cfg = parse_run_config(overrides)

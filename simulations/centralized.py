@@ -58,16 +58,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch import nn
 
-from lordba_fl.adapter import attach_lordba_
-from lordba_fl.config import SCALE_INITS, LoRDBAConfig
+from lordba_fl.adapter.config import SCALE_INITS, LoRDBAConfig
+from lordba_fl.adapter.layer import attach_lordba_
+from lordba_fl.adapter.storage import PEFT_PREFIX
+from lordba_fl.base.models import load_model
 from lordba_fl.data import Example, load_client_data, load_task
-from lordba_fl.layout import AdapterSpec, read_latents
 from lordba_fl.methods.lora import LoRAFedAvg, lora_layers
 from lordba_fl.methods.lordba import train_groups
-from lordba_fl.models import load_model
 from lordba_fl.runconfig import RunConfig, parse_run_config
-from lordba_fl.storage import PEFT_PREFIX
 from lordba_fl.train import TrainConfig, encode_examples, evaluate_loss, make_optimizer, micro_batches, train_local
+from lordba_fl.wire.layout import AdapterSpec, read_latents
 from simulations.common import emit
 
 VAL_SEED = 0  # the validation split does not depend on --seeds: every seed's sweep is scored on the same set
@@ -171,7 +171,7 @@ def pooled_split(train_parts: Sequence[Sequence[Example]], test_parts: Sequence[
 
 def load_split(run_config: dict, tok, args: argparse.Namespace) -> tuple[Split, list[int]]:
     """The pooled :class:`Split` of ``run_config``'s task for the main job's clients (and their ids)."""
-    from lordba_fl.federation import _server_eval_sets  # the federation's own eval sets, not a copy
+    from lordba_fl.federation.apps import _server_eval_sets  # the federation's own eval sets, not a copy
 
     cfg = parse_run_config(run_config)
     partitions = federation_partitions(run_config, args.supernodes)

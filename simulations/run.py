@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")

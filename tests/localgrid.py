@@ -12,7 +12,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from lordba_fl.strategy import frame_record
+from lordba_fl.federation.strategy import frame_record
 
 
 class LocalGrid(Grid):

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import BUILDERS, randomize_adapter_, tiny_llama
 from torch import nn
 
-from conftest import BUILDERS, randomize_adapter_, tiny_llama
 from lordba_fl import (
     LoRDBAConfig,
     LoRDBALinear,
@@ -13,7 +13,7 @@ from lordba_fl import (
     quantize_base_,
     set_adapters_enabled_,
 )
-from lordba_fl.config import DEFAULT_TARGET_MODULES
+from lordba_fl.adapter.config import DEFAULT_TARGET_MODULES
 
 SCALE_SETS = [("in", "mid", "out"), ("mid", "out"), ("out",), ("in",), ("in", "mid")]
 

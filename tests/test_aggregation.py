@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from lordba_fl.aggregation import LatentVote, ServerState, collect_updates
-from lordba_fl.codec import CodecOptions, Update, encode_update
-from lordba_fl.layout import AdapterSpec, AdapterState, LayerSpec
+from lordba_fl.wire.codec import CodecOptions, Update, encode_update
+from lordba_fl.wire.layout import AdapterSpec, AdapterState, LayerSpec
 
 T, F = True, False
 
@@ -98,7 +98,7 @@ def test_robust_combine_by_hand():
 
 def test_robust_options_reject_cap_and_bound():
     from lordba_fl.aggregation import RobustOptions
-    from lordba_fl.codec import Update
+    from lordba_fl.wire.codec import Update
 
     def upd(n_flips, delta):
         flips = torch.zeros(100, dtype=torch.bool)

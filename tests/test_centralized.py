@@ -6,11 +6,11 @@ import statistics
 import pytest
 import torch
 
-from lordba_fl.adapter import lordba_layers
+from lordba_fl.adapter.layer import lordba_layers
 from lordba_fl.data import Example
-from lordba_fl.layout import AdapterSpec, read_latents, read_scales
 from lordba_fl.methods.lora import lora_layers
 from lordba_fl.runconfig import RunConfig
+from lordba_fl.wire.layout import AdapterSpec, read_latents, read_scales
 from simulations import centralized as C
 
 
@@ -91,7 +91,7 @@ def test_batch_plan_never_replays_a_batch_across_chunks():
 
 @pytest.fixture(scope="module")
 def bench():
-    from lordba_fl.models import load_model
+    from lordba_fl.base.models import load_model
 
     _, tok = load_model("tiny-llama")
     text = lambda i: f"line {i} of a short play, spoken twice and then once more\n"  # noqa: E731

@@ -5,7 +5,8 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lordba_fl.codec import (
+from lordba_fl.adapter.packing import _pack_bits_torch
+from lordba_fl.wire.codec import (
     HEADER_BYTES,
     BaseVersionError,
     CodecError,
@@ -17,7 +18,6 @@ from lordba_fl.codec import (
     Update,
     _decode_bits,
     _encode_bits,
-    _pack_bits_torch,
     decode_state,
     decode_update,
     encode_state,
@@ -30,7 +30,7 @@ from lordba_fl.codec import (
     unpack_bits,
     unpack_signs,
 )
-from lordba_fl.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers
+from lordba_fl.wire.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers
 
 
 def test_bit_order_by_hand():

@@ -8,8 +8,8 @@ import pytest
 import torch
 import zstandard
 
-from lordba_fl import codec
-from lordba_fl.codec import (
+from lordba_fl.wire import codec
+from lordba_fl.wire.codec import (
     HEADER_BYTES,
     ChecksumError,
     CodecError,
@@ -28,7 +28,7 @@ from lordba_fl.codec import (
     encode_update,
     read_header,
 )
-from lordba_fl.layout import AdapterSpec, AdapterState, LayerSpec
+from lordba_fl.wire.layout import AdapterSpec, AdapterState, LayerSpec
 
 SPEC = AdapterSpec(
     (LayerSpec("a.q", 13, 7, 3), LayerSpec("a.v", 8, 21, 3), LayerSpec("b.q", 16, 16, 3)), ("in", "mid", "out"), b"m" * 16

@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from lordba_fl.deploy import init_deployment, write_connection
+from lordba_fl.federation.deploy import init_deployment, write_connection
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -130,8 +130,8 @@ def _check_bytes(rows: list[dict], run_config: str) -> None:
     rebuild it here and compare the logged bytes exactly."""
     from flwr.common.config import parse_config_args
 
+    from lordba_fl.base.models import load_model
     from lordba_fl.methods import make_method
-    from lordba_fl.models import load_model
     from lordba_fl.runconfig import DEFAULTS, parse_run_config
 
     cfg = parse_run_config({**DEFAULTS, **parse_config_args([run_config])})

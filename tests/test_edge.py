@@ -12,7 +12,7 @@ pytestmark = pytest.mark.real_model
 
 
 def test_cached_quantized_base_is_the_same_model(tmp_path, monkeypatch):
-    from lordba_fl import models
+    from lordba_fl.base import models
 
     monkeypatch.setenv("LORDBA_FL_CACHE", str(tmp_path))  # a fresh cache: fp32 copy, then the q4_1 base
     monkeypatch.setattr(models, "_build_cache", _copy_fp32_cache(models))
@@ -59,15 +59,15 @@ def test_client_data_cache_holds_exactly_the_partition(tmp_path, monkeypatch):
 
 
 def test_gradient_checkpointing_gives_the_same_training():
+    from lordba_fl.base.models import load_model
     from lordba_fl.methods import make_method
-    from lordba_fl.models import load_model
 
     model, tok = load_model("tiny-llama")
     method = make_method(parse_run_config({"model": "tiny-llama", "rank": 4}))
     model = method.adapt(model)
     from lordba_fl.data import Example
-    from lordba_fl.layout import read_scales, read_state, write_state_
     from lordba_fl.methods.lordba import train_groups
+    from lordba_fl.wire.layout import read_scales, read_state, write_state_
 
     start = read_state(model, method.spec)
     examples = [Example("Q: one two", " three four five"), Example("Q: six", " seven eight")]

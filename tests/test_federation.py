@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from localgrid import LocalGrid
 from safetensors.torch import load_file
 
 from clients.app import make_client_app
-from localgrid import LocalGrid
 from lordba_fl.aggregation import LatentVote, ServerState, collect_updates
-from lordba_fl.codec import CodecOptions
-from lordba_fl.federation import run_server
-from lordba_fl.layout import AdapterSpec, AdapterState
-from lordba_fl.metering import payload_bytes, wire_bytes
-from lordba_fl.strategy import read_frame
+from lordba_fl.federation.apps import run_server
+from lordba_fl.federation.strategy import read_frame
+from lordba_fl.wire.codec import CodecOptions
+from lordba_fl.wire.layout import AdapterSpec, AdapterState
+from lordba_fl.wire.metering import payload_bytes, wire_bytes
 
 pytestmark = pytest.mark.real_model  # the tiny model uses the embedded tokenizer
 
@@ -83,7 +83,7 @@ def _state(run_dir: Path, rnd: int) -> ServerState:
 def test_global_state_changes_as_the_votes_dictate(tmp_path):
     grid, run_dir, rows = _run(tmp_path, method="lordba", **{"server.beta": 0.5, "server.tau": 0.1, "server.eta": 0.5})
     before, after = _state(run_dir, 1), _state(run_dir, 2)
-    from lordba_fl.federation import _worker
+    from lordba_fl.federation.apps import _worker
     from lordba_fl.runconfig import parse_run_config
 
     spec = AdapterSpec.from_model(_worker(parse_run_config(grid.contexts[100].run_config))[0])
@@ -111,7 +111,7 @@ def test_a_node_that_goes_silent_catches_up_with_the_full_state(tmp_path, seeded
     with the others, and since the server cannot know what 101 now holds, the next message to it
     carries the full state (with server.seeded-base: a delta against the seeded version 0, which
     every node can rebuild whatever it holds)."""
-    from lordba_fl.codec import FrameKind, read_header
+    from lordba_fl.wire.codec import FrameKind, read_header
 
     grid, run_dir, rows = _run(tmp_path, faults={101: "vanish@2"}, method="lordba", **{"server.seeded-base": seeded})
     assert rows[1]["clients_silent"] == 0 and rows[1]["accepted"] == 4
@@ -161,9 +161,9 @@ def stateless_rows(tmp_path_factory):
 
 @pytest.mark.parametrize("kind, dtype", [("latent", "q8"), ("latent", "fp32"), ("latent+optimizer", "fp16")])
 def test_stateful_clients_keep_compact_state(tmp_path, stateless_rows, kind, dtype):
-    from lordba_fl.clientstate import encoded_size, unpack_floats
-    from lordba_fl.metering import recorddict_bytes
     from lordba_fl.runconfig import DEFAULTS, parse_run_config
+    from lordba_fl.wire.clientstate import encoded_size, unpack_floats
+    from lordba_fl.wire.metering import recorddict_bytes
 
     grid, run_dir, rows = _run(tmp_path, method="lordba", **{"client.state": kind, "client.state-dtype": dtype})
     ckpt = load_file(str(run_dir / "ckpt-2.safetensors"))
@@ -205,7 +205,7 @@ def test_each_worker_loads_the_base_once_across_rounds(tmp_path):
     [("flip-all", True, [1, 1]), ("flip-all", False, [0, 0]), ("invert-flips", True, [1, 1]), ("replay", True, [0, 1])],
 )
 def test_byzantine_clients_are_caught_by_the_defences(tmp_path, attack, enforce, rejected):
-    from lordba_fl.faults import byzantine_partitions
+    from lordba_fl.federation.faults import byzantine_partitions
     from lordba_fl.runconfig import DEFAULTS, parse_run_config
 
     over = {"faults.byzantine-fraction": 0.25, "faults.attack": attack, "server.enforce-budget": enforce}
@@ -289,7 +289,7 @@ def test_local_dp_run_reports_the_accounted_budget_and_sends_no_training_metrics
 
 
 def _tiny_adapted(cfg):
-    from lordba_fl.federation import _adapted_model
+    from lordba_fl.federation.apps import _adapted_model
 
     return _adapted_model(cfg)[0]
 
@@ -300,7 +300,7 @@ def test_lora_byzantine_uplinks_are_the_attacked_honest_ones(tmp_path, attack):
     every other client's is byte-identical."""
     import numpy as np
 
-    from lordba_fl.faults import byzantine_partitions
+    from lordba_fl.federation.faults import byzantine_partitions
     from lordba_fl.methods.lora import _HEADER
     from lordba_fl.runconfig import DEFAULTS, parse_run_config
 
@@ -348,7 +348,7 @@ def test_client_side_evaluation_can_be_switched_off(tmp_path):
 
 
 def test_init_from_a_packed_adapter_starts_where_that_run_ended_and_a_mismatch_is_refused(tmp_path):
-    from lordba_fl.storage import LoRDBAFileError
+    from lordba_fl.adapter.storage import LoRDBAFileError
 
     _, first_dir, first = _run(tmp_path / "a", rounds=1)
     packed = first_dir / "adapter.lordba.safetensors"
@@ -365,8 +365,8 @@ def test_init_from_a_packed_adapter_starts_where_that_run_ended_and_a_mismatch_i
 
 def test_init_from_a_peft_lora_directory_equals_the_svd_import(tmp_path):
     from lordba_fl import LoRDBAConfig, attach_lordba_, lordba_layers
-    from lordba_fl.models import load_model
-    from lordba_fl.storage import LoRDBAFileError, init_from_, lordba_from_peft_lora
+    from lordba_fl.adapter.storage import LoRDBAFileError, init_from_, lordba_from_peft_lora
+    from lordba_fl.base.models import load_model
 
     def tiny_llama():
         return load_model("tiny-llama", quant="q4_1")[0]
@@ -404,7 +404,7 @@ def test_warmup_rounds_fit_float_factors_on_the_device_within_the_flip_budget(tm
 def test_first_contact_is_a_delta_against_the_seeded_version_and_changes_nothing_else(tmp_path):
     """server.seeded-base: a node's first downlink is a delta against version 0, which it builds from
     the seed itself; the run is exactly the run that sends full states, for fewer bytes."""
-    from lordba_fl.codec import FrameKind, read_header
+    from lordba_fl.wire.codec import FrameKind, read_header
 
     grid, _, seeded = _run(tmp_path / "a", **{"server.aggregator": "refit"})
     _, _, full = _run(tmp_path / "b", **{"server.aggregator": "refit", "server.seeded-base": False})

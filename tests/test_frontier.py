@@ -23,7 +23,7 @@ from simulations.frontier import (
 
 
 def row(rnd, up_sum=0, up_n=0, down_sum=0, down_n=0, loss=None, **extra):
-    """A rounds.jsonl row as lordba_fl.report.round_row writes it (only the fields the frontier reads)."""
+    """A rounds.jsonl row as lordba_fl.federation.report.round_row writes it (only the fields the frontier reads)."""
     r = {"round": rnd, "up_wire_sum": up_sum, "up_wire_mean": up_sum / up_n if up_n else 0,
          "down_wire_sum": down_sum, "down_wire_mean": down_sum / down_n if down_n else 0,
          "up_payload_sum": up_sum - 100 * up_n, "down_payload_sum": down_sum - 100 * down_n,

@@ -1,18 +1,18 @@
 import pytest
 import torch
-
 from conftest import randomize_adapter_, tiny_llama
+
 from lordba_fl import LoRDBAConfig, attach_lordba_, lordba_layers
-from lordba_fl.codec import decode_state, encode_state
-from lordba_fl.layout import (
+from lordba_fl.wire.codec import decode_state, encode_state
+from lordba_fl.wire.layout import (
     AdapterSpec,
     AdapterState,
     LayerSpec,
     read_latents,
     read_state,
-    write_latents_,
     split_carriers,
     split_scales,
+    write_latents_,
     write_state_,
 )
 

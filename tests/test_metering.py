@@ -4,7 +4,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import push_objects
 
-from lordba_fl.metering import ByteLedger, MessageBytes, lora_fp16_bytes, payload_bytes, wire_bytes
+from lordba_fl.wire.metering import ByteLedger, MessageBytes, lora_fp16_bytes, payload_bytes, wire_bytes
 
 
 def _message(blob: bytes, config=None, metrics=None) -> Message:
@@ -74,7 +74,7 @@ def test_message_record_from_a_message_and_bad_values():
 
 
 def test_recorddict_bytes_by_hand():
-    from lordba_fl.metering import recorddict_bytes
+    from lordba_fl.wire.metering import recorddict_bytes
 
     rd = RecordDict({
         "a": ArrayRecord({"x": Array(dtype="uint8", shape=(5,), stype="raw", data=b"12345")}),

@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 import torch
 
+from lordba_fl.adapter.fit import _product
 from lordba_fl.aggregation import Refit, ServerState
-from lordba_fl.codec import CodecError, Update
-from lordba_fl.init import _product
-from lordba_fl.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers, split_scales
 from lordba_fl.methods.lora import _FP16, _QUANT, decode_lora, dequantize_channels, encode_lora, quantize_channels
 from lordba_fl.methods.lordba import budget_flips
+from lordba_fl.wire.codec import CodecError, Update
+from lordba_fl.wire.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers, split_scales
 
 
 def test_budget_keeps_the_largest_pressure():

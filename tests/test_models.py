@@ -15,8 +15,8 @@ from lordba_fl import (
     peft_lora_config,
     save_lordba,
 )
-from lordba_fl.models import default_gguf_path, default_model_dir
-from lordba_fl.quant import Q41Linear, q41_quantize
+from lordba_fl.base.models import default_gguf_path, default_model_dir
+from lordba_fl.base.quant import Q41Linear
 
 pytestmark = pytest.mark.real_model
 

@@ -8,9 +8,9 @@ import torch
 
 from lordba_fl import privacy
 from lordba_fl.aggregation import LatentVote, ServerState
-from lordba_fl.codec import Update
-from lordba_fl.layout import AdapterState
 from lordba_fl.privacy import DPConfig
+from lordba_fl.wire.codec import Update
+from lordba_fl.wire.layout import AdapterState
 
 
 def _phi(x: float) -> float:

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 
-from conftest import tiny_llama
 from lordba_fl import quantize_base_
-from lordba_fl.quant import Q41Linear, cast_unquantized_, q41_dequantize, q41_quantize
+from lordba_fl.base.quant import Q41Linear, cast_unquantized_, q41_dequantize, q41_quantize
 
 
 def test_q41_block_by_hand():

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from lordba_fl.adapter.fit import align_components, refine_lordba
 from lordba_fl.aggregation import Refit, ServerState, layer_product
-from lordba_fl.codec import Update
-from lordba_fl.init import align_components, refine_lordba
-from lordba_fl.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers, split_scales
+from lordba_fl.wire.codec import Update
+from lordba_fl.wire.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers, split_scales
 
 SPEC = AdapterSpec((LayerSpec("a", 40, 48, 8), LayerSpec("b", 24, 16, 8)), ("in", "mid", "out"), b"r" * 16)
 
@@ -149,7 +149,7 @@ def _float_layer(seed=0):
 
 
 def test_float_factors_forward_equals_the_signed_adapter_at_unit_latents_and_fit_back_is_idempotent():
-    from lordba_fl.init import fit_float_factors_
+    from lordba_fl.adapter.fit import fit_float_factors_
 
     layer = _float_layer()
     x = torch.randn(3, 40)
@@ -168,7 +168,7 @@ def test_float_factors_forward_equals_the_signed_adapter_at_unit_latents_and_fit
 
 @pytest.mark.parametrize("budget", [0, 3, None])
 def test_float_fit_changes_at_most_its_budget_of_signs_and_never_raises_the_error(budget):
-    from lordba_fl.init import _product, fit_float_factors_
+    from lordba_fl.adapter.fit import _product, fit_float_factors_
 
     layer = _float_layer(1)
     s1, s2 = layer.lordba_latent_A.detach().clone(), layer.lordba_latent_B.detach().clone()

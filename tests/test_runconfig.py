@@ -1,7 +1,7 @@
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from flwr.common.config import flatten_dict
 
 from lordba_fl.runconfig import DEFAULTS, FlipControl, RunConfig, parse_run_config

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import tiny_llama
+
 from lordba_fl import LoRDBAConfig, attach_lordba_, lordba_layers, quantize_base_
-from lordba_fl.adapter import binarize, effective_weight
+from lordba_fl.adapter.layer import binarize, effective_weight
 from lordba_fl.methods.lordba import flip_agreement
 
 

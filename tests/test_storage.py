@@ -3,10 +3,10 @@ import json
 
 import pytest
 import torch
+from conftest import BUILDERS, randomize_adapter_, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import BUILDERS, randomize_adapter_, tiny_llama
 from lordba_fl import (
     LoRDBAConfig,
     LoRDBAFileError,
@@ -18,7 +18,7 @@ from lordba_fl import (
     quantize_base_,
     save_lordba,
 )
-from lordba_fl.codec import packed_row_bytes
+from lordba_fl.wire.codec import packed_row_bytes
 
 
 def _meta(path):
@@ -201,7 +201,7 @@ def test_wrong_base_detected_by_fingerprint(tmp_path):
 
 
 def test_fingerprint_ignores_quantization_and_dtype():
-    from lordba_fl.storage import base_fingerprint
+    from lordba_fl.adapter.storage import base_fingerprint
 
     a = tiny_llama()
     b = quantize_base_(tiny_llama(), "nf4")
@@ -275,7 +275,7 @@ def test_lordba_from_peft_lora_reports_true_errors(tmp_path, ids):
 
 
 def test_svd_init_is_exact_for_a_rank_one_sign_product():
-    from lordba_fl.init import fit_lordba
+    from lordba_fl.adapter.fit import fit_lordba
 
     g = torch.Generator().manual_seed(0)
     s2 = torch.where(torch.rand(24, 1, generator=g) < 0.5, -1.0, 1.0)

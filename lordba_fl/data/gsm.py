@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from random import Random
 
-from lordba_fl.data import Example, FederatedTask, register_task
+from lordba_fl.data.tasks import Example, FederatedTask
 
 _ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
@@ -29,7 +29,6 @@ def _problem(gen, seed: int) -> Example:
     return Example(f"Question: {ex['question']}\nAnswer: ", cot + "\n", str(ex["answer"]))
 
 
-@register_task("gsm")
 def load(num_clients: int = 8, per_template: int = 24, unseen_templates: int = 15, eval_per_template: int = 2,
          dirichlet_alpha: float | None = None, seed: int = 0, test_fraction: float = 0.1,
          progress: bool = True) -> FederatedTask:
@@ -74,5 +73,5 @@ def load(num_clients: int = 8, per_template: int = 24, unseen_templates: int = 1
         n_test = max(1, int(round(len(ex) * test_fraction)))
         train.append(ex[:-n_test])
         test.append(ex[-n_test:])
-    return FederatedTask("gsm", names, train, test, server_eval, metric="accuracy",
+    return FederatedTask("gsm", names, train, test, server_eval, metric="exact-match", answer_of=extract_answer,
                          info={"seen_templates": len(seen), "unseen_templates": len(unseen)})

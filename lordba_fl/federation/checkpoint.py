@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from lordba_fl.metering import ByteLedger, MessageBytes
+from lordba_fl.wire.metering import ByteLedger, MessageBytes
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from lordba_fl.adapter.ste import STE_REGISTRY
+
 # Every attention and MLP projection of LLaMA-, Qwen2- and Mistral-style decoders.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "q_proj",
@@ -70,8 +72,6 @@ class LoRDBAConfig:
     seed: int | None = field(default=None, metadata={"help": "Seed of the scratch latents; None uses torch's RNG."})
 
     def __post_init__(self) -> None:
-        from lordba_fl.adapter import STE_REGISTRY  # late import: adapter imports this module
-
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"rank must be a positive integer (e.g. 16); got {self.rank!r}")
         if not _finite_positive(self.alpha):

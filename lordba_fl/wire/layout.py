@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lordba_fl.adapter import LoRDBALinear, lordba_layers
-from lordba_fl.config import SCALE_NAMES
+from lordba_fl.adapter.config import SCALE_NAMES
+from lordba_fl.adapter.layer import LoRDBALinear, lordba_layers
+from lordba_fl.adapter.storage import base_fingerprint
 
 UNVERSIONED = 0xFFFFFFFF  # "no version" on the wire (u32)
 
@@ -94,7 +95,6 @@ class AdapterSpec:
     @classmethod
     def from_model(cls, model: nn.Module) -> AdapterSpec:
         """The spec of a model with LoRDBA adapters attached (``attach_lordba_`` or ``load_lordba_``)."""
-        from lordba_fl.storage import base_fingerprint
 
         layers = lordba_layers(model)
         cfg = getattr(model, "lordba_config", None)
@@ -160,7 +160,7 @@ class AdapterSpec:
 
 
 def model_fingerprint(base_id: str, scaling: float) -> bytes:
-    """16-byte identity of a base model (:func:`lordba_fl.storage.base_fingerprint`) and adapter scaling."""
+    """16-byte identity of a base model (:func:`lordba_fl.adapter.storage.base_fingerprint`) and adapter scaling."""
     return hashlib.blake2b(json.dumps([base_id, float(scaling)]).encode(), digest_size=16).digest()
 
 

@@ -1,6 +1,6 @@
 """What the ServerApp and ClientApp do, as library functions (the apps only call these).
 
-Server: build the method's global state (or resume it), run :class:`~lordba_fl.strategy.AdapterStrategy`
+Server: build the method's global state (or resume it), run :class:`~lordba_fl.federation.strategy.AdapterStrategy`
 through Flower's own round loop, evaluate the global model after every round, write one JSON line
 and an atomic checkpoint per round, and at the end a table, a CSV, plots, the final adapter (packed
 and as PEFT LoRA) and sample outputs.
@@ -21,16 +21,18 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from lordba_fl import faults
-from lordba_fl.checkpoint import load_checkpoint, save_checkpoint
+from lordba_fl.adapter.storage import export_peft_lora, save_lordba
+from lordba_fl.base.models import load_model
 from lordba_fl.data import ClientData, load_client_data, load_task
-from lordba_fl.metering import ByteLedger, recorddict_bytes
+from lordba_fl.federation import faults
+from lordba_fl.federation.checkpoint import load_checkpoint, save_checkpoint
+from lordba_fl.federation.report import RunRecorder, round_row
+from lordba_fl.federation.strategy import AdapterStrategy, frame_record, read_frame
 from lordba_fl.methods import make_method
-from lordba_fl.models import load_model
-from lordba_fl.report import RunRecorder, round_row
 from lordba_fl.runconfig import RunConfig, parse_run_config
-from lordba_fl.strategy import AdapterStrategy, frame_record, read_frame
+from lordba_fl.scoring import score
 from lordba_fl.train import evaluate_loss, generate
+from lordba_fl.wire.metering import ByteLedger, recorddict_bytes
 
 log = logging.getLogger("lordba_fl")
 _WORKER: dict = {}
@@ -167,13 +169,6 @@ def _server_eval_sets(task, cfg: RunConfig) -> dict:
     return {"pooled": pooled[: cfg.eval_examples]}
 
 
-def _accuracy(model, tok, examples) -> float:
-    from lordba_fl.data.gsm import extract_answer
-
-    hits = sum(extract_answer(generate(model, tok, ex.prompt)) == ex.answer for ex in examples)
-    return hits / max(len(examples), 1)
-
-
 def run_server(grid, run_config: dict) -> dict:
     """The ServerApp's whole job; returns the final round's row."""
     cfg = parse_run_config(run_config)
@@ -226,22 +221,19 @@ def finish(cfg, model, tok, method, task, recorder, run_dir: Path) -> dict:
     method.load_global_(model)
     final = dict(recorder.rows[-1]) if recorder.rows else {}
     if method.name == "lordba":
-        from lordba_fl.storage import export_peft_lora, save_lordba
-
         save_lordba(model, run_dir / "adapter.lordba.safetensors")
         export_peft_lora(model, run_dir / "peft_lora")
     else:
         model.save_pretrained(str(run_dir / "peft_lora"))
     samples = []
-    if task.metric == "accuracy" and cfg.generate_examples > 0:
-        from lordba_fl.data.gsm import extract_answer
-
-        for name in ("unseen", "seen"):
-            final[f"accuracy_{name}"] = _accuracy(model, tok, task.server_eval[name][: cfg.generate_examples])
-        ex = task.server_eval["unseen"][0]
-        out = generate(model, tok, ex.prompt)
-        verdict = "correct" if extract_answer(out) == ex.answer else "wrong"
-        samples.append(f"{ex.prompt}{out}\n(expected {ex.answer}: {verdict})")
+    if task.metric != "perplexity" and cfg.generate_examples > 0:
+        eval_sets = {name: ex[: cfg.generate_examples] for name, ex in _server_eval_sets(task, cfg).items()}
+        final["metric"] = task.metric
+        for name, exs in eval_sets.items():
+            final[f"accuracy_{name}"] = score(model, tok, task, exs, cfg.train.seq_len)
+        ex = next(iter(eval_sets.values()))[0]
+        out = generate(model, tok, ex.prompt, max_new_tokens=task.max_new_tokens)
+        samples.append(f"{ex.prompt}{out}\n(expected {ex.answer})")
     elif cfg.generate_examples > 0:
         for name, exs in list(zip(task.clients, task.test))[: min(3, cfg.generate_examples)]:
             samples.append(f"[{name}] {exs[0].prompt}{generate(model, tok, exs[0].prompt, max_new_tokens=40)}")

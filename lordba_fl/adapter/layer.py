@@ -14,45 +14,15 @@ full-size sign, folded-factor or scaled-activation copies alive between the two 
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from lordba_fl.config import LoRDBAConfig
-
-# --------------------------------------------------------------------------------------------------
-# Straight-through estimators: forward is always sign(L) with sign(0) = +1; backward multiplies the
-# incoming gradient by a surrogate derivative d sign(L) / dL.
-
-
-def _smooth_ste_grad(latent: torch.Tensor, k: float) -> torch.Tensor:
-    t = torch.tanh(latent * k)
-    return t.square_().neg_().add_(1.0).mul_(k)  # k * (1 - tanh(k L)^2), in place on one buffer
-
-
-def _clipped_ste_grad(latent: torch.Tensor, k: float) -> torch.Tensor:
-    return (latent.abs() <= 1.0).to(latent.dtype)
-
-
-STE_REGISTRY: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    "smooth": _smooth_ste_grad,
-    "clipped": _clipped_ste_grad,
-}
-
-
-def binarize(latent: torch.Tensor) -> torch.Tensor:
-    """``sign(L)`` with ``sign(0) = +1``, in the latent's dtype."""
-    return torch.where(latent < 0, -1.0, 1.0).to(latent.dtype)
-
-
-def ste_grad(name: str, latent: torch.Tensor, k: float) -> torch.Tensor:
-    """Surrogate derivative of the STE ``name`` at ``latent``."""
-    try:
-        fn = STE_REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown STE {name!r}; known: {sorted(STE_REGISTRY)}") from None
-    return fn(latent, k)
+from lordba_fl.adapter.config import LoRDBAConfig
+from lordba_fl.adapter.fit import svd_init_
+from lordba_fl.adapter.ste import binarize, ste_grad
+from lordba_fl.base.quant import quantized_types
 
 
 def _ones_if_none(s: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -78,7 +48,7 @@ class _LoRDBADelta(torch.autograd.Function):
 
     Shapes: ``x`` (K, N, in), latents (K, r, in) and (K, out, r), scales (K, in), (K, r), (K, out)
     or None. Adapter k sees only rows ``x[k]``: one client's adapter is K = 1, and
-    :mod:`lordba_fl.batched` trains K clients' adapters over one shared base forward.
+    :mod:`simulations.batched` trains K clients' adapters over one shared base forward.
     """
 
     @staticmethod
@@ -201,7 +171,7 @@ class LoRDBALinear(nn.Module):
     ----------
     base_layer : nn.Module
         The frozen layer (``nn.Linear``, bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, or
-        :class:`lordba_fl.quant.Q41Linear`); it must expose ``in_features`` and ``out_features``.
+        :class:`lordba_fl.base.quant.Q41Linear`); it must expose ``in_features`` and ``out_features``.
     cfg : LoRDBAConfig
         Rank, alpha, STE and scale set.
     generator : torch.Generator, optional
@@ -223,7 +193,7 @@ class LoRDBALinear(nn.Module):
         # the warm-up rounds of lordba_fl.methods.lordba fit the result back to signs on the device
         self.float_factors = False
         self._fold_cache = None
-        # (latent_A, latent_B, s_in, s_mid, s_out) stacked over K clients while lordba_fl.batched trains them
+        # (latent_A, latent_B, s_in, s_mid, s_out) stacked over K clients while simulations.batched trains them
         self.stack: tuple | None = None
         device = _module_device(base_layer)
         r, n_in, n_out = cfg.rank, self.in_features, self.out_features
@@ -352,8 +322,6 @@ def _module_device(module: nn.Module) -> torch.device:
 
 def supported_base_types() -> tuple[type, ...]:
     """Linear layer types a LoRDBA adapter can wrap: ``nn.Linear`` and every quantized base layer."""
-    from lordba_fl.quant import quantized_types
-
     return (nn.Linear, *quantized_types())
 
 
@@ -438,8 +406,6 @@ def attach_lordba_(
     for name, base in targets.items():
         layer = LoRDBALinear(base, cfg, generator)
         if cfg.init == "svd":
-            from lordba_fl.init import svd_init_
-
             errors[name] = svd_init_(layer, delta_weights[name], sweeps=cfg.svd_sweeps)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

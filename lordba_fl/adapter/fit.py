@@ -9,8 +9,9 @@ is a linear least-squares problem given the other two, solved exactly in alterna
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from lordba_fl.adapter import LoRDBALinear, binarize
+from lordba_fl.adapter.ste import binarize
 
 
 def _rel_err(target: torch.Tensor, approx: torch.Tensor) -> float:
@@ -233,7 +234,7 @@ def align_components(s1_new, s2_new, s1_old) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def svd_init_(layer: LoRDBALinear, delta_weight: torch.Tensor, sweeps: int = 5) -> float:
+def svd_init_(layer: nn.Module, delta_weight: torch.Tensor, sweeps: int = 5) -> float:
     """Initialise ``layer`` so its update approximates ``delta_weight`` (out, in); returns the relative error."""
     target = delta_weight.detach().float().cpu() / layer.scaling
     l1, l2, scales, err = fit_lordba(target, layer.rank, layer.scale_names, sweeps)
@@ -264,7 +265,7 @@ def fit_from(target, s1, s2, scales: dict, names: tuple[str, ...], *, restart: b
 
 
 @torch.no_grad()
-def fit_float_factors_(layer: LoRDBALinear, s1: torch.Tensor, s2: torch.Tensor, s_out: torch.Tensor | None,
+def fit_float_factors_(layer: nn.Module, s1: torch.Tensor, s2: torch.Tensor, s_out: torch.Tensor | None,
                        max_flips: int | None, magnitude: float, restart: bool = False) -> tuple[int, float]:
     """Fit a layer trained with float factors back to LoRDBA form, in place (on the device).
 

@@ -1,7 +1,7 @@
 """Credentials and commands for a real federation: TLS + SuperNode authentication under Flower's
 deployment engine.
 
-``python -m lordba_fl.deploy init --out deploy --host 192.168.1.10 --nodes 3`` writes
+``python -m lordba_fl.federation.deploy init --out deploy --host 192.168.1.10 --nodes 3`` writes
 
 * ``ca.crt`` / ``ca.key``: a private certificate authority (keep ``ca.key`` offline);
 * ``server.pem`` / ``server.key``: the SuperLink's certificate, signed by the CA, whose subject
@@ -159,7 +159,7 @@ class Deployment:
             "# 1. the server machine: the SuperLink",
             q(self.superlink_cmd()) + " &",
             "",
-            "# 2. your machine: a connection in $FLWR_HOME/config.toml (python -m lordba_fl.deploy init ... --write-flwr-config did this)",
+            "# 2. your machine: a connection in $FLWR_HOME/config.toml (python -m lordba_fl.federation.deploy init ... --write-flwr-config did this)",
             f"#    [superlink.{self.name}] address = \"{self.address}\"  root-certificates = \"{self.flwr_connection()['root-certificates']}\"",
             "#    then allow each device's public key:",
             *[q(self.register_cmd(i)) for i in range(self.nodes)],
@@ -203,9 +203,8 @@ def init_deployment(out: Path, hosts: list[str], nodes: int, port: int = DEFAULT
 
 def write_connection(dep: Deployment, flwr_home: str | None = None) -> Path:
     """Add ``[superlink.<name>]`` (address + root certificate) to ``$FLWR_HOME/config.toml``."""
-    import tomllib
-
     import tomli_w
+    import tomllib
 
     home = Path(flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
     path = home / "config.toml"
@@ -217,7 +216,7 @@ def write_connection(dep: Deployment, flwr_home: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lordba_fl.deploy", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lordba_fl.federation.deploy", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("init", help="CA, SuperLink certificate, node keys and commands.sh")
     i.add_argument("--out", type=Path, default=Path("deploy"))

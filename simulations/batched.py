@@ -21,19 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lordba_fl.adapter import lordba_layers
+from lordba_fl.adapter.layer import lordba_layers
 from lordba_fl.data import Example
-from lordba_fl.layout import (
-    AdapterSpec,
-    AdapterState,
-    _checked_layers,
-    read_latents,
-    read_scales,
-    split_carriers,
-    split_scales,
-    write_latents_,
-    write_state_,
-)
 from lordba_fl.train import (
     IGNORE,
     TrainConfig,
@@ -45,6 +34,17 @@ from lordba_fl.train import (
     micro_batches,
     model_device,
     train_local,
+)
+from lordba_fl.wire.layout import (
+    AdapterSpec,
+    AdapterState,
+    _checked_layers,
+    read_latents,
+    read_scales,
+    split_carriers,
+    split_scales,
+    write_latents_,
+    write_state_,
 )
 
 

@@ -3,7 +3,7 @@
 A stateful LoRDBA client keeps, between the rounds it is sampled in:
 
 * the global adapter it holds: the signs bit-packed with the scales in a ``STATE_FULL`` frame
-  (:mod:`lordba_fl.codec`), needed anyway to decode the next downlink delta;
+  (:mod:`lordba_fl.wire.codec`), needed anyway to decode the next downlink delta;
 * optionally its latent magnitudes ``|L|`` (the signs come from the broadcast), and
 * optionally its AdamW moments (``exp_avg`` and ``sqrt(exp_avg_sq)``) and step counts.
 
@@ -24,7 +24,7 @@ Float streams are stored as one of :data:`STATE_DTYPES`, in blocks of :data:`BLO
     the small ``sqrt(v)`` and blow up Adam's step ``m / sqrt(v)``).
 
 The records are a Flower ``ConfigRecord`` of bytes fields, so their size is what ``context.state``
-costs (:func:`lordba_fl.metering.recorddict_bytes` reports it every round). A client that is not
+costs (:func:`lordba_fl.wire.metering.recorddict_bytes` reports it every round). A client that is not
 sampled is never called, so its state costs memory only.
 """
 

@@ -18,7 +18,7 @@ held version's). A frame is::
                                                     sign/scale encodings, scale set, bit and flip
                                                     counts, raw and compressed section lengths, CRC-32
     layer table   (zstd)  per layer: name, in, out, r, carrier offset, scale offset (AdapterSpec.table_bytes)
-    sign section  (zstd)  the carrier stream (see lordba_fl.layout): PACKED = bit-packed LSB first,
+    sign section  (zstd)  the carrier stream (see lordba_fl.wire.layout): PACKED = bit-packed LSB first,
                           or GAPS = run lengths between set bits, each as k bytes of 255 then one byte
                           < 255 (sum = gap), chosen when sparser and smaller (flip masks usually are)
     scale section (zstd)  FP16 = fp16 values, low bytes then high bytes; Q8 = one fp16 step per
@@ -46,112 +46,20 @@ import numpy as np
 import torch
 import zstandard
 
-from lordba_fl.layout import UNVERSIONED, AdapterSpec, AdapterState
-
-_BIT_WEIGHTS_CACHE: dict[torch.device, torch.Tensor] = {}
-
-
-class CodecError(ValueError):
-    """A packed buffer or frame could not be decoded; the message says what was wrong."""
-
-
-class TruncatedFrameError(CodecError):
-    """The frame is shorter (or longer) than its header declares."""
-
-
-class ChecksumError(CodecError):
-    """The CRC-32 does not match: the frame was corrupted in transit or storage."""
-
-
-class FormatVersionError(CodecError):
-    """The frame was written by an incompatible codec version (or is not a lordba-fl frame)."""
-
-
-class ModelMismatchError(CodecError):
-    """The frame was made for another base model, adapter scaling, or zstd dictionary."""
-
-
-class ShapeMismatchError(CodecError):
-    """The frame's layer table, scale set or stream sizes differ from the receiver's adapter."""
-
-
-class NonFiniteError(CodecError):
-    """Scale values or quantization steps in the frame are NaN or infinite."""
-
-
-class DecompressionBombError(CodecError):
-    """A section declares or produces more bytes than the receiver's shapes allow."""
-
-
-class MalformedFrameError(CodecError):
-    """The frame is structurally invalid (unknown kind or encoding, bad run lengths, set padding bits)."""
-
-
-class BaseVersionError(CodecError):
-    """A state delta refers to a version the receiver does not hold; it must ask for the full state."""
-
-
-def _bit_weights(device: torch.device) -> torch.Tensor:
-    w = _BIT_WEIGHTS_CACHE.get(device)
-    if w is None:
-        w = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
-        _BIT_WEIGHTS_CACHE[device] = w
-    return w
-
-
-def packed_row_bytes(cols: int) -> int:
-    """Bytes of one packed row of ``cols`` signs."""
-    return (cols + 7) // 8
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Pack a 2-D boolean tensor row-wise, LSB first; returns uint8 ``(rows, ceil(cols / 8))`` on its device."""
-    if bits.dim() != 2:
-        raise ValueError(f"pack_bits expects a 2-D (rows, cols) tensor; got shape {tuple(bits.shape)}")
-    if bits.device.type == "cpu":
-        b = bits.detach().to(torch.bool).contiguous().numpy()
-        return torch.from_numpy(np.packbits(b, axis=1, bitorder="little"))
-    return _pack_bits_torch(bits)
-
-
-def _pack_bits_torch(bits: torch.Tensor) -> torch.Tensor:
-    rows, cols = bits.shape
-    pad = (-cols) % 8
-    b = bits.to(torch.uint8)
-    if pad:
-        b = torch.nn.functional.pad(b, (0, pad))  # (rows, cols + pad)
-    b = b.view(rows, (cols + pad) // 8, 8)  # (rows, nbytes, 8)
-    return (b * _bit_weights(b.device)).sum(dim=-1, dtype=torch.uint8)  # (rows, nbytes); bits never overlap
-
-
-def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: uint8 ``(rows, ceil(cols / 8))`` -> bool ``(rows, cols)`` on its device."""
-    if packed.dtype != torch.uint8 or packed.dim() != 2:
-        raise CodecError(f"packed signs must be a 2-D uint8 tensor; got {packed.dtype} of shape {tuple(packed.shape)}")
-    if packed.shape[1] != packed_row_bytes(cols):
-        raise CodecError(
-            f"packed signs have {packed.shape[1]} bytes per row but {cols} columns need {packed_row_bytes(cols)}"
-        )
-    if packed.device.type == "cpu":
-        bits = torch.from_numpy(np.unpackbits(packed.contiguous().numpy(), axis=1, bitorder="little").view(np.bool_))
-    else:
-        bits = (packed.unsqueeze(-1) & _bit_weights(packed.device)) != 0  # (rows, nbytes, 8)
-        bits = bits.view(packed.shape[0], packed.shape[1] * 8)  # (rows, nbytes * 8)
-    if bits.shape[1] > cols and bool(bits[:, cols:].any()):
-        raise CodecError("packed signs have set padding bits: the buffer is corrupt or was packed with another width")
-    return bits[:, :cols]
-
-
-def pack_signs(signs: torch.Tensor) -> torch.Tensor:
-    """Pack a ``(rows, cols)`` sign (or latent) tensor: negative entries -> bit 1, others (incl. 0) -> bit 0."""
-    return pack_bits(signs < 0)
-
-
-def unpack_signs(packed: torch.Tensor, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Unpack to a ``(rows, cols)`` tensor of ``+1`` / ``-1`` in ``dtype``."""
-    bits = unpack_bits(packed, cols)
-    return 1.0 - 2.0 * bits.to(dtype)
-
+from lordba_fl.adapter.packing import pack_bits, pack_signs, packed_row_bytes, unpack_bits, unpack_signs  # noqa: F401  (re-exported)
+from lordba_fl.errors import (  # noqa: F401  (re-exported: the codec's errors)
+    BaseVersionError,
+    ChecksumError,
+    CodecError,
+    DecompressionBombError,
+    FormatVersionError,
+    MalformedFrameError,
+    ModelMismatchError,
+    NonFiniteError,
+    ShapeMismatchError,
+    TruncatedFrameError,
+)
+from lordba_fl.wire.layout import UNVERSIONED, AdapterSpec, AdapterState
 
 # --------------------------------------------------------------------------------------------------
 # Frames
@@ -290,7 +198,7 @@ class FrameHeader:
 
 @dataclass
 class Update:
-    """A client's round result in flat layout (:mod:`lordba_fl.layout`).
+    """A client's round result in flat layout (:mod:`lordba_fl.wire.layout`).
 
     ``flips`` is the bool carrier-stream mask of signs the client flipped against the broadcast it
     trained from (``version``); ``scale_delta`` is ``s_k - s^t`` (fp32, ``(n_scales,)``).
@@ -660,7 +568,7 @@ def encode_update(
     Parameters
     ----------
     update : Update
-        Flip mask ``(n_bits,)`` bool and scale deltas ``(n_scales,)`` in :mod:`lordba_fl.layout` order.
+        Flip mask ``(n_bits,)`` bool and scale deltas ``(n_scales,)`` in :mod:`lordba_fl.wire.layout` order.
     spec : AdapterSpec
         The federation's adapter layout.
     options : CodecOptions, optional

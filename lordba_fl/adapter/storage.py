@@ -3,7 +3,7 @@
 File format (``format_version`` 1): one safetensors file with one 1-D tensor per kind, each the
 concatenation over the adapted modules in the order of the ``modules`` table:
 
-- ``sign_A``: uint8, each module's carrier ``S1`` (r, in) bit-packed row-wise (see :mod:`lordba_fl.codec`),
+- ``sign_A``: uint8, each module's carrier ``S1`` (r, in) bit-packed row-wise (see :mod:`lordba_fl.wire.codec`),
   ``r * ceil(in / 8)`` bytes a module;
 - ``sign_B``: uint8, each ``S2`` (out, r) packed the same way, ``out * ceil(r / 8)`` bytes a module;
 - ``scale_in`` / ``scale_mid`` / ``scale_out``: fp16 (or fp32) channel scales, those configured;
@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lordba_fl.adapter import attach_lordba_, find_targets, lordba_layers
-from lordba_fl.codec import CodecError, pack_signs, packed_row_bytes, unpack_signs
-from lordba_fl.config import LoRDBAConfig
-from lordba_fl.init import svd_init_
+from lordba_fl.adapter.config import LoRDBAConfig
+from lordba_fl.adapter.fit import svd_init_
+from lordba_fl.adapter.layer import attach_lordba_, find_targets, lordba_layers
+from lordba_fl.adapter.packing import pack_signs, packed_row_bytes, unpack_signs
+from lordba_fl.base.quant import Q41Linear
+from lordba_fl.errors import CodecError
 
 FORMAT = "lordba"
 FORMAT_VERSION = 1
@@ -397,7 +399,7 @@ def init_from_(model: nn.Module, path: str | os.PathLike) -> dict[str, float]:
 
 
 def peft_lora_config(directory: str | os.PathLike | None = None, **kwargs):
-    """A PEFT ``LoraConfig`` that also wraps this project's :class:`~lordba_fl.quant.Q41Linear` base layers.
+    """A PEFT ``LoraConfig`` that also wraps this project's :class:`~lordba_fl.base.quant.Q41Linear` base layers.
 
     PEFT knows ``nn.Linear`` and bitsandbytes layers natively; for a ``q4_1`` base pass this config to
     ``PeftModel.from_pretrained(model, directory, config=peft_lora_config(directory))`` or to
@@ -407,7 +409,6 @@ def peft_lora_config(directory: str | os.PathLike | None = None, **kwargs):
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    from lordba_fl.quant import Q41Linear
 
     cfg = LoraConfig.from_pretrained(str(directory)) if directory is not None else LoraConfig(**kwargs)
     cfg._register_custom_module({Q41Linear: LoraLinear})  # PEFT's documented hook for custom layer types

@@ -1,0 +1,107 @@
+"""Federated methods: LoRDBA and the LoRA baselines, behind one interface and one registry.
+
+A :class:`Method` knows how to adapt a frozen base model, what the server holds, how a client's
+round turns the broadcast into a reply, and how the server aggregates replies. The Flower strategy
+and apps (``lordba_fl.federation.strategy``, ``clients/``, ``server/``) only move its frames and count bytes,
+so every method runs under the same harness and logs the same fields.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from lordba_fl.registry import METHODS
+from lordba_fl.runconfig import RunConfig
+
+
+@dataclass
+class Reply:
+    """One decoded-to-bytes client reply: who sent it, its frame and its weight (num-examples)."""
+
+    node_id: int
+    frame: bytes
+    weight: float
+
+
+class Method(ABC):
+    """Interface every federated method implements (see the module docstring)."""
+
+    name: str = ""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    # ---- model ----------------------------------------------------------------------------------
+    @abstractmethod
+    def adapt(self, model: nn.Module) -> nn.Module:
+        """Attach this method's adapter to a frozen base (deterministic given ``cfg.seed``)."""
+
+    @abstractmethod
+    def fp16_lora_bytes(self) -> int:
+        """Payload of fp16 LoRA factors of the same layers and rank (the byte baseline)."""
+
+    # ---- server ---------------------------------------------------------------------------------
+    @abstractmethod
+    def init_server(self, model: nn.Module) -> None:
+        """Initial global state from an adapted model."""
+
+    @abstractmethod
+    def downlink(self, node_id: int, server_round: int) -> bytes:
+        """The frame that brings ``node_id`` to the current global state."""
+
+    def note_held(self, node_id: int, version: int | None) -> None:
+        """A node reported holding ``version`` (None: unknown, e.g. after an error reply)."""
+
+    @abstractmethod
+    def aggregate(self, server_round: int, replies: Sequence[Reply]) -> dict:
+        """Aggregate training replies into a new global state; returns metrics (incl. ``rejected``)."""
+
+    @abstractmethod
+    def load_global_(self, model: nn.Module) -> None:
+        """Put the current global adapter into an adapted model (server-side eval, export)."""
+
+    @abstractmethod
+    def server_state(self) -> tuple[dict, dict]:
+        """(tensors, json-able metadata) of the full server state, for checkpoints."""
+
+    @abstractmethod
+    def load_server_state(self, tensors: dict, meta: dict) -> None:
+        """Inverse of :meth:`server_state`."""
+
+    @property
+    @abstractmethod
+    def version(self) -> int:
+        """Version of the global state."""
+
+    # ---- client ---------------------------------------------------------------------------------
+    @abstractmethod
+    def client_load_(self, model: nn.Module, frame: bytes, state) -> int:
+        """Load the broadcast into the adapted model (``state``: the node's ``context.state``); returns its version."""
+
+    @abstractmethod
+    def client_train(self, model: nn.Module, tok, frame: bytes, state, examples, server_round: int, seed: int) -> tuple[bytes, dict]:
+        """One client round: load the broadcast, train locally, return (reply frame, metrics)."""
+
+    def attack(self, uplink: bytes, downlink: bytes, attack: str) -> bytes:
+        """What a byzantine client sends instead of ``uplink`` (``faults.attack``: ``invert-flips``,
+        ``flip-all`` or ``explode-scales``; ``replay`` is method-independent, in :mod:`lordba_fl.federation.faults`)."""
+        raise NotImplementedError(f"method {self.name!r} has no byzantine attacks")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` selectable as ``method = cls.name`` (its module must be imported
+    before the run starts; an import path ``method = "pkg.module:Class"`` needs no registration)."""
+    METHODS.register(cls.name, cls)
+    return cls
+
+
+def make_method(cfg: RunConfig) -> Method:
+    """The method ``cfg.method`` names (a registered name or an import path), built on ``cfg``."""
+    cls = METHODS.get(cfg.method)
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ValueError(f"method {cfg.method!r} is {cls!r}, not a subclass of lordba_fl.methods.Method")
+    return cls(cfg)
