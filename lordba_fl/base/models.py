@@ -195,7 +195,6 @@ def _tiny_llama(quant: str = "q4_1", compute_dtype: torch.dtype = torch.float32)
     """A randomly initialised 2-layer LLaMA (hidden 64) with SmolLM2's tokenizer: for tests and --quick runs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-
     _quiet_transformers()
     tok = load_tokenizer(default_model_dir())
     g = torch.random.fork_rng()

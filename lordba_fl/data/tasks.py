@@ -135,7 +135,11 @@ _CLIENT_DATA: dict[tuple, ClientData] = {}
 
 
 def _client_dir(name: str, options: dict) -> Path:
-    key = json.dumps([CLIENT_CACHE_FORMAT, name, sorted(options.items())], default=str)
+    loader = TASKS.get(name)
+    stamp = getattr(loader, "cache_key", None)  # e.g. a file's size and mtime: a changed file rebuilds
+    key = json.dumps([CLIENT_CACHE_FORMAT, name, sorted(options.items()), stamp(**options) if stamp else None],
+                     default=str)
+    name = name.replace(":", "-").replace("/", "-")
     return cache_root() / "clients" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -150,10 +154,10 @@ def load_client_data(name: str, partition_id: int, **options) -> ClientData:
     partition, atomically; later calls, e.g. a fresh ClientApp process per message under the
     deployment engine, read one file and import nothing of the dataset stack.
     """
-    key = (name, partition_id, tuple(sorted(options.items())))
+    folder = _client_dir(name, options)
+    key = (folder, partition_id)
     if key in _CLIENT_DATA:
         return _CLIENT_DATA[key]
-    folder = _client_dir(name, options)
     meta = folder / "meta.json"
     if not meta.is_file():
         task = load_task(name, **options)

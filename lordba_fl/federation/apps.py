@@ -16,12 +16,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from lordba_fl.adapter.storage import export_peft_lora, save_lordba
 from lordba_fl.base.models import load_model
 from lordba_fl.data import ClientData, load_client_data, load_task
 from lordba_fl.federation import faults
@@ -45,7 +45,8 @@ def run_name(cfg: RunConfig) -> str:
     """The run's folder under ``out-dir``: ``name`` if set, else the method (and LoRDBA aggregator)."""
     if cfg.name:
         return cfg.name
-    return f"{cfg.method}-{cfg.aggregator}" if cfg.method == "lordba" else cfg.method
+    name = f"{cfg.method}-{cfg.aggregator}" if cfg.method == "lordba" else cfg.method
+    return re.sub(r"[^\w.-]+", "-", name)  # an import path (pkg.mod:Class) makes a plain folder name
 
 
 def client_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
@@ -220,11 +221,7 @@ def finish(cfg, model, tok, method, task, recorder, run_dir: Path) -> dict:
     """Final adapter (packed + PEFT), accuracy / sample generations, table, CSV and plots."""
     method.load_global_(model)
     final = dict(recorder.rows[-1]) if recorder.rows else {}
-    if method.name == "lordba":
-        save_lordba(model, run_dir / "adapter.lordba.safetensors")
-        export_peft_lora(model, run_dir / "peft_lora")
-    else:
-        model.save_pretrained(str(run_dir / "peft_lora"))
+    method.export(model, run_dir)
     samples = []
     if task.metric != "perplexity" and cfg.generate_examples > 0:
         eval_sets = {name: ex[: cfg.generate_examples] for name, ex in _server_eval_sets(task, cfg).items()}

@@ -185,8 +185,8 @@ class AdapterStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         run_round = server_round + self.round_offset
         good, metrics, failed = self._collect(run_round, replies, "train")
-        agg = self.method.aggregate(run_round, good) if good else {"accepted": 0.0, "rejected": 0.0}
-        for node, why in getattr(self.method, "rejected_reasons", []) or []:
+        agg, rejected = self.method.aggregate(run_round, good) if good else ({"accepted": 0.0, "rejected": 0.0}, [])
+        for node, why in rejected:
             log.warning("round %d: rejected update from node %d: %s", run_round, node, why)
         out = {"clients_sampled": float(self.clients_per_round), "clients_failed": float(len(failed)),
                "clients_silent": float(sum(why.startswith("no reply") for _, why in failed))}

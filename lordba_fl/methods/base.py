@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -57,12 +58,18 @@ class Method(ABC):
         """A node reported holding ``version`` (None: unknown, e.g. after an error reply)."""
 
     @abstractmethod
-    def aggregate(self, server_round: int, replies: Sequence[Reply]) -> dict:
-        """Aggregate training replies into a new global state; returns metrics (incl. ``rejected``)."""
+    def aggregate(self, server_round: int, replies: Sequence[Reply]) -> tuple[dict, list[tuple[int, str]]]:
+        """Aggregate training replies into a new global state; returns (metrics incl. ``accepted`` and
+        ``rejected`` counts, the rejected replies as ``(node_id, reason)``). A rejected reply changes nothing."""
 
     @abstractmethod
     def load_global_(self, model: nn.Module) -> None:
         """Put the current global adapter into an adapted model (server-side eval, export)."""
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """Write the final global adapter (already loaded into ``model``) under ``folder``: a PEFT LoRA
+        directory ``peft_lora/`` by default."""
+        model.save_pretrained(str(folder / "peft_lora"))
 
     @abstractmethod
     def server_state(self) -> tuple[dict, dict]:

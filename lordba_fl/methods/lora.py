@@ -223,15 +223,14 @@ class LoRAFedAvg(Method):
                 accepted.append((self._decode_reply(r.frame), r.weight))
             except (ValueError,) as e:  # CodecError is a ValueError
                 rejected.append((r.node_id, f"{type(e).__name__}: {e}"))
-        self.rejected_reasons = rejected
         metrics = {"rejected": float(len(rejected)), "accepted": float(len(accepted))}
         if not accepted:
-            return metrics
+            return metrics, rejected
         total = sum(w for _, w in accepted)
         mean = sum(w * v for v, w in accepted) / total
         self.global_values = self.global_values + mean if self.bits else mean
         self._version += 1
-        return metrics
+        return metrics, rejected
 
     def _decode_reply(self, frame: bytes) -> torch.Tensor:
         if self.bits:

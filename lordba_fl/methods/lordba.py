@@ -11,6 +11,7 @@ node gets a delta against what it last acknowledged.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from lordba_fl import privacy
 from lordba_fl.adapter.config import LoRDBAConfig
 from lordba_fl.adapter.fit import fit_float_factors_
 from lordba_fl.adapter.layer import attach_lordba_, lordba_layers
-from lordba_fl.adapter.storage import init_from_
+from lordba_fl.adapter.storage import export_peft_lora, init_from_, save_lordba
 from lordba_fl.aggregation import RobustOptions, ServerState, collect_updates, flip_allowance
 from lordba_fl.methods.base import Method
 from lordba_fl.registry import AGGREGATORS
@@ -192,7 +193,7 @@ class LoRDBAMethod(Method):
         else:
             self.node_versions[node_id] = version
 
-    def aggregate(self, server_round: int, replies) -> dict:
+    def aggregate(self, server_round: int, replies) -> tuple[dict, list[tuple[int, str]]]:
         cfg = self.cfg
         dp = cfg.dp.on
         accepted, rejected = collect_updates(  # under dp every client weighs the same: num_examples is data
@@ -207,11 +208,11 @@ class LoRDBAMethod(Method):
         accepted, refused = robust.apply(accepted)
         rejected += [(index[j], why) for j, why in refused]
         metrics = {"rejected": float(len(rejected)), "accepted": float(len(accepted))}
-        self.rejected_reasons = [(replies[i].node_id, why) for i, why in rejected]
+        reasons = [(replies[i].node_id, why) for i, why in rejected]
         if dp:
             metrics.update(self._account(replies))
         if not accepted:
-            return metrics
+            return metrics, reasons
         old = self.server.state
         candidate = self.aggregator(self.server, accepted)
         bad = broadcast_problem(candidate.state.scales)
@@ -220,7 +221,7 @@ class LoRDBAMethod(Method):
             log.warning("round %d: aggregate refused, %s; keeping version %d (turn on server.norm-bound / "
                         "server.scale-rule=median against such clients)", server_round, bad, old.version)
             metrics["aggregate_refused"] = 1.0
-            return metrics
+            return metrics, reasons
         self.server = candidate
         new = self.server.state
         self.history[new.version] = new.negative.clone()
@@ -237,7 +238,7 @@ class LoRDBAMethod(Method):
             # 6 significant digits: float64 BLAS sums may differ in the last bits between processes
             metrics["fit_error_median"] = float(f"{errors[len(errors) // 2]:.6g}")
             metrics["fit_error_max"] = float(f"{errors[-1]:.6g}")
-        return metrics
+        return metrics, reasons
 
     def _account(self, replies) -> dict:
         """Count this round's privatized uplinks per node; ε of the node that sent the most so far."""
@@ -252,6 +253,11 @@ class LoRDBAMethod(Method):
 
     def load_global_(self, model: nn.Module) -> None:
         write_state_(model, self.spec, self.server.state, latent_magnitude=self.cfg.flip.m0)
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """The packed LoRDBA file ``adapter.lordba.safetensors`` and its exact PEFT LoRA export ``peft_lora/``."""
+        save_lordba(model, folder / "adapter.lordba.safetensors")
+        export_peft_lora(model, folder / "peft_lora")
 
     def server_state(self) -> tuple[dict, dict]:
         tensors = {
