@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from lordba_fl.aggregation import flip_allowance
+from lordba_fl.options import option
 
 DP_MODES = ("off", "local")
 
@@ -41,12 +42,13 @@ class DPConfig:
     """``dp.*`` keys. ``target_epsilon > 0`` calibrates ``noise_multiplier`` (it is then ignored) so a
     client sampled in every one of the run's rounds ends at ``target_epsilon``."""
 
-    mode: str = "off"
-    clip: float = 0.01
-    noise_multiplier: float = 1.0
-    flip_epsilon: float = 0.0
-    delta: float = 1e-5
-    target_epsilon: float = 0.0
+    mode: str = option("off", "dp.mode", "off | local: clients clip + noise scale deltas, randomized response on flips")
+    clip: float = option(0.01, "dp.clip", "L2 bound C on a client's scale delta")
+    noise_multiplier: float = option(1.0, "dp.noise-multiplier", "Gaussian noise std = this x dp.clip")
+    flip_epsilon: float = option(0.0, "dp.flip-epsilon", "randomized response epsilon per flip bit (0: no flips sent)")
+    delta: float = option(1e-5, "dp.delta", "delta of the (epsilon, delta) guarantee.")
+    target_epsilon: float = option(0.0, "dp.target-epsilon",
+        "> 0: calibrate dp.noise-multiplier to reach this over the run's rounds")
 
     def __post_init__(self):
         if self.mode not in DP_MODES:

@@ -14,6 +14,7 @@ from lordba_fl.adapter.config import SCALE_INITS, SIGN_INITS
 from lordba_fl.aggregation import REFIT_MODES, SCALE_RULES
 from lordba_fl.base.models import MODELS
 from lordba_fl.base.quant import QUANT_BACKENDS
+from lordba_fl.options import declared_keys, option
 from lordba_fl.privacy import DPConfig
 from lordba_fl.registry import AGGREGATORS, METHODS, TASKS
 from lordba_fl.train import TrainConfig
@@ -44,12 +45,12 @@ class FaultConfig:
         codec refuses to encode and to decode them (``tests/test_codec_defense.py``).
     """
 
-    fail_prob: float = 0.0
-    slow_prob: float = 0.0
-    slow_s: float = 0.0
-    corrupt_prob: float = 0.0
-    byzantine_fraction: float = 0.0
-    attack: str = "invert-flips"
+    fail_prob: float = option(0.0, "faults.fail-prob", "simulated faults (off): client raises")
+    slow_prob: float = option(0.0, "faults.slow-prob", "client sleeps faults.slow-s before replying")
+    slow_s: float = option(0.0, "faults.slow-s", "Seconds a slow client sleeps.")
+    corrupt_prob: float = option(0.0, "faults.corrupt-prob", "uplink replaced by random bytes / truncated")
+    byzantine_fraction: float = option(0.0, "faults.byzantine-fraction", "fixed seeded set of attacking partitions")
+    attack: str = option("invert-flips", "faults.attack", "invert-flips | flip-all | explode-scales | replay")
 
     def __post_init__(self):
         for name in ("fail_prob", "slow_prob", "corrupt_prob", "byzantine_fraction"):
@@ -78,9 +79,9 @@ class FlipControl:
         pressure ``|L|`` are kept, the rest revert (1.0 = no budget).
     """
 
-    m0: float = 0.002
-    latent_lr: float = 1e-3
-    flip_budget: float = 0.02
+    m0: float = option(0.002, "flip.m0", "latent magnitude of broadcast signs (below E * lr: clients can flip)")
+    latent_lr: float = option(1e-3, "flip.latent-lr", "0 freezes the signs")
+    flip_budget: float = option(0.02, "flip.budget", "max fraction of signs a client flips per round")
 
     def __post_init__(self):
         if not self.m0 > 0:
@@ -112,56 +113,75 @@ TASK_DEFAULTS = {
 class RunConfig:
     """Everything a run needs; see ``pyproject.toml``'s ``[tool.flwr.app.config]`` for the keys."""
 
-    method: str = "lordba"
-    model: str = "smollm2-135m"
-    quant: str = "q4_1"
-    task: str = "shakespeare"
+    method: str = option("lordba", "method",
+        "lordba | lora-fedavg | ffa-lora | lora-q2 | lora-q4, or a Method subclass by import path 'pkg.module:Class'")
+    model: str = option("smollm2-135m", "model", "smollm2-135m (embedded) | tiny-llama (tests, --quick)")
+    quant: str = option("q4_1", "quant", "frozen base: q4_1 | nf4 | int8 | none")
+    task: str = option("shakespeare", "task",
+        "shakespeare | gsm | files (your own data: data.files.*), or a task loader by import path 'pkg.module:load'")
     task_options: dict = field(default_factory=lambda: {k: dict(v) for k, v in TASK_DEFAULTS.items()})
-    rounds: int = 3
-    clients_per_round: int = 4
-    rank: int = 16
-    alpha: float = 32.0
-    scales: tuple[str, ...] = ("mid", "out")
-    lr: float = 1e-3
+    rounds: int = option(3, "rounds", "Federated rounds.")
+    clients_per_round: int = option(4, "clients-per-round", "Clients sampled per round (at most the simulated / connected nodes).")
+    rank: int = option(16, "rank", "Adapter rank r.")
+    alpha: float = option(32.0, "alpha",
+        "Adapter scaling numerator: the update is scaled by alpha / rank (LoRA's lora_alpha).")
+    scales: tuple[str, ...] = option(("mid", "out"), "scales",
+        "Channel-wise LoRDBA scales trained and sent: a comma list of in, mid, out.")
+    lr: float = option(1e-3, "lr", "scales (LoRDBA) / LoRA factors")
     train: TrainConfig = TrainConfig()
     flip: FlipControl = FlipControl()
-    aggregator: str = "refit"
-    refit_mode: str = "faithful"
-    refit_restart: bool = False
-    error_feedback: bool = True
-    server_flip_budget: float = 0.005
-    seeded_base: bool = True
-    state_mantissa_bits: int = 7
-    scale_init: str = "normalized"
-    sign_init: str = "random"
-    init_from: str = ""
-    warmup_rounds: int = 0
-    warmup_budget: float = 1.0
-    beta: float = 0.0
-    tau: float = 0.0
-    eta: float = 1.0
-    scale_encoding: str = "q8"
-    codec_level: int = 3
-    history: int = 4
-    round_timeout: float = 3600.0
-    enforce_budget: bool = True
-    weight_cap: float = 0.0
-    norm_bound: float = 2.0
-    scale_rule: str = "mean"
-    trim: float = 0.2
+    aggregator: str = option("refit", "server.aggregator", "refit | vote, or an aggregator factory by import path 'pkg.module:make'")
+    refit_mode: str = option("faithful", "server.refit",
+        "faithful (warm-started, flips only where the fit error falls) | svd (first design: fresh SVD signs)")
+    refit_restart: bool = option(False, "server.refit-restart",
+        "also try a fresh SVD fit aligned to the current carriers; keep the better")
+    error_feedback: bool = option(True, "server.error-feedback",
+        "faithful refit: add the part of the last target the broadcast could not represent to the next (server RAM: one fp32 dW per layer)")
+    server_flip_budget: float = option(0.005, "server.flip-budget",
+        "refit: most of each layer's signs a round may change (largest error reductions first; 1: no limit)")
+    seeded_base: bool = option(True, "server.seeded-base",
+        "a node's first downlink is a delta against the seeded version 0 every party builds (not with init.from / base-svd)")
+    state_mantissa_bits: int = option(7, "codec.state-mantissa-bits",
+        "mantissa bits of broadcast scales (10: fp16; 7: bfloat16 precision, cheaper downlink deltas)")
+    scale_init: str = option("normalized", "init.scales",
+        "normalized (s_in = 1/sqrt(in), s_mid = 1/sqrt(r): LoRA-sized steps) | ones")
+    sign_init: str = option("random", "init.signs",
+        "random (seeded) | base-svd (top singular vectors of each frozen base weight, zero bytes)")
+    init_from: str = option("", "init.from",
+        "start from an adapter: a PEFT LoRA directory (svd import) or a packed LoRDBA .safetensors")
+    warmup_rounds: int = option(0, "init.warmup-rounds",
+        "first rounds train float factors on the device and fit them to signs there (QAT-full, federated)")
+    warmup_budget: float = option(1.0, "init.warmup-budget",
+        "flip budget of a warm-up round (1: no limit, the device fit may also restart from its own SVD)")
+    beta: float = option(0.0, "server.beta", "latent momentum")
+    tau: float = option(0.0, "server.tau", "hysteresis")
+    eta: float = option(1.0, "server.eta", "server lr on scales (1 = FedAvg)")
+    scale_encoding: str = option("q8", "codec.scale-encoding", "q8 | fp16")
+    codec_level: int = option(3, "codec.level", "zstd level of every frame (1..22).")
+    history: int = option(4, "server.history", "sign versions kept for downlink deltas")
+    round_timeout: float = option(3600.0, "server.round-timeout",
+        "seconds the server waits for a round's replies; silent nodes get the full state next")
+    enforce_budget: bool = option(True, "server.enforce-budget", "reject updates flipping more than flip.budget of the signs")
+    weight_cap: float = option(0.0, "server.weight-cap", "cap a client's weight at this x the round's median (0: off)")
+    norm_bound: float = option(2.0, "server.norm-bound",
+        "bound a scale delta's L2 norm at this x the round's median (0: off; never fires on honest clients: simulations/bench_faults.py)")
+    scale_rule: str = option("mean", "server.scale-rule",
+        "mean | trimmed-mean | median: scale deltas (vote) / client products (refit)")
+    trim: float = option(0.2, "server.trim", "fraction trimmed at each end by trimmed-mean")
     faults: FaultConfig = FaultConfig()
     dp: DPConfig = DPConfig()
-    eval_examples: int = 64
-    generate_examples: int = 8
-    client_eval: bool = True
-    client_state: str = "none"
-    client_state_dtype: str = "q8"
-    device: str = "auto"
-    compute_dtype: str = "fp32"
-    seed: int = 0
-    out_dir: str = "results/run"
-    name: str = ""
-    resume: bool = False
+    eval_examples: int = option(64, "eval.examples", "Held-out examples per server-side eval set.")
+    generate_examples: int = option(8, "eval.generate",
+        "Examples scored by generation (exact-match) / label likelihood at the end, and samples printed.")
+    client_eval: bool = option(True, "eval.client-side", "also evaluate the sampled clients on their own held-out data each round")
+    client_state: str = option("none", "client.state", "none | latent | latent+optimizer: kept per client in context.state")
+    client_state_dtype: str = option("q8", "client.state-dtype", "fp32 | fp16 | q8 (log-coded bytes) for stored latents / moments")
+    device: str = option("auto", "device", "auto (CUDA if visible) | cpu | cuda | cuda:<i>")
+    compute_dtype: str = option("fp32", "compute-dtype", "fp32 | bf16 | auto (bf16 on CUDA devices that have it)")
+    seed: int = option(0, "seed", "Seed of the run: initial adapter, client sampling, local batches.")
+    out_dir: str = option("results/run", "out-dir", "Folder the run folders go under.")
+    name: str = option("", "name", "run folder under out-dir (default: method[-aggregator])")
+    resume: bool = option(False, "resume", "Continue from the run folder's last checkpoint.")
 
     def check_names(self) -> None:
         """Registered names, checked where the config enters (:func:`parse_run_config`), i.e. when the
@@ -263,75 +283,8 @@ class RunConfig:
             raise ValueError(f"rank must be >= 1 and lr > 0; got rank={self.rank}, lr={self.lr}")
 
 
-# run-config key -> (RunConfig path, type)
-_KEYS: dict[str, tuple[str, type]] = {
-    "method": ("method", str),
-    "model": ("model", str),
-    "quant": ("quant", str),
-    "task": ("task", str),
-    "rounds": ("rounds", int),
-    "clients-per-round": ("clients_per_round", int),
-    "rank": ("rank", int),
-    "alpha": ("alpha", float),
-    "scales": ("scales", str),
-    "lr": ("lr", float),
-    "train.local-steps": ("train.steps", int),
-    "train.batch-size": ("train.batch_size", int),
-    "train.grad-accum": ("train.grad_accum", int),
-    "train.seq-len": ("train.seq_len", int),
-    "train.optimizer": ("train.optimizer", str),
-    "train.gradient-checkpointing": ("train.gradient_checkpointing", bool),
-    "flip.m0": ("flip.m0", float),
-    "flip.latent-lr": ("flip.latent_lr", float),
-    "flip.budget": ("flip.flip_budget", float),
-    "server.aggregator": ("aggregator", str),
-    "server.refit": ("refit_mode", str),
-    "server.refit-restart": ("refit_restart", bool),
-    "server.error-feedback": ("error_feedback", bool),
-    "server.flip-budget": ("server_flip_budget", float),
-    "server.seeded-base": ("seeded_base", bool),
-    "codec.state-mantissa-bits": ("state_mantissa_bits", int),
-    "init.scales": ("scale_init", str),
-    "init.signs": ("sign_init", str),
-    "init.from": ("init_from", str),
-    "init.warmup-rounds": ("warmup_rounds", int),
-    "init.warmup-budget": ("warmup_budget", float),
-    "server.beta": ("beta", float),
-    "server.tau": ("tau", float),
-    "server.eta": ("eta", float),
-    "server.history": ("history", int),
-    "server.round-timeout": ("round_timeout", float),
-    "server.enforce-budget": ("enforce_budget", bool),
-    "server.weight-cap": ("weight_cap", float),
-    "server.norm-bound": ("norm_bound", float),
-    "server.scale-rule": ("scale_rule", str),
-    "server.trim": ("trim", float),
-    "faults.fail-prob": ("faults.fail_prob", float),
-    "faults.slow-prob": ("faults.slow_prob", float),
-    "faults.slow-s": ("faults.slow_s", float),
-    "faults.corrupt-prob": ("faults.corrupt_prob", float),
-    "faults.byzantine-fraction": ("faults.byzantine_fraction", float),
-    "faults.attack": ("faults.attack", str),
-    "dp.mode": ("dp.mode", str),
-    "dp.clip": ("dp.clip", float),
-    "dp.noise-multiplier": ("dp.noise_multiplier", float),
-    "dp.flip-epsilon": ("dp.flip_epsilon", float),
-    "dp.delta": ("dp.delta", float),
-    "dp.target-epsilon": ("dp.target_epsilon", float),
-    "codec.scale-encoding": ("scale_encoding", str),
-    "codec.level": ("codec_level", int),
-    "client.state": ("client_state", str),
-    "client.state-dtype": ("client_state_dtype", str),
-    "device": ("device", str),
-    "compute-dtype": ("compute_dtype", str),
-    "eval.examples": ("eval_examples", int),
-    "eval.generate": ("generate_examples", int),
-    "eval.client-side": ("client_eval", bool),
-    "seed": ("seed", int),
-    "out-dir": ("out_dir", str),
-    "name": ("name", str),
-    "resume": ("resume", bool),
-}
+# run-config key -> (RunConfig attribute path, type): declared on the fields (lordba_fl.options.option)
+_KEYS: dict[str, tuple[str, type]] = {k: (path, typ) for k, (path, typ, _) in declared_keys(RunConfig).items()}
 _TASK_PREFIX = "data."
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lordba_fl.options import option
 from lordba_fl.data.tasks import Example
 
 IGNORE = -100
@@ -41,12 +42,12 @@ class TrainConfig:
         memory, ~1/3 more compute); for low-RAM devices.
     """
 
-    steps: int = 4
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 128
-    optimizer: str = "adamw"
-    gradient_checkpointing: bool = False
+    steps: int = option(4, "train.local-steps", "Optimizer steps per client round (E).")
+    batch_size: int = option(4, "train.batch-size", "Examples per micro-batch.")
+    grad_accum: int = option(1, "train.grad-accum", "Micro-batches per optimizer step.")
+    seq_len: int = option(128, "train.seq-len", "Tokens per example (longer ones are truncated).")
+    optimizer: str = option("adamw", "train.optimizer", "adamw | sgd")
+    gradient_checkpointing: bool = option(False, "train.gradient-checkpointing", "recompute activations in backward (low-RAM devices)")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):

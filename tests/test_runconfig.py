@@ -62,3 +62,13 @@ def test_overrides_are_typed_and_nested():
 def test_bad_config_names_the_fix(override, match):
     with pytest.raises(ValueError, match=match):
         parse_run_config(override)
+
+
+def test_every_key_is_declared_once_with_help_and_the_reference_page_is_current():
+    from lordba_fl.options import declared_keys
+    from simulations.docs import CONFIG_PAGE, configuration_page
+
+    keys = declared_keys(RunConfig)
+    assert sorted(keys) == sorted(k for k in DEFAULTS if not k.startswith("data."))
+    assert all(help_ for _, _, help_ in keys.values())
+    assert CONFIG_PAGE.read_text() == configuration_page(), "run python -m simulations.docs"
