@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lordba_fl.options import option
 from lordba_fl.data.tasks import Example
+from lordba_fl.options import option
 
 IGNORE = -100
 

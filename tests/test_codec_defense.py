@@ -34,7 +34,7 @@ SPEC = AdapterSpec(
     (LayerSpec("a.q", 13, 7, 3), LayerSpec("a.v", 8, 21, 3), LayerSpec("b.q", 16, 16, 3)), ("in", "mid", "out"), b"m" * 16
 )
 FIELDS = [f.name for f in codec.FrameHeader.__dataclass_fields__.values()]
-_CODES = [c for c in codec._HEADER.format.lstrip("<").replace("16s", "F").replace("4s", "") if not c.isdigit()]
+_CODES = [c for c in codec.CONTAINER.header.format.lstrip("<").replace("16s", "F").replace("4s", "") if not c.isdigit()]
 WIDTH = {name: {"H": 0xFFFF, "B": 0xFF, "I": 0xFFFFFFFF, "Q": 2**64 - 1, "F": None}[c] for name, c in zip(FIELDS, _CODES)}
 
 
@@ -57,11 +57,11 @@ def reframe(frame: bytes, sections: list[bytes] | None = None, **fields) -> byte
     values = {name: getattr(h, name) for name in FIELDS}
     values.update(table_comp=len(sections[0]), sign_comp=len(sections[1]), scale_comp=len(sections[2]), crc=0)
     values.update(fields)
-    header = codec._HEADER.pack(fields.pop("magic", codec.MAGIC), *[values[n] for n in FIELDS])
-    crc = zlib.crc32(header[: codec._CRC_OFFSET])
+    header = codec.CONTAINER.header.pack(fields.pop("magic", codec.MAGIC), *[values[n] for n in FIELDS])
+    crc = zlib.crc32(header[:-4])  # the CRC is the header's last field
     for s in sections:
         crc = zlib.crc32(s, crc)
-    return header[: codec._CRC_OFFSET] + crc.to_bytes(4, "little") + b"".join(sections)
+    return header[:-4] + crc.to_bytes(4, "little") + b"".join(sections)
 
 
 def _z(data: bytes, **kw) -> bytes:

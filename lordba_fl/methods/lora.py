@@ -14,9 +14,6 @@ output vectors are contiguous *channels*.
 
 from __future__ import annotations
 
-import struct
-import zlib
-
 import numpy as np
 import torch
 import zstandard
@@ -27,23 +24,18 @@ from lordba_fl.adapter.storage import peft_lora_config
 from lordba_fl.methods.base import Method
 from lordba_fl.train import train_local
 from lordba_fl.wire.codec import (
-    ChecksumError,
-    CodecOptions,
     DecompressionBombError,
-    FormatVersionError,
     MalformedFrameError,
     NonFiniteError,
     ShapeMismatchError,
-    TruncatedFrameError,
-    bounded_decompress,
     fp16_round,
 )
+from lordba_fl.wire.frame import Container, bounded_inflate
 
-_MAGIC = b"LORA"
-_VERSION = 1
-_HEADER = struct.Struct("<4sHBBIIQIII")  # magic, version, kind, bits, round, state version, n, raw, comp, crc
+# magic, version | kind, bits, round, state version, reserved, raw length, compressed length (0: stored) | crc
+LORA_CONTAINER = Container("LoRA", b"LORA", 1, "<4sHBBIIQIII",
+                           total_length=lambda f: LORA_CONTAINER.header_bytes + (f[6] or f[5]))
 _FP16, _QUANT = 0, 1
-_PLAIN = CodecOptions()  # zstd, no dictionary
 
 
 # ---- frames ---------------------------------------------------------------------------------------
@@ -99,23 +91,12 @@ def _raw_size(kind: int, bits: int, segments: np.ndarray) -> int:
 
 def encode_lora(kind: int, bits: int, round: int, version: int, payload: bytes, compress: bool) -> bytes:
     body = zstandard.ZstdCompressor(level=3).compress(payload) if compress else payload
-    header = _HEADER.pack(_MAGIC, _VERSION, kind, bits, round, version, 0, len(payload), len(body) if compress else 0, 0)
-    crc = zlib.crc32(body, zlib.crc32(header[:-4]))
-    return header[:-4] + crc.to_bytes(4, "little") + body
+    return LORA_CONTAINER.seal((kind, bits, round, version, 0, len(payload), len(body) if compress else 0), [body])
 
 
 def decode_lora(frame: bytes, segments: np.ndarray, kinds: tuple[int, ...]) -> tuple[int, int, int, int, bytes]:
     """Validate a LoRA frame against the receiver's layout; returns (kind, bits, round, version, raw payload)."""
-    if len(frame) < _HEADER.size:
-        raise TruncatedFrameError(f"LoRA frame has {len(frame)} bytes, less than its {_HEADER.size}-byte header")
-    magic, ver, kind, bits, rnd, version, _, raw_len, comp_len, crc = _HEADER.unpack_from(frame)
-    if magic != _MAGIC or ver != _VERSION:
-        raise FormatVersionError(f"not a lordba-fl LoRA frame version {_VERSION} (magic {magic!r}, version {ver})")
-    body_len = comp_len if comp_len else raw_len
-    if len(frame) != _HEADER.size + body_len:
-        raise TruncatedFrameError(f"LoRA frame has {len(frame)} bytes; its header declares {_HEADER.size + body_len}")
-    if zlib.crc32(frame[_HEADER.size :], zlib.crc32(frame[: _HEADER.size - 4])) != crc:
-        raise ChecksumError("LoRA frame CRC-32 mismatch: the frame is corrupt")
+    (kind, bits, rnd, version, _, raw_len, comp_len), _ = LORA_CONTAINER.open(frame)
     if kind not in kinds or (kind == _QUANT and bits not in (2, 4)):
         raise MalformedFrameError(f"LoRA frame kind {kind} / {bits} bits is not what this method sends")
     want = _raw_size(kind, bits, segments)
@@ -123,9 +104,9 @@ def decode_lora(frame: bytes, segments: np.ndarray, kinds: tuple[int, ...]) -> t
         raise (DecompressionBombError if raw_len > want else ShapeMismatchError)(
             f"LoRA payload declares {raw_len} bytes; this adapter's shapes need {want}"
         )
-    body = frame[_HEADER.size :]
+    body = frame[LORA_CONTAINER.header_bytes :]
     if comp_len:
-        body = bounded_decompress(body, raw_len, want, _PLAIN, "LoRA payload")
+        body = bounded_inflate(body, raw_len, want, "LoRA payload")
     return kind, bits, rnd, version, body
 
 

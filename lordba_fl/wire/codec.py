@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import struct
-import zlib
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -59,6 +57,7 @@ from lordba_fl.errors import (  # noqa: F401  (re-exported: the codec's errors)
     ShapeMismatchError,
     TruncatedFrameError,
 )
+from lordba_fl.wire.frame import Container, bounded_inflate
 from lordba_fl.wire.layout import UNVERSIONED, AdapterSpec, AdapterState
 
 # --------------------------------------------------------------------------------------------------
@@ -66,9 +65,15 @@ from lordba_fl.wire.layout import UNVERSIONED, AdapterSpec, AdapterState
 
 MAGIC = b"LDBA"
 FRAME_FORMAT_VERSION = 1
-_HEADER = struct.Struct("<4sHBB16sIIIIIBBBBQQIIIIIII")
-HEADER_BYTES = _HEADER.size  # 92
-_CRC_OFFSET = HEADER_BYTES - 4
+# fields between version and CRC: kind, flags, fingerprint, round, version, base version, dictionary id,
+# layers, sign encoding, scale encoding, scale mask, reserved, bits, set bits, then raw / compressed
+# lengths of the table, sign and scale sections (indices 14..19)
+CONTAINER = Container(
+    "LoRDBA", MAGIC, FRAME_FORMAT_VERSION, "<4sHBB16sIIIIIBBBBQQIIIIIII",
+    total_length=lambda f: CONTAINER.header_bytes + f[15] + f[17] + f[19],
+    hint=": run the same lordba-fl release on server and clients",
+)
+HEADER_BYTES = CONTAINER.header_bytes  # 92
 _FLAG_DICTIONARY = 1
 _ESCAPE = 255  # GAPS: a byte of 255 adds 255 to the current gap; any other byte ends it
 _SPARSE_DENSITY = 0.125  # above this GAPS is never smaller than PACKED
@@ -150,11 +155,6 @@ def _zstd_dict(data: bytes) -> zstandard.ZstdCompressionDict:
 def _compressor(level: int, dictionary: bytes | None) -> zstandard.ZstdCompressor:
     d = _zstd_dict(dictionary) if dictionary else None
     return zstandard.ZstdCompressor(level=level, dict_data=d, write_content_size=True, write_checksum=False)
-
-
-@functools.lru_cache(maxsize=8)
-def _decompressor(dictionary: bytes | None) -> zstandard.ZstdDecompressor:
-    return zstandard.ZstdDecompressor(dict_data=_zstd_dict(dictionary) if dictionary else None)
 
 
 def train_dictionary(samples: list[bytes], size: int = 16384) -> bytes:
@@ -433,9 +433,7 @@ def _build(
     sign_enc, n_set, sign_raw = _encode_bits(bits)
     table_raw = spec.table_bytes()
     sections = [comp.compress(table_raw), comp.compress(sign_raw), comp.compress(scale_raw)]
-    header = _HEADER.pack(
-        MAGIC,
-        FRAME_FORMAT_VERSION,
+    fields = (
         int(kind),
         _FLAG_DICTIONARY if options.dictionary else 0,
         spec.fingerprint,
@@ -456,58 +454,20 @@ def _build(
         len(sections[1]),
         len(scale_raw),
         len(sections[2]),
-        0,
     )
-    crc = zlib.crc32(header[:_CRC_OFFSET])
-    for sec in sections:
-        crc = zlib.crc32(sec, crc)
-    return b"".join([header[:_CRC_OFFSET], crc.to_bytes(4, "little"), *sections])
+    return CONTAINER.seal(fields, sections)
 
 
 def read_header(buf: bytes | bytearray | memoryview) -> FrameHeader:
     """Parse and check a frame's header and CRC (length, magic, version, checksum); no decompression."""
     buf = memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf
-    if len(buf) < HEADER_BYTES:
-        raise TruncatedFrameError(f"frame has {len(buf)} bytes, less than the {HEADER_BYTES}-byte header")
-    magic, *rest = _HEADER.unpack_from(buf, 0)
-    if magic != MAGIC:
-        raise FormatVersionError(f"not a lordba-fl frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
-    h = FrameHeader(*rest)
-    if h.format_version != FRAME_FORMAT_VERSION:
-        raise FormatVersionError(
-            f"frame format version {h.format_version}; this lordba-fl reads version {FRAME_FORMAT_VERSION}: "
-            "run the same lordba-fl release on server and clients"
-        )
-    if len(buf) != h.total_bytes:
-        raise TruncatedFrameError(f"frame has {len(buf)} bytes; its header declares {h.total_bytes}")
-    crc = zlib.crc32(buf[:_CRC_OFFSET])
-    crc = zlib.crc32(buf[HEADER_BYTES:], crc)
-    if crc != h.crc:
-        raise ChecksumError(f"frame CRC-32 is {crc:#010x}, header says {h.crc:#010x}: the frame is corrupt")
-    return h
+    fields, crc = CONTAINER.open(buf)
+    return FrameHeader(FRAME_FORMAT_VERSION, *fields, crc)
 
 
 def bounded_decompress(section: bytes, raw_len: int, cap: int, options: CodecOptions, what: str) -> bytes:
-    """Inflate a zstd section declared to hold ``raw_len`` bytes, never beyond ``cap``; errors are CodecErrors."""
-    if raw_len > cap:
-        raise DecompressionBombError(f"{what} declares {raw_len} bytes; this adapter's shapes allow at most {cap}")
-    try:
-        content = zstandard.frame_content_size(section)
-    except zstandard.ZstdError as e:
-        raise MalformedFrameError(f"{what} is not a zstd frame ({e})") from None
-    if content < 0:
-        raise MalformedFrameError(f"{what}'s zstd frame does not declare its size; lordba-fl always writes it")
-    if content > cap:
-        raise DecompressionBombError(f"{what}'s zstd frame declares {content} bytes; this adapter allows at most {cap}")
-    if content != raw_len:
-        raise MalformedFrameError(f"{what}'s zstd frame declares {content} bytes; the header says {raw_len}")
-    try:
-        out = _decompressor(options.dictionary).decompress(section, max_output_size=cap)
-    except zstandard.ZstdError as e:
-        raise MalformedFrameError(f"{what} failed to decompress ({e})") from None
-    if len(out) != raw_len:
-        raise MalformedFrameError(f"{what} decompressed to {len(out)} bytes; the header says {raw_len}")
-    return out
+    """:func:`lordba_fl.wire.frame.bounded_inflate` with the options' zstd dictionary."""
+    return bounded_inflate(section, raw_len, cap, what, options.dictionary)
 
 
 def _parse(
