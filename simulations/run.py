@@ -1,10 +1,12 @@
 """The main job: a federated LoRDBA run on Flower's simulation engine, on the embedded default.
 
-Reads the run config from ``pyproject.toml``'s ``[tool.flwr.app.config]`` (the same defaults
-``flwr run .`` uses), applies ``--run-config`` overrides in Flower's syntax, and runs the same
-ServerApp and ClientApp in-process with ``flwr.simulation.run_simulation`` (one virtual SuperNode per
-sampled client unless ``--supernodes``). Writes ``<out-dir>/<run>/rounds.jsonl``, a CSV, plots, the
-final adapter, and prints the per-round table and sample outputs.
+Reads the run config from ``pyproject.toml``'s ``[tool.flwr.app.config]``, applies ``--run-config``
+overrides in Flower's syntax, and runs this Flower app through Flower's supported path: ``flwr run``
+against a private local SuperLink in simulation mode, started for the run and stopped after it (its
+own ``FLWR_HOME`` and free ports, so runs never share state; one virtual SuperNode per sampled
+client unless ``--supernodes``). ``--engine run-simulation`` runs the same apps in-process with the
+deprecated ``flwr.simulation.run_simulation`` instead. Writes ``<out-dir>/<run>/rounds.jsonl``, a CSV,
+plots, the final adapter, and prints the per-round table and sample outputs.
 
 Usage::
 
@@ -16,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -112,6 +115,101 @@ def simulate(run_config: dict, supernodes: int | None = None, cpus_per_client: f
     )
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        if "'" in v:
+            raise ValueError(f"run-config value {v!r} contains a single quote, which flwr run cannot pass")
+        return f"'{v}'"
+    return repr(v)
+
+
+def flwr_run(run_config: dict, supernodes: int | None = None, cpus_per_client: float = 1.0,
+             gpus_per_client: float = 0.0, ray_address: str | None = None) -> None:
+    """``flwr run`` of this app on a private local SuperLink (simulation mode), stopped afterwards."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    from lordba_fl.federation.apps import run_name
+    from lordba_fl.runconfig import parse_run_config
+
+    nodes = _check_nodes(run_config, supernodes)
+    if ray_address:
+        check_ray_address(ray_address)
+    run_config = dict(run_config)
+    run_config["out-dir"] = str(Path(run_config.get("out-dir", "results/run")).resolve())
+    defaults = project_run_config()
+    unknown = sorted(set(run_config) - set(defaults))
+    if unknown:
+        raise ValueError(f"flwr run only overrides keys declared in pyproject.toml's [tool.flwr.app.config]; "
+                         f"{unknown} are not: declare them there, or use --engine run-simulation")
+    overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items() if v != defaults[k])
+    bindir = Path(sys.executable).parent
+    home = Path(tempfile.mkdtemp(prefix="lordba-flwr-home-"))
+    http, control = _free_port(), _free_port()
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http),
+               FLWR_LOCAL_CONTROL_API_PORT=str(control), FLWR_DISABLE_UPDATE_CHECK="1",
+               PATH=os.pathsep.join([str(bindir), os.environ.get("PATH", "")]))
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    client, init = backend_resources(cpus_per_client, gpus_per_client, ray_address)
+    federation = {"num-supernodes": nodes, "client-resources-num-cpus": _num(client["num_cpus"]),
+                  "client-resources-num-gpus": _num(client["num_gpus"])}
+    if not ray_address:  # joining a Ray cluster (RAY_ADDRESS), Ray must not be given CPU / GPU counts
+        federation.update({"init-args-num-cpus": init["num_cpus"], "init-args-num-gpus": init["num_gpus"]})
+    log = home / "superlink.log"
+    with log.open("w") as log_file:
+        link = subprocess.Popen(
+            [str(bindir / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+             "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(http)],
+            env=env, cwd=PROJECT, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if link.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the local SuperLink did not start; its log:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        cmd = [str(bindir / "flwr"), "run", str(PROJECT), "local", "--stream",
+               "--federation-config", " ".join(f"{k}={v}" for k, v in federation.items())]
+        if overrides:
+            cmd += ["--run-config", overrides]
+        proc = subprocess.run(cmd, env=env, cwd=PROJECT)
+    finally:
+        link.terminate()
+        try:
+            link.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            link.kill()
+        shutil.rmtree(home, ignore_errors=True)
+    cfg = parse_run_config(run_config)
+    rows = Path(cfg.out_dir) / run_name(cfg) / "rounds.jsonl"
+    done = rows.is_file() and any(json.loads(line).get("round") == cfg.rounds for line in rows.read_text().splitlines())
+    if proc.returncode != 0 or not done:
+        raise SystemExit(f"flwr run did not complete {cfg.rounds} rounds (exit code {proc.returncode}; {rows} "
+                         f"{'has no final round' if rows.is_file() else 'missing'}); see the log above")
+
+
 def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)  # Flower wants integers where they are whole
 
@@ -156,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ray-address", help="join a running Ray cluster (e.g. 'auto' or head-ip:6379) for many machines")
     p.add_argument("--write-flwr-config", metavar="NAME", help="write [superlink.NAME] to $FLWR_HOME/config.toml and exit")
     p.add_argument("--quick", action="store_true", help="tiny random model, 2 short rounds")
+    p.add_argument("--engine", choices=("flwr-run", "run-simulation"), default="flwr-run",
+                   help="flwr-run (default): a private local SuperLink; run-simulation: the deprecated in-process API")
     p.add_argument("--profile", choices=sorted(PROFILES), help="a named set of overrides, e.g. edge (low-RAM devices)")
     args = p.parse_args(argv)
     run_config = project_run_config()
@@ -171,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         env = f"RAY_ADDRESS={args.ray_address} " if args.ray_address else ""
         print(f"wrote [superlink.{args.write_flwr_config}] to {path}; run: {env}flwr run . {args.write_flwr_config} --stream")
         return
-    simulate(run_config, args.supernodes, args.cpus_per_client, args.gpus_per_client, args.ray_address)
+    launch = flwr_run if args.engine == "flwr-run" else simulate
+    launch(run_config, args.supernodes, args.cpus_per_client, args.gpus_per_client, args.ray_address)
 
 
 if __name__ == "__main__":
