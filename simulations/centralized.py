@@ -63,6 +63,7 @@ from lordba_fl.adapter.layer import attach_lordba_
 from lordba_fl.adapter.storage import PEFT_PREFIX
 from lordba_fl.base.models import load_model
 from lordba_fl.data import Example, load_client_data, load_task
+from lordba_fl.methods import settings_for
 from lordba_fl.methods.lora import LoRAFedAvg, lora_layers
 from lordba_fl.methods.lordba import train_groups
 from lordba_fl.runconfig import RunConfig, parse_run_config
@@ -297,7 +298,7 @@ def train_span(model: nn.Module, groups: list[dict], opt: torch.optim.Optimizer,
 def lora_model(bench: Bench, lr: float, seed: int) -> tuple[nn.Module, list[dict]]:
     """PEFT LoRA on a fresh base, built as the ``lora-fedavg`` clients build it; (model, optimizer groups)."""
     cfg = dataclasses.replace(bench.run_cfg, method="lora-fedavg", rank=bench.rank, alpha=bench.alpha, seed=seed)
-    model = LoRAFedAvg(cfg).adapt(bench.fresh_base()).to(bench.run_cfg.torch_device())
+    model = LoRAFedAvg(settings_for(LoRAFedAvg.settings_type, cfg)).adapt(bench.fresh_base()).to(bench.run_cfg.torch_device())
     params = [p for _, a, b in lora_layers(model) for p in (a, b)]
     for p in params:
         p.requires_grad_(True)

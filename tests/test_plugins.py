@@ -175,3 +175,25 @@ def test_registering_a_name():
         reg.register("builtin", len)
     assert {"lordba", "lora-fedavg", "lora-q2", "ffa-lora"} <= set(METHODS.names())
     assert {"shakespeare", "gsm", "files"} <= set(TASKS.names()) and set(AGGREGATORS.names()) == {"refit", "vote"}
+
+
+def test_a_method_receives_only_its_own_settings():
+    from dataclasses import dataclass, fields
+
+    from lordba_fl.methods import MethodSettings, make_method, settings_for
+    from lordba_fl.methods.lordba import LoRDBASettings
+
+    run = parse_run_config({"method": "lora-fedavg", "rank": 8, "lr": 0.002})
+    lora = make_method(run)
+    assert type(lora.cfg) is MethodSettings and lora.cfg == MethodSettings(8, 32.0, 0.002, 0, run.train)
+    assert not hasattr(lora.cfg, "task") and not hasattr(lora.cfg, "faults")
+    lordba = make_method(parse_run_config({"server.flip-budget": 0.01}))
+    assert type(lordba.cfg) is LoRDBASettings and lordba.cfg.server_flip_budget == 0.01
+    assert {f.name for f in fields(LoRDBASettings)} < {f.name for f in fields(type(run))} and not hasattr(lordba.cfg, "task")
+
+    @dataclass(frozen=True)
+    class Wants(MethodSettings):
+        temperature: float
+
+    with pytest.raises(ValueError, match=r"Wants asks for \['temperature'\], which the run config does not have"):
+        settings_for(Wants, run)

@@ -28,7 +28,7 @@ from lordba_fl.federation import faults
 from lordba_fl.federation.checkpoint import load_checkpoint, save_checkpoint
 from lordba_fl.federation.report import RunRecorder, round_row
 from lordba_fl.federation.strategy import AdapterStrategy, frame_record, read_frame
-from lordba_fl.methods import make_method
+from lordba_fl.methods import make_method, settings_for
 from lordba_fl.runconfig import RunConfig, parse_run_config
 from lordba_fl.scoring import score
 from lordba_fl.train import evaluate_loss, generate
@@ -105,7 +105,7 @@ def _client_data(context, cfg: RunConfig) -> ClientData:
 
 def _method_for(cfg: RunConfig):
     model, tok, method = _worker(cfg)
-    method.cfg = cfg  # training knobs (steps, lr, flip control) may differ between runs sharing a worker
+    method.cfg = settings_for(method.settings_type, cfg)  # knobs (steps, lr, flips) may differ between runs sharing a worker
     return model, tok, method
 
 

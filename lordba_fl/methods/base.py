@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from torch import nn
 
 from lordba_fl.registry import METHODS
 from lordba_fl.runconfig import RunConfig
+from lordba_fl.train import TrainConfig
 
 
 @dataclass
@@ -28,13 +29,36 @@ class Reply:
     weight: float
 
 
+@dataclass(frozen=True)
+class MethodSettings:
+    """What every method reads from a run: the adapter's rank and scaling (``alpha / rank``), the
+    learning rate, the seed of its initial adapter and the local training loop. A method declares
+    its own settings type (a subclass, :attr:`Method.settings_type`) and receives only that, never
+    the whole run config: :func:`settings_for` picks its fields from the run config by name."""
+
+    rank: int
+    alpha: float
+    lr: float
+    seed: int
+    train: TrainConfig
+
+
+def settings_for(settings_type: type, run: RunConfig):
+    """An instance of ``settings_type`` (a dataclass) with each field taken from ``run``'s same-named one."""
+    missing = [f.name for f in fields(settings_type) if not hasattr(run, f.name)]
+    if missing:
+        raise ValueError(f"{settings_type.__name__} asks for {missing}, which the run config does not have")
+    return settings_type(**{f.name: getattr(run, f.name) for f in fields(settings_type)})
+
+
 class Method(ABC):
     """Interface every federated method implements (see the module docstring)."""
 
     name: str = ""
+    settings_type: type = MethodSettings
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+    def __init__(self, cfg):
+        self.cfg = cfg  # an instance of settings_type
 
     # ---- model ----------------------------------------------------------------------------------
     @abstractmethod
@@ -107,8 +131,8 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def make_method(cfg: RunConfig) -> Method:
-    """The method ``cfg.method`` names (a registered name or an import path), built on ``cfg``."""
+    """The method ``cfg.method`` names (a registered name or an import path), built on its own settings."""
     cls = METHODS.get(cfg.method)
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise ValueError(f"method {cfg.method!r} is {cls!r}, not a subclass of lordba_fl.methods.Method")
-    return cls(cfg)
+    return cls(settings_for(cls.settings_type, cfg))

@@ -11,6 +11,7 @@ node gets a delta against what it last acknowledged.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +23,10 @@ from lordba_fl.adapter.fit import fit_float_factors_
 from lordba_fl.adapter.layer import attach_lordba_, lordba_layers
 from lordba_fl.adapter.storage import export_peft_lora, init_from_, save_lordba
 from lordba_fl.aggregation import RobustOptions, ServerState, collect_updates, flip_allowance
-from lordba_fl.methods.base import Method
+from lordba_fl.methods.base import Method, MethodSettings
+from lordba_fl.privacy import DPConfig
 from lordba_fl.registry import AGGREGATORS
+from lordba_fl.runconfig import FlipControl
 from lordba_fl.train import make_optimizer, train_local
 from lordba_fl.wire.clientstate import StateError, load_optimizer_, pack_floats, pack_optimizer, unpack_floats
 from lordba_fl.wire.codec import CodecOptions, Update, decode_state, decode_update, encode_state, encode_update, read_header
@@ -117,8 +120,49 @@ def broadcast_problem(scales: torch.Tensor) -> str:
     return f"a new scale is {top:g}, beyond what the fp16 broadcast holds ({FP16_MAX:g})" if top > FP16_MAX else ""
 
 
+@dataclass(frozen=True)
+class LoRDBASettings(MethodSettings):
+    """The run-config values a LoRDBA federation reads (each documented on its key: docs/configuration.md)."""
+
+    scales: tuple[str, ...]
+    flip: FlipControl
+    scale_init: str
+    sign_init: str
+    init_from: str
+    warmup_rounds: int
+    warmup_budget: float
+    client_state: str
+    client_state_dtype: str
+    seeded_base: bool
+    state_mantissa_bits: int
+    scale_encoding: str
+    codec_level: int
+    history: int
+    enforce_budget: bool
+    weight_cap: float
+    norm_bound: float
+    dp: DPConfig
+    rounds: int  # dp: the noise is calibrated over the run
+    # the aggregator's (a factory in lordba_fl.registry.AGGREGATORS receives these settings)
+    aggregator: str
+    refit_mode: str
+    refit_restart: bool
+    error_feedback: bool
+    server_flip_budget: float
+    beta: float
+    tau: float
+    eta: float
+    scale_rule: str
+    trim: float
+
+    @property
+    def stateful(self) -> bool:
+        return self.client_state != "none"
+
+
 class LoRDBAMethod(Method):
     name = "lordba"
+    settings_type = LoRDBASettings
 
     def __init__(self, cfg):
         super().__init__(cfg)
