@@ -23,6 +23,7 @@ from torch import nn
 
 from lordba_fl.adapter.layer import lordba_layers
 from lordba_fl.data import Example
+from lordba_fl.methods.lordba import train_groups
 from lordba_fl.train import (
     IGNORE,
     TrainConfig,
@@ -173,7 +174,6 @@ def train_sequential(
     latent_lr: float,
 ) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, float]]]:
     """The reference :func:`train_batched` matches: one client after another, as a LoRDBA client trains."""
-    from lordba_fl.methods.lordba import train_groups
 
     out = []
     for j in jobs:
