@@ -19,7 +19,7 @@ def make_client_app(run_config: dict | None = None) -> ClientApp:
 
     @app.query()
     def query(msg, context):
-        return client_query(msg, context)
+        return client_query(msg, context, run_config)
 
     return app
 

@@ -14,6 +14,7 @@ from lordba_fl.adapter.config import SCALE_INITS, SIGN_INITS
 from lordba_fl.aggregation import REFIT_MODES, SCALE_RULES
 from lordba_fl.base.models import MODELS
 from lordba_fl.base.quant import QUANT_BACKENDS
+from lordba_fl.hetero import parse_tiers
 from lordba_fl.options import declared_keys, option
 from lordba_fl.privacy import DPConfig
 from lordba_fl.registry import AGGREGATORS, METHODS, TASKS
@@ -181,6 +182,8 @@ class RunConfig:
     seed: int = option(0, "seed", "Seed of the run: initial adapter, client sampling, local batches.")
     out_dir: str = option("results/run", "out-dir", "Folder the run folders go under.")
     name: str = option("", "name", "run folder under out-dir (default: method[-aggregator])")
+    tiers: str = option("", "hetero.tiers",
+        "Heterogeneous ranks (LoRDBA): rank:share list such as '4:0.3,8:0.3,16:0.4', drawn per partition ('': every client at rank)")
     resume: bool = option(False, "resume", "Continue from the run folder's last checkpoint.")
 
     def check_names(self) -> None:
@@ -277,6 +280,10 @@ class RunConfig:
         if self.init_from and self.method != "lordba":
             raise ValueError(f"init.from starts a LoRDBA federation from an adapter file; method {self.method!r} "
                              "does not take one (set init.from='')")
+        parse_tiers(self.tiers, self.rank)
+        if self.tiers and self.method != "lordba":
+            raise ValueError(f"hetero.tiers (nested ranks) is built for method='lordba'; method {self.method!r} "
+                             "trains one rank (set hetero.tiers='')")
         if not self.round_timeout > 0:
             raise ValueError(f"server.round-timeout must be > 0 seconds; got {self.round_timeout}")
         if self.rank < 1 or self.lr <= 0:

@@ -12,9 +12,11 @@ state lives in its Flower ``context.state``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -28,6 +30,7 @@ from lordba_fl.federation import faults
 from lordba_fl.federation.checkpoint import load_checkpoint, save_checkpoint
 from lordba_fl.federation.report import RunRecorder, round_row
 from lordba_fl.federation.strategy import AdapterStrategy, frame_record, read_frame
+from lordba_fl.hetero import node_rank, parse_tiers
 from lordba_fl.methods import make_method, settings_for
 from lordba_fl.runconfig import RunConfig, parse_run_config
 from lordba_fl.scoring import score
@@ -66,7 +69,8 @@ def _worker(cfg: RunConfig):
     key = (cfg.method, cfg.model, cfg.quant, cfg.rank, cfg.alpha, cfg.scales, cfg.scale_init, cfg.sign_init, cfg.seed, cfg.task,
            tuple(sorted(cfg.task_kwargs().items())), cfg.scale_encoding, cfg.codec_level, cfg.device, cfg.compute_dtype)
     if key not in _WORKER:
-        _WORKER.clear()
+        if any(k[:3] + k[5:] != key[:3] + key[5:] for k in _WORKER):  # another run: keep only nested-rank siblings
+            _WORKER.clear()
         _WORKER[key] = _adapted_model(cfg)
         WORKER_STATS["base_loads"] += 1
     WORKER_STATS["clients_served"] += 1
@@ -103,7 +107,30 @@ def _client_data(context, cfg: RunConfig) -> ClientData:
     return load_client_data(cfg.task, pid, **cfg.task_kwargs())
 
 
-def _method_for(cfg: RunConfig):
+def tier_config(cfg: RunConfig, context) -> RunConfig:
+    """The run config of this node's adapter: at its own rank (``rank`` in its node config, or its
+    ``hetero.tiers`` draw) with ``alpha`` scaled so ``alpha / rank`` stays the run's (nested adapters)."""
+    pid = int(context.node_config.get("partition-id", 0))
+    rank = node_rank(dict(context.node_config), parse_tiers(cfg.tiers, cfg.rank), cfg.seed, pid, cfg.rank)
+    if rank == cfg.rank:
+        return cfg
+    if cfg.method != "lordba":
+        raise ValueError(f"this node declares rank {rank} but method {cfg.method!r} trains the run's rank "
+                         f"{cfg.rank} only; drop rank from its node config")
+    alpha = cfg.alpha * rank / cfg.rank
+    for _ in range(8):  # the same float alpha / rank as the run's, bit for bit: it is in every frame's fingerprint
+        if alpha / rank == cfg.alpha / cfg.rank:
+            break
+        alpha = math.nextafter(alpha, math.inf if alpha / rank < cfg.alpha / cfg.rank else -math.inf)
+    else:
+        raise ValueError(f"no float alpha gives rank {rank} the run's scaling {cfg.alpha}/{cfg.rank}; pick another alpha")
+    # one rank on this node (no tiers of its own); version 0 is the server's, not this node's own seeded one
+    return dataclasses.replace(cfg, rank=rank, alpha=alpha, tiers="", seeded_base=False)
+
+
+def _method_for(cfg: RunConfig, context=None):
+    if context is not None:
+        cfg = tier_config(cfg, context)
     model, tok, method = _worker(cfg)
     method.cfg = settings_for(method.settings_type, cfg)  # knobs (steps, lr, flips) may differ between runs sharing a worker
     return model, tok, method
@@ -119,7 +146,7 @@ def _config(context, fallback: dict | None) -> RunConfig:
 def client_train(msg: Message, context, fallback_config: dict | None = None) -> Message:
     """ClientApp train handler: decode the broadcast, train locally, reply with one frame + metrics."""
     cfg = _config(context, fallback_config)
-    model, tok, method = _method_for(cfg)
+    model, tok, method = _method_for(cfg, context)
     data = _client_data(context, cfg)
     pid = data.partition_id
     server_round = int(msg.content["config"]["server-round"])
@@ -139,17 +166,21 @@ def client_train(msg: Message, context, fallback_config: dict | None = None) -> 
     return Message(RecordDict({"adapter": frame_record(frame), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def client_query(msg: Message, context) -> Message:
+def client_query(msg: Message, context, fallback_config: dict | None = None) -> Message:
     """ClientApp query handler: this node's ``partition-id`` (the server samples partitions, not the
-    random node ids a simulation assigns, so a seeded run samples the same data every time)."""
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": float(int(context.node_config["partition-id"]))})}),
-                   reply_to=msg)
+    random node ids a simulation assigns, so a seeded run samples the same data every time) and, for
+    LoRDBA, the adapter rank it trains (heterogeneous devices: the server sends it its nested tier)."""
+    metrics = {"partition-id": float(int(context.node_config["partition-id"]))}
+    run = parse_run_config(dict(context.run_config) or fallback_config or {})
+    if run.method == "lordba":
+        metrics["rank"] = float(tier_config(run, context).rank)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def client_evaluate(msg: Message, context, fallback_config: dict | None = None) -> Message:
     """ClientApp evaluate handler: load the broadcast, report held-out loss / perplexity of this client."""
     cfg = _config(context, fallback_config)
-    model, tok, method = _method_for(cfg)
+    model, tok, method = _method_for(cfg, context)
     data = _client_data(context, cfg)
     pid = data.partition_id
     version = method.client_load_(model, read_frame(msg.content), context.state)

@@ -113,7 +113,10 @@ class AdapterStrategy(FedAvg):
                                                 fp16_lora_bytes=0, method=self.method.name, phase="query"))
         for msg in replies:
             try:
-                self.partitions[msg.metadata.src_node_id] = float(msg.content["metrics"]["partition-id"])
+                metrics = msg.content["metrics"]
+                self.partitions[msg.metadata.src_node_id] = float(metrics["partition-id"])
+                if "rank" in metrics:  # the adapter rank this node trains (heterogeneous devices)
+                    self.method.note_rank(msg.metadata.src_node_id, int(metrics["rank"]))
             except (KeyError, TypeError, ValueError):
                 pass  # an error or malformed reply: the node stays unknown (sampled last) and is asked again
 

@@ -81,6 +81,11 @@ class Method(ABC):
     def note_held(self, node_id: int, version: int | None) -> None:
         """A node reported holding ``version`` (None: unknown, e.g. after an error reply)."""
 
+    def note_rank(self, node_id: int, rank: int) -> None:
+        """A node declared the adapter rank it trains; a method without nested ranks refuses another rank."""
+        if rank != self.cfg.rank:
+            raise ValueError(f"node {node_id} trains rank {rank}; method {self.name!r} serves rank {self.cfg.rank} only")
+
     @abstractmethod
     def aggregate(self, server_round: int, replies: Sequence[Reply]) -> tuple[dict, list[tuple[int, str]]]:
         """Aggregate training replies into a new global state; returns (metrics incl. ``accepted`` and

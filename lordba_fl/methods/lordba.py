@@ -33,9 +33,13 @@ from lordba_fl.wire.codec import CodecOptions, Update, decode_state, decode_upda
 from lordba_fl.wire.layout import (
     AdapterSpec,
     AdapterState,
+    at_rank,
+    embed_carriers,
+    embed_scales,
     read_latents,
     read_scales,
     read_state,
+    truncate_state,
     write_latents_,
     write_state_,
 )
@@ -143,6 +147,7 @@ class LoRDBASettings(MethodSettings):
     norm_bound: float
     dp: DPConfig
     rounds: int  # dp: the noise is calibrated over the run
+    tiers: str  # hetero.tiers: nested ranks per partition
     # the aggregator's (a factory in lordba_fl.registry.AGGREGATORS receives these settings)
     aggregator: str
     refit_mode: str
@@ -175,6 +180,8 @@ class LoRDBAMethod(Method):
         self.initial_state: AdapterState | None = None
         self.node_versions: dict[int, int] = {}
         self.participations: dict[int, int] = {}  # dp: privatized uplinks received per node
+        self.node_ranks: dict[int, int] = {}  # heterogeneous devices: the rank each node trains
+        self._tier_specs: dict[int, AdapterSpec] = {}
 
     # ---- model ----------------------------------------------------------------------------------
     def adapt(self, model: nn.Module) -> nn.Module:
@@ -190,10 +197,11 @@ class LoRDBAMethod(Method):
     def seeded_base(self) -> bool:
         """Whether version 0 is the seeded state every client builds itself (``server.seeded-base``),
         so the server keeps it and sends a node it has not served a delta against it. Not with
-        ``init.from`` (clients do not have the file) nor ``init.signs=base-svd`` (an SVD of the base
-        may differ in near-zero entries between BLAS builds)."""
+        ``init.from`` (clients do not have the file), ``init.signs=base-svd`` (an SVD of the base
+        may differ in near-zero entries between BLAS builds) nor ``hetero.tiers`` (a rank-r client's own
+        seeded adapter is not the leading part of the rank-R one)."""
         cfg = self.cfg
-        return cfg.seeded_base and not cfg.init_from and cfg.sign_init == "random"
+        return cfg.seeded_base and not cfg.init_from and cfg.sign_init == "random" and not cfg.tiers
 
     def dp_noise_multiplier(self) -> float:
         """``z`` of this run's Gaussian noise (``dp.target-epsilon`` calibrated over ``rounds``)."""
@@ -221,6 +229,16 @@ class LoRDBAMethod(Method):
     def version(self) -> int:
         return self.server.state.version
 
+    def note_rank(self, node_id: int, rank: int) -> None:
+        self.tier_spec(rank)  # refuses a rank outside 1..R
+        self.node_ranks[node_id] = rank
+
+    def tier_spec(self, rank: int) -> AdapterSpec:
+        """The spec of the rank-``rank`` adapter nested in the global one (the global spec at its own rank)."""
+        if rank not in self._tier_specs:
+            self._tier_specs[rank] = self.spec if rank == self.cfg.rank else at_rank(self.spec, rank)
+        return self._tier_specs[rank]
+
     def downlink(self, node_id: int, server_round: int) -> bytes:
         current = self.server.state
         held = self.node_versions.get(node_id)
@@ -229,7 +247,11 @@ class LoRDBAMethod(Method):
         base = None
         if held is not None and held in self.history and held in self.scale_history:
             base = AdapterState(held, self.history[held], self.scale_history[held])
-        return encode_state(current, self.spec, self.state_options, round=server_round, base=base)
+        spec = self.tier_spec(self.node_ranks.get(node_id, self.cfg.rank))
+        if spec is not self.spec:  # a lower tier: exactly the leading components of the global state
+            current = truncate_state(self.spec, spec, current)
+            base = None if base is None else truncate_state(self.spec, spec, base)
+        return encode_state(current, spec, self.state_options, round=server_round, base=base)
 
     def note_held(self, node_id: int, version: int | None) -> None:
         if version is None or version not in self.history:
@@ -240,17 +262,26 @@ class LoRDBAMethod(Method):
     def aggregate(self, server_round: int, replies) -> tuple[dict, list[tuple[int, str]]]:
         cfg = self.cfg
         dp = cfg.dp.on
-        accepted, rejected = collect_updates(  # under dp every client weighs the same: num_examples is data
-            [(r.frame, 1.0 if dp else r.weight) for r in replies], self.spec, self.options, version=self.version
-        )
         budget = cfg.warmup_budget if server_round <= cfg.warmup_rounds else cfg.flip.flip_budget
-        if dp:
-            budget = privacy.max_flip_rate(cfg.dp, budget, self.spec.n_bits)
-        robust = RobustOptions(budget if cfg.enforce_budget else 1.0, cfg.weight_cap, cfg.norm_bound)
-        dropped = {j for j, _ in rejected}
-        index = [i for i in range(len(replies)) if i not in dropped]  # the replies behind `accepted`
-        accepted, refused = robust.apply(accepted)
-        rejected += [(index[j], why) for j, why in refused]
+        accepted, rejected, rates = [], [], []
+        for rank in sorted({self.node_ranks.get(r.node_id, cfg.rank) for r in replies}):
+            # each tier decodes against its own nested spec (a reply of another rank is rejected) and
+            # answers to its flip budget over its own signs; kept updates join the global layout
+            # with the components they do not train unchanged
+            spec = self.tier_spec(rank)
+            members = [i for i, r in enumerate(replies) if self.node_ranks.get(r.node_id, cfg.rank) == rank]
+            got, bad = collect_updates(  # under dp every client weighs the same: num_examples is data
+                [(replies[i].frame, 1.0 if dp else replies[i].weight) for i in members], spec, self.options,
+                version=self.version)
+            rejected += [(members[j], why) for j, why in bad]
+            dropped = {j for j, _ in bad}
+            kept_idx = [members[j] for j in range(len(members)) if j not in dropped]
+            tier_budget = privacy.max_flip_rate(cfg.dp, budget, spec.n_bits) if dp else budget
+            got, refused = RobustOptions(tier_budget if cfg.enforce_budget else 1.0).apply(got)
+            rejected += [(kept_idx[j], why) for j, why in refused]
+            rates += [u.flip_rate for u, _ in got]  # of the signs each client trains
+            accepted += [(self._embed(spec, u), w) for u, w in got]
+        accepted, _ = RobustOptions(1.0, cfg.weight_cap, cfg.norm_bound).apply(accepted)
         metrics = {"rejected": float(len(rejected)), "accepted": float(len(accepted))}
         reasons = [(replies[i].node_id, why) for i, why in rejected]
         if dp:
@@ -274,7 +305,7 @@ class LoRDBAMethod(Method):
         kept = [v for v in sorted(self.history) if v not in pinned]
         for v in kept[: max(0, len(kept) - self.cfg.history)]:
             del self.history[v], self.scale_history[v]
-        metrics["client_flip_rate"] = sum(float(u.flips.float().mean()) for u, _ in accepted) / len(accepted)
+        metrics["client_flip_rate"] = sum(rates) / len(rates)
         metrics.update(flip_agreement([u.flips for u, _ in accepted]))
         metrics["global_flip_rate"] = float((new.negative ^ old.negative).float().mean())
         errors = sorted(self.server.info.get("fit_error", {}).values())
@@ -283,6 +314,14 @@ class LoRDBAMethod(Method):
             metrics["fit_error_median"] = float(f"{errors[len(errors) // 2]:.6g}")
             metrics["fit_error_max"] = float(f"{errors[-1]:.6g}")
         return metrics, reasons
+
+    def _embed(self, spec: AdapterSpec, u: Update) -> Update:
+        """A tier's update in the global layout: no flips and no scale change beyond its components."""
+        if spec is self.spec:
+            return u
+        flips = embed_carriers(spec, self.spec, u.flips, torch.zeros(self.spec.n_bits, dtype=torch.bool))
+        delta = embed_scales(spec, self.spec, u.scale_delta, torch.zeros(self.spec.n_scales, dtype=u.scale_delta.dtype))
+        return Update(u.round, u.version, flips, delta)
 
     def _account(self, replies) -> dict:
         """Count this round's privatized uplinks per node; ε of the node that sent the most so far."""
@@ -315,7 +354,8 @@ class LoRDBAMethod(Method):
         for name, r in (self.server.residual or {}).items():
             tensors[f"residual.{name}"] = r
         meta = {"version": self.version, "node_versions": {str(k): v for k, v in self.node_versions.items()},
-                "participations": {str(k): v for k, v in self.participations.items()}}
+                "participations": {str(k): v for k, v in self.participations.items()},
+                "node_ranks": {str(k): v for k, v in self.node_ranks.items()}}
         return tensors, meta
 
     def load_server_state(self, tensors: dict, meta: dict) -> None:
@@ -327,6 +367,7 @@ class LoRDBAMethod(Method):
                               if k.startswith("history_scales.")}
         self.node_versions = {int(k): int(v) for k, v in meta["node_versions"].items()}
         self.participations = {int(k): int(v) for k, v in meta.get("participations", {}).items()}
+        self.node_ranks = {int(k): int(v) for k, v in meta.get("node_ranks", {}).items()}
 
     # ---- client ---------------------------------------------------------------------------------
     def _held(self, state) -> AdapterState | None:

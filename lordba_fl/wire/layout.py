@@ -222,6 +222,73 @@ def split_scales(spec: AdapterSpec, flat: torch.Tensor) -> dict[str, dict[str, t
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# Nested ranks: a rank-r adapter is the leading r components of a rank-R one (S1 rows, S2 columns and
+# s_mid entries 0..r-1; s_in and s_out shared), at the same scaling g = alpha / R.
+
+
+def at_rank(spec: AdapterSpec, rank: int) -> AdapterSpec:
+    """The spec of the leading ``rank`` components of ``spec``'s adapter (same layers, scales, fingerprint)."""
+    top = max(layer.rank for layer in spec.layers)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
+        raise ValueError(f"a nested rank must be an integer in 1..{top} (the global adapter's rank); got {rank!r}")
+    layers = tuple(LayerSpec(l.name, l.in_features, l.out_features, rank) for l in spec.layers)
+    return AdapterSpec(layers, spec.scales, spec.fingerprint)
+
+
+def _nested(src: AdapterSpec, dst: AdapterSpec) -> list[tuple[LayerSpec, LayerSpec]]:
+    pairs = list(zip(src.layers, dst.layers))
+    if len(src.layers) != len(dst.layers) or src.scales != dst.scales or any(
+            (a.name, a.in_features, a.out_features) != (b.name, b.in_features, b.out_features) for a, b in pairs):
+        raise ValueError("nested specs must share layers and scales; build one with at_rank(spec, r)")
+    return pairs
+
+
+def truncate_carriers(spec: AdapterSpec, low: AdapterSpec, flat: torch.Tensor) -> torch.Tensor:
+    """The carrier stream of ``low`` (rank r) holding the leading r components of ``flat`` (``spec``)."""
+    _nested(spec, low)
+    parts = []
+    for (a, b), layer in zip(split_carriers(spec, flat).values(), low.layers):
+        parts += [a[: layer.rank].reshape(-1), b[:, : layer.rank].reshape(-1)]
+    return torch.cat(parts)
+
+
+def embed_carriers(low: AdapterSpec, spec: AdapterSpec, flat: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """``fill`` (a ``spec`` stream) with its leading components replaced by ``flat`` (a ``low`` stream)."""
+    _nested(spec, low)
+    out = fill.clone()
+    for (a, b), (a_low, b_low), layer in zip(split_carriers(spec, out).values(), split_carriers(low, flat).values(),
+                                             low.layers):
+        a[: layer.rank] = a_low
+        b[:, : layer.rank] = b_low
+    return out
+
+
+def truncate_scales(spec: AdapterSpec, low: AdapterSpec, flat: torch.Tensor) -> torch.Tensor:
+    """The scale stream of ``low``: ``s_in``, ``s_out`` as they are, ``s_mid[:r]``."""
+    _nested(spec, low)
+    parts = []
+    for sc, layer in zip(split_scales(spec, flat).values(), low.layers):
+        parts += [sc[k][: layer.rank] if k == "mid" else sc[k] for k in spec.scales]
+    return torch.cat(parts)
+
+
+def embed_scales(low: AdapterSpec, spec: AdapterSpec, flat: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """``fill`` (a ``spec`` scale stream) with ``s_in``, ``s_out`` and ``s_mid[:r]`` taken from ``flat`` (``low``)."""
+    _nested(spec, low)
+    out = fill.clone()
+    for sc, sc_low, layer in zip(split_scales(spec, out).values(), split_scales(low, flat).values(), low.layers):
+        for k in spec.scales:
+            sc[k][: layer.rank if k == "mid" else None] = sc_low[k]
+    return out
+
+
+def truncate_state(spec: AdapterSpec, low: AdapterSpec, state: AdapterState) -> AdapterState:
+    """The rank-r broadcast nested in ``state``: exactly its leading r components, same version."""
+    return AdapterState(state.version, truncate_carriers(spec, low, state.negative),
+                        truncate_scales(spec, low, state.scales))
+
+
 def _checked_layers(model: nn.Module, spec: AdapterSpec) -> list[LoRDBALinear]:
     layers = lordba_layers(model)
     got = [(n, m.in_features, m.out_features, m.rank) for n, m in layers.items()]

@@ -1,0 +1,177 @@
+"""Heterogeneous devices: nested ranks (a tier's adapter is exactly the leading components of the
+global one), mixed-rank aggregation, tier assignment and the errors that name the accepted values."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_adapter_, tiny_llama
+from localgrid import LocalGrid
+from safetensors.torch import load_file
+
+from clients.app import make_client_app
+from lordba_fl import LoRDBAConfig, attach_lordba_
+from lordba_fl.federation.apps import run_server
+from lordba_fl.hetero import node_rank, parse_tiers, tier_rank
+from lordba_fl.runconfig import DEFAULTS, parse_run_config
+from lordba_fl.wire.layout import (
+    AdapterSpec,
+    AdapterState,
+    LayerSpec,
+    at_rank,
+    embed_carriers,
+    embed_scales,
+    read_state,
+    split_carriers,
+    split_scales,
+    truncate_state,
+    write_state_,
+)
+
+
+def test_a_tier_adapter_is_exactly_the_leading_components_of_the_global_one():
+    big = attach_and_randomize(rank=8)
+    spec = AdapterSpec.from_model(big)
+    state = read_state(big, spec, version=3)
+    low = at_rank(spec, 3)
+    tier = truncate_state(spec, low, state)
+    small = tiny_llama()
+    attach_lordba_(small, LoRDBAConfig(rank=3, alpha=8.0 * 3 / 8, scales=spec.scales))
+    write_state_(small, low, tier)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    # the tier model's output equals the global adapter with components 3..7 switched off
+    sc = split_scales(spec, state.scales.clone())
+    for d in sc.values():
+        d["mid"][3:] = 0.0
+    cut = AdapterState(3, state.negative, torch.cat([v for d in sc.values() for v in d.values()]))
+    write_state_(big, spec, cut)
+    # (5 components of exact zeros change only the order fp32 sums are taken in)
+    torch.testing.assert_close(small(ids).logits, big(ids).logits, rtol=1e-5, atol=1e-5)
+    for (a, b), (a_low, b_low) in zip(split_carriers(spec, state.negative).values(),
+                                      split_carriers(low, tier.negative).values()):
+        assert torch.equal(a[:3], a_low) and torch.equal(b[:, :3], b_low)
+    # embedding the tier back changes nothing
+    assert torch.equal(embed_carriers(low, spec, tier.negative, state.negative), state.negative)
+    assert torch.equal(embed_scales(low, spec, tier.scales, state.scales), state.scales)
+
+
+def attach_and_randomize(rank: int):
+    model = tiny_llama()
+    attach_lordba_(model, LoRDBAConfig(rank=rank, alpha=8.0, scales=("in", "mid", "out")))
+    randomize_adapter_(model)
+    return model
+
+
+def test_tiers_are_parsed_and_drawn_per_partition():
+    assert parse_tiers("", 16) == ()
+    tiers = parse_tiers("16:0.4, 4:0.3,8:0.3", 16)
+    assert tiers == ((4, 0.3), (8, 0.3), (16, 0.4))
+    draws = [tier_rank(tiers, 0, p, 16) for p in range(3000)]
+    assert draws == [tier_rank(tiers, 0, p, 16) for p in range(3000)]  # seeded per (seed, partition)
+    shares = {r: draws.count(r) / 3000 for r in (4, 8, 16)}
+    assert all(abs(shares[r] - p) < 0.04 for r, p in tiers)
+    assert node_rank({"rank": 8}, tiers, 0, 5, 16) == 8 and node_rank({}, (), 0, 5, 16) == 16
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("4:0.5,32:0.5", r"a rank in 1..16"),
+        ("4:0.5,8", "rank:share"),
+        ("4:0.5,8:0.4", "must sum to 1"),
+        ("4:0.5,4:0.5", "lists a rank twice"),
+        ("4:0,16:1", r"a share in \(0, 1\]"),
+    ],
+)
+def test_bad_tiers_name_the_accepted_values(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_run_config({"hetero.tiers": text})
+
+
+def test_tiers_only_for_lordba_and_node_ranks_checked():
+    with pytest.raises(ValueError, match="built for method='lordba'"):
+        parse_run_config({"hetero.tiers": "4:1", "method": "lora-fedavg"})
+    with pytest.raises(ValueError, match=r"integer in 1..16"):
+        node_rank({"rank": 32}, (), 0, 0, 16)
+    spec = AdapterSpec((LayerSpec("a", 8, 6, 4),), ("mid", "out"), b"f" * 16)
+    with pytest.raises(ValueError, match=r"integer in 1..4"):
+        at_rank(spec, 5)
+
+
+BASE = {
+    "model": "tiny-llama", "task": "shakespeare", "data.shakespeare.max-clients": 4, "rounds": 2, "clients-per-round": 4,
+    "rank": 8, "alpha": 16.0, "train.local-steps": 2, "train.batch-size": 2, "train.seq-len": 48, "eval.examples": 6,
+    "eval.generate": 0, "flip.m0": 0.001, "flip.latent-lr": 0.05, "flip.budget": 0.05, "server.aggregator": "vote",
+}
+
+
+def _run(tmp_path: Path, **overrides):
+    cfg = dict(DEFAULTS)
+    cfg.update(BASE)
+    cfg.update({"out-dir": str(tmp_path)})
+    cfg.update(overrides)
+    grid = LocalGrid(make_client_app(), 4, cfg)
+    for ctx in grid.contexts.values():
+        ctx.run_config.update(cfg)
+    run_server(grid, cfg)
+    run_dir = tmp_path / "lordba-vote"
+    return grid, run_dir, [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.real_model
+def test_a_mixed_round_aggregates_every_tier_in_the_global_layout(tmp_path):
+    """Two tiers (ranks 2 and 8) in one federation: each node receives its nested tier, every reply is
+    accepted, and the vote's new global state is the one computed by hand from the embedded updates."""
+    from lordba_fl.aggregation import LatentVote, ServerState, collect_updates
+    from lordba_fl.federation.strategy import read_frame
+    from lordba_fl.wire.codec import CodecOptions, Update, read_header
+
+    # partitions 0..3 with this seed draw ranks from "2:0.5,8:0.5"
+    tiers = parse_tiers("2:0.5,8:0.5", 8)
+    ranks = [tier_rank(tiers, 0, p, 8) for p in range(4)]
+    assert sorted(set(ranks)) == [2, 8], ranks  # both tiers present (seeded)
+    grid, run_dir, rows = _run(tmp_path, **{"hetero.tiers": "2:0.5,8:0.5"})
+    assert rows[1]["accepted"] == rows[2]["accepted"] == 4 and rows[2]["rejected"] == 0
+    t1, t2 = load_file(str(run_dir / "ckpt-1.safetensors")), load_file(str(run_dir / "ckpt-2.safetensors"))
+    before = ServerState(AdapterState(1, t1["negative"], t1["scales"]), t1["latent"])
+    after = AdapterState(2, t2["negative"], t2["scales"])
+    from lordba_fl.federation.apps import _worker
+
+    spec = AdapterSpec.from_model(_worker(parse_run_config(grid.contexts[100].run_config))[0])
+    pairs = [(q, a) for q, a in zip(grid.sent, grid.replies)
+             if q.metadata.message_type == "train" and int(q.content["config"]["server-round"]) == 2]
+    updates = []
+    for q, a in sorted(pairs, key=lambda qa: float(qa[1].content["metrics"]["partition-id"])):
+        pid = int(a.content["metrics"]["partition-id"])
+        low = spec if ranks[pid] == 8 else at_rank(spec, ranks[pid])
+        assert read_header(read_frame(q.content)).n_bits == low.n_bits  # the downlink is the node's tier
+        got, bad = collect_updates([(read_frame(a.content), float(a.content["metrics"]["num-examples"]))], low,
+                                   CodecOptions(scale_encoding="q8"), version=1)
+        assert not bad
+        u, w = got[0]
+        flips = embed_carriers(low, spec, u.flips, torch.zeros(spec.n_bits, dtype=torch.bool))
+        delta = embed_scales(low, spec, u.scale_delta, torch.zeros(spec.n_scales))
+        updates.append((Update(u.round, u.version, flips, delta), w))
+    expected = LatentVote()(before, updates)
+    assert expected.state.equals(after)
+
+
+@pytest.mark.real_model
+def test_a_reply_of_the_wrong_rank_for_its_tier_is_rejected_never_applied():
+    from lordba_fl.federation.apps import _adapted_model
+    from lordba_fl.methods import Reply
+    from lordba_fl.wire.codec import Update, encode_update
+
+    cfg = parse_run_config({"model": "tiny-llama", "rank": 8, "alpha": 16.0, "hetero.tiers": "2:0.5,8:0.5",
+                            "server.aggregator": "vote"})
+    model, _, method = _adapted_model(cfg)
+    method.init_server(model)
+    before = method.server.state.clone()
+    method.note_rank(7, 2)
+    full = Update(1, 0, torch.zeros(method.spec.n_bits, dtype=torch.bool), torch.zeros(method.spec.n_scales))
+    metrics, rejected = method.aggregate(1, [Reply(7, encode_update(full, method.spec), 1.0)])
+    assert metrics["accepted"] == 0 and rejected and rejected[0][0] == 7 and "ShapeMismatch" in rejected[0][1]
+    assert method.server.state.equals(before)
+    with pytest.raises(ValueError, match=r"integer in 1..8"):
+        method.note_rank(7, 9)
