@@ -133,6 +133,12 @@ def test_a_mixed_round_aggregates_every_tier_in_the_global_layout(tmp_path):
     assert sorted(set(ranks)) == [2, 8], ranks  # both tiers present (seeded)
     grid, run_dir, rows = _run(tmp_path, **{"hetero.tiers": "2:0.5,8:0.5"})
     assert rows[1]["accepted"] == rows[2]["accepted"] == 4 and rows[2]["rejected"] == 0
+    n2, n8 = ranks.count(2), ranks.count(8)
+    for row in rows[1:]:  # the tier mix and each tier's bytes; the tiers add up to the round's totals
+        assert row["tier_mix"] == f"2:{n2},8:{n8}"
+        assert row["tier2_up_wire_mean"] < row["tier8_up_wire_mean"]  # a rank-2 adapter sends fewer bits
+        for d in ("up", "down"):
+            assert n2 * row[f"tier2_{d}_wire_mean"] + n8 * row[f"tier8_{d}_wire_mean"] == pytest.approx(row[f"{d}_wire_sum"])
     t1, t2 = load_file(str(run_dir / "ckpt-1.safetensors")), load_file(str(run_dir / "ckpt-2.safetensors"))
     before = ServerState(AdapterState(1, t1["negative"], t1["scales"]), t1["latent"])
     after = AdapterState(2, t2["negative"], t2["scales"])

@@ -235,6 +235,11 @@ def run_server(grid, run_config: dict) -> dict:
         started = strategy.round_started.get(run_round, t0)
         row = round_row(run_round, run_name(cfg), ledger.round_summary(run_round), strategy.round_metrics.get(run_round, {}),
                         res, time.time() - started)
+        tiers = ledger.tier_summary(run_round, getattr(method, "node_ranks", {}))
+        if len(tiers) > 1 or cfg.tiers:  # heterogeneous devices: the tier mix and each tier's bytes
+            row["tier_mix"] = ",".join(f"{r}:{t['clients']}" for r, t in tiers.items())
+            for r, t in tiers.items():
+                row.update({f"tier{r}_{k}": v for k, v in t.items()})
         if run_round in strategy.round_workers:
             row["workers"] = strategy.round_workers[run_round]  # {pid: {base_loads, clients_served}}
         recorder.log(row)

@@ -143,6 +143,23 @@ class ByteLedger:
         }
         return out
 
+    def tier_summary(self, round: int, ranks: dict[int, int], phase: str = "train") -> dict[int, dict]:
+        """Per adapter rank (heterogeneous devices): ``{rank: {clients, up_wire_mean, down_wire_mean,
+        up_payload_mean, down_payload_mean}}`` over one round's ``phase`` messages; ``ranks`` maps node ids
+        to the rank they train (nodes missing from it are left out)."""
+        out: dict[int, dict] = {}
+        for rank in sorted(set(ranks.values())):
+            recs = [r for r in self.records if r.round == round and r.phase == phase and ranks.get(r.node_id) == rank]
+            if not recs:
+                continue
+            row = {"clients": len({r.node_id for r in recs if r.direction == "up"})}
+            for direction in DIRECTIONS:
+                for kind in ("wire", "payload"):
+                    row[f"{direction}_{kind}_mean"] = _stats([getattr(r, f"{kind}_bytes") for r in recs
+                                                              if r.direction == direction])["mean"]
+            out[rank] = row
+        return out
+
     def write_jsonl(self, path: str | Path) -> None:
         """Every message record, one JSON object per line."""
         with Path(path).open("w") as f:
