@@ -301,14 +301,14 @@ def test_lora_byzantine_uplinks_are_the_attacked_honest_ones(tmp_path, attack):
     import numpy as np
 
     from lordba_fl.federation.faults import byzantine_partitions
-    from lordba_fl.methods.lora import _HEADER
+    from lordba_fl.methods.lora import LORA_CONTAINER
     from lordba_fl.runconfig import DEFAULTS, parse_run_config
 
     over = {"faults.byzantine-fraction": 0.25, "faults.attack": attack, "rounds": 1}
     clean, _, _ = _run(tmp_path / "clean", method="lora-fedavg", rounds=1)
     grid, _, rows = _run(tmp_path / "attacked", method="lora-fedavg", **over)
     byz = byzantine_partitions(parse_run_config({**DEFAULTS, **BASE, **over}), 4)
-    values = lambda frame: np.frombuffer(frame[_HEADER.size:], np.float16).astype(np.float32)  # noqa: E731
+    values = lambda frame: np.frombuffer(frame[LORA_CONTAINER.header_bytes:], np.float16).astype(np.float32)  # noqa: E731
     for (q, a), (_, honest) in zip(_pairs(grid, "train", 1), _pairs(clean, "train", 1)):
         assert dict(a.content["metrics"])["partition-id"] == dict(honest.content["metrics"])["partition-id"]
         up, ok = read_frame(a.content), read_frame(honest.content)
