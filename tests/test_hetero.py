@@ -181,3 +181,18 @@ def test_a_reply_of_the_wrong_rank_for_its_tier_is_rejected_never_applied():
     assert method.server.state.equals(before)
     with pytest.raises(ValueError, match=r"integer in 1..8"):
         method.note_rank(7, 9)
+
+
+def test_the_benchmark_plans_three_federations_and_averages_tier_bytes_by_clients():
+    from simulations.hetero import plan, tier_fields
+
+    runs = plan("4:0.3,8:0.3,16:0.4", [0], "shakespeare")
+    assert [(s["variant"], s["rank"], extra) for s, extra in runs] == [
+        ("uniform-r16", 16, {}), ("uniform-r4", 4, {}), ("mixed", 16, {"hetero.tiers": "4:0.3,8:0.3,16:0.4"})]
+    rows = [{"round": 0},
+            {"round": 1, "tier_mix": "4:1,16:1", "tier4_clients": 1, "tier4_up_wire_mean": 100.0, "tier4_down_wire_mean": 50.0,
+             "tier16_clients": 1, "tier16_up_wire_mean": 400.0, "tier16_down_wire_mean": 200.0},
+            {"round": 2, "tier_mix": "4:2", "tier4_clients": 2, "tier4_up_wire_mean": 130.0, "tier4_down_wire_mean": 80.0}]
+    got = tier_fields(rows)
+    assert got["tier4_up_bytes_per_client_round"] == (100 + 2 * 130) / 3 and got["tier4_client_rounds"] == 3
+    assert got["tier16_down_bytes_per_client_round"] == 200.0 and got["tier_mix_last_round"] == "4:2"
