@@ -84,3 +84,30 @@ def test_cast_unquantized_leaves_quantized_storage(ids):
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.equal(model.model.layers[0].mlp.up_proj.q_scale, qbytes)
     assert model(ids).logits.dtype == torch.bfloat16
+
+
+def test_a_registered_backend_owns_its_layer_type_and_adapters_attach_to_it(ids):
+    from lordba_fl import LoRDBAConfig, attach_lordba_, lordba_layers
+    from lordba_fl.base import quant
+
+    class Halved(nn.Module):  # a toy "quantized" layer: weights rounded to multiples of 1/64
+        def __init__(self, linear):
+            super().__init__()
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.register_buffer("w", (linear.weight.detach() * 64).round() / 64)
+
+        def forward(self, x):
+            return x @ self.w.T
+
+    backend = quant.QuantBackend("toy6", lambda lin, dtype: Halved(lin), lambda: (Halved,))
+    quant.register_backend(backend)
+    try:
+        with pytest.raises(ValueError, match="exists"):
+            quant.register_backend(backend)
+        model = quantize_base_(tiny_llama(), "toy6")
+        assert Halved in quant.quantized_types() and isinstance(model.model.layers[0].mlp.up_proj, Halved)
+        attach_lordba_(model, LoRDBAConfig(rank=2))
+        assert all(isinstance(layer.base_layer, Halved) for layer in lordba_layers(model).values())
+        assert torch.isfinite(model(ids).logits).all()
+    finally:
+        del quant.QUANT_BACKENDS["toy6"]

@@ -31,7 +31,7 @@ from lordba_fl.adapter.config import LoRDBAConfig
 from lordba_fl.adapter.fit import svd_init_
 from lordba_fl.adapter.layer import attach_lordba_, find_targets, lordba_layers
 from lordba_fl.adapter.packing import pack_signs, packed_row_bytes, unpack_signs
-from lordba_fl.base.quant import Q41Linear
+from lordba_fl.base.quant import peft_custom_modules
 from lordba_fl.errors import CodecError
 
 FORMAT = "lordba"
@@ -399,7 +399,8 @@ def init_from_(model: nn.Module, path: str | os.PathLike) -> dict[str, float]:
 
 
 def peft_lora_config(directory: str | os.PathLike | None = None, **kwargs):
-    """A PEFT ``LoraConfig`` that also wraps this project's :class:`~lordba_fl.base.quant.Q41Linear` base layers.
+    """A PEFT ``LoraConfig`` that also wraps the base layers of every registered quantization backend
+    PEFT does not know natively (:class:`~lordba_fl.base.quant.Q41Linear`).
 
     PEFT knows ``nn.Linear`` and bitsandbytes layers natively; for a ``q4_1`` base pass this config to
     ``PeftModel.from_pretrained(model, directory, config=peft_lora_config(directory))`` or to
@@ -407,9 +408,7 @@ def peft_lora_config(directory: str | os.PathLike | None = None, **kwargs):
     otherwise it is built from ``kwargs``.
     """
     from peft import LoraConfig
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
 
     cfg = LoraConfig.from_pretrained(str(directory)) if directory is not None else LoraConfig(**kwargs)
-    cfg._register_custom_module({Q41Linear: LoraLinear})  # PEFT's documented hook for custom layer types
+    cfg._register_custom_module(peft_custom_modules())  # PEFT's documented hook for custom layer types
     return cfg

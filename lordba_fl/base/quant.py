@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -150,12 +151,55 @@ def _to_q41(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     return Q41Linear.from_linear(linear).to(linear.weight.device)
 
 
-QUANT_BACKENDS: dict[str, Callable[[nn.Linear, torch.dtype], nn.Module] | None] = {
-    "nf4": _to_nf4,
-    "int8": _to_int8,
-    "q4_1": _to_q41,
-    "none": None,
-}
+def _bnb_types() -> tuple[type, ...]:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return ()
+    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
+def _q41_peft() -> dict:
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return {Q41Linear: LoraLinear}  # PEFT's documented hook for custom layer types
+
+
+@dataclass(frozen=True)
+class QuantBackend:
+    """A frozen-base quantization backend: how it converts an ``nn.Linear`` (``convert(linear,
+    compute_dtype)``; None leaves it in floating point), which layer types it produces (an adapter
+    attaches to them), and the PEFT layer class wrapping those types PEFT does not know natively."""
+
+    name: str
+    convert: Callable[[nn.Linear, torch.dtype], nn.Module] | None
+    layer_types: Callable[[], tuple[type, ...]] = tuple
+    peft_modules: Callable[[], dict] = dict
+
+
+QUANT_BACKENDS: dict[str, QuantBackend] = {}
+
+
+def register_backend(backend: QuantBackend) -> QuantBackend:
+    """Make ``backend`` selectable as ``quant = backend.name`` (run config) and known to adapters and PEFT."""
+    if backend.name in QUANT_BACKENDS:
+        raise ValueError(f"quantization backend {backend.name!r} exists; register yours under another name")
+    QUANT_BACKENDS[backend.name] = backend
+    return backend
+
+
+register_backend(QuantBackend("nf4", _to_nf4, lambda: _bnb_types()[:1]))  # PEFT wraps bitsandbytes layers itself
+register_backend(QuantBackend("int8", _to_int8, lambda: _bnb_types()[1:]))
+register_backend(QuantBackend("q4_1", _to_q41, lambda: (Q41Linear,), _q41_peft))
+register_backend(QuantBackend("none", None))
+
+
+def peft_custom_modules() -> dict:
+    """``{layer type: PEFT layer class}`` for every registered backend's layers PEFT does not know."""
+    out: dict = {}
+    for backend in QUANT_BACKENDS.values():
+        out.update(backend.peft_modules())
+    return out
 
 
 def quantize_base_(
@@ -180,7 +224,7 @@ def quantize_base_(
     """
     if backend not in QUANT_BACKENDS:
         raise ValueError(f"unknown quantization backend {backend!r}; known: {sorted(QUANT_BACKENDS)}")
-    convert = QUANT_BACKENDS[backend]
+    convert = QUANT_BACKENDS[backend].convert
     if convert is not None:
         for name, module in list(model.named_modules()):
             if type(module) is not nn.Linear or name.rsplit(".", 1)[-1] in skip_modules:
@@ -195,14 +239,8 @@ def quantize_base_(
 
 
 def quantized_types() -> tuple[type, ...]:
-    types: list[type] = [Q41Linear]
-    try:
-        import bitsandbytes as bnb
-
-        types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
-    except ImportError:
-        pass
-    return tuple(types)
+    """Every layer type a registered backend produces (what an adapter may wrap besides ``nn.Linear``)."""
+    return tuple(dict.fromkeys(t for backend in QUANT_BACKENDS.values() for t in backend.layer_types()))
 
 
 @torch.no_grad()
