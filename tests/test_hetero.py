@@ -106,12 +106,12 @@ BASE = {
 }
 
 
-def _run(tmp_path: Path, **overrides):
+def _run(tmp_path: Path, grid=None, **overrides):
     cfg = dict(DEFAULTS)
     cfg.update(BASE)
     cfg.update({"out-dir": str(tmp_path)})
     cfg.update(overrides)
-    grid = LocalGrid(make_client_app(), 4, cfg)
+    grid = grid or LocalGrid(make_client_app(), 4, cfg)
     for ctx in grid.contexts.values():
         ctx.run_config.update(cfg)
     run_server(grid, cfg)
@@ -196,3 +196,16 @@ def test_the_benchmark_plans_three_federations_and_averages_tier_bytes_by_client
     got = tier_fields(rows)
     assert got["tier4_up_bytes_per_client_round"] == (100 + 2 * 130) / 3 and got["tier4_client_rounds"] == 3
     assert got["tier16_down_bytes_per_client_round"] == 200.0 and got["tier_mix_last_round"] == "4:2"
+
+
+@pytest.mark.real_model
+def test_a_node_that_changes_tier_mid_run_is_refused_once_then_served_its_new_tier(tmp_path):
+    grid, run_dir, rows = _run(tmp_path, rounds=1)
+    ctx = grid.contexts[101]
+    assert rows[1]["accepted"] == 4 and "tier_mix" not in rows[1]  # no tiers: every node at the run's rank 8
+    ctx.node_config["rank"] = 2  # the device behind node 101 now affords rank 2 (its state lives on)
+    _, _, rows = _run(tmp_path, grid=grid, rounds=3, resume=True)
+    # round 2: the server still sends it rank 8; it says it trains rank 2 and sends no update
+    assert rows[2]["accepted"] == 3 and rows[2]["clients_failed"] == 1
+    # round 3: it gets the rank-2 tier's full state and its update is aggregated with the others
+    assert rows[3]["accepted"] == 4 and rows[3]["tier_mix"] == "2:1,8:3"

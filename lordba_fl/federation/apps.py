@@ -35,6 +35,7 @@ from lordba_fl.methods import make_method, settings_for
 from lordba_fl.runconfig import RunConfig, parse_run_config
 from lordba_fl.scoring import score
 from lordba_fl.train import evaluate_loss, generate
+from lordba_fl.wire.codec import ShapeMismatchError
 from lordba_fl.wire.metering import ByteLedger, recorddict_bytes
 
 log = logging.getLogger("lordba_fl")
@@ -86,7 +87,7 @@ def _worker_metrics() -> dict[str, float]:
 
 
 _DP_SAFE = ("held-version", "partition-id", "client-state-bytes", "worker-pid", "worker-base-loads",
-            "worker-clients-served")
+            "worker-clients-served", "rank")
 
 
 def _reply_metrics(cfg: RunConfig, metrics: dict) -> dict:
@@ -153,14 +154,23 @@ def client_train(msg: Message, context, fallback_config: dict | None = None) -> 
     examples = data.train
     faults.before_training(cfg, server_round, pid)
     downlink = read_frame(msg.content)
-    frame, metrics = method.client_train(
-        model, tok, downlink, context.state, examples, server_round, client_seed(cfg, server_round, pid)
-    )
+    try:
+        frame, metrics = method.client_train(
+            model, tok, downlink, context.state, examples, server_round, client_seed(cfg, server_round, pid)
+        )
+    except ShapeMismatchError:
+        if cfg.method != "lordba":
+            raise
+        # the server still has this node at another rank: say which one it trains now (no update)
+        return Message(RecordDict({"metrics": MetricRecord({"rank": float(method.cfg.rank), "partition-id": float(pid),
+                                                            "tier-mismatch": 1.0})}), reply_to=msg)
     frame = faults.after_training(cfg, method, frame, context.state, server_round, pid, data.num_partitions, downlink)
     metrics["num-examples"] = float(len(examples))
     metrics["held-version"] = metrics.pop("held_version")
     metrics["partition-id"] = float(pid)
     metrics["client-state-bytes"] = float(recorddict_bytes(context.state))
+    if cfg.method == "lordba":
+        metrics["rank"] = float(method.cfg.rank)  # the nested rank this node trains (heterogeneous devices)
     metrics.update(_worker_metrics())
     metrics = _reply_metrics(cfg, metrics)
     return Message(RecordDict({"adapter": frame_record(frame), "metrics": MetricRecord(metrics)}), reply_to=msg)

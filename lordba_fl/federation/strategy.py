@@ -165,6 +165,12 @@ class AdapterStrategy(FedAvg):
             ))
             try:
                 m = dict(msg.content["metrics"])
+                if "rank" in m:  # heterogeneous devices: a node may change tier between rounds
+                    self.method.note_rank(node, int(m["rank"]))
+                if m.get("tier-mismatch"):
+                    failed.append((node, f"it trains rank {int(m['rank'])} now, not the tier it was sent; "
+                                         "it gets that tier's full state next"))
+                    continue
                 weight = float(m["num-examples"])
                 frame = read_frame(msg.content) if phase == "train" else b""
                 self.method.note_held(node, int(m["held-version"]))

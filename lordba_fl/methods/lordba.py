@@ -29,7 +29,16 @@ from lordba_fl.registry import AGGREGATORS
 from lordba_fl.runconfig import FlipControl
 from lordba_fl.train import make_optimizer, train_local
 from lordba_fl.wire.clientstate import StateError, load_optimizer_, pack_floats, pack_optimizer, unpack_floats
-from lordba_fl.wire.codec import CodecOptions, Update, decode_state, decode_update, encode_state, encode_update, read_header
+from lordba_fl.wire.codec import (
+    CodecOptions,
+    ShapeMismatchError,
+    Update,
+    decode_state,
+    decode_update,
+    encode_state,
+    encode_update,
+    read_header,
+)
 from lordba_fl.wire.layout import (
     AdapterSpec,
     AdapterState,
@@ -231,6 +240,8 @@ class LoRDBAMethod(Method):
 
     def note_rank(self, node_id: int, rank: int) -> None:
         self.tier_spec(rank)  # refuses a rank outside 1..R
+        if self.node_ranks.get(node_id, rank) != rank:
+            self.node_versions.pop(node_id, None)  # what it holds is at its old rank: the full state next
         self.node_ranks[node_id] = rank
 
     def tier_spec(self, rank: int) -> AdapterSpec:
@@ -242,12 +253,12 @@ class LoRDBAMethod(Method):
     def downlink(self, node_id: int, server_round: int) -> bytes:
         current = self.server.state
         held = self.node_versions.get(node_id)
-        if self.seeded_base and (held is None or held not in self.history):
+        spec = self.tier_spec(self.node_ranks.get(node_id, self.cfg.rank))
+        if self.seeded_base and spec is self.spec and (held is None or held not in self.history):
             held = 0  # first contact, or a version no longer kept: a delta against the seeded version 0
         base = None
         if held is not None and held in self.history and held in self.scale_history:
             base = AdapterState(held, self.history[held], self.scale_history[held])
-        spec = self.tier_spec(self.node_ranks.get(node_id, self.cfg.rank))
         if spec is not self.spec:  # a lower tier: exactly the leading components of the global state
             current = truncate_state(self.spec, spec, current)
             base = None if base is None else truncate_state(self.spec, spec, base)
@@ -373,7 +384,10 @@ class LoRDBAMethod(Method):
     def _held(self, state) -> AdapterState | None:
         if state is None or HELD_KEY not in state:
             return None
-        return decode_state(state[HELD_KEY]["frame"], self.spec, self.state_options)
+        try:
+            return decode_state(state[HELD_KEY]["frame"], self.spec, self.state_options)
+        except ShapeMismatchError:  # kept at another rank (this node changed tier): it holds nothing usable
+            return None
 
     def _receive(self, frame: bytes, state) -> AdapterState:
         held = self._held(state)
