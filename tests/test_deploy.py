@@ -102,8 +102,8 @@ def test_tls_authenticated_federation_on_loopback(tmp_path):
             r = subprocess.run([str(BIN / "flwr"), *dep.register_cmd(i)[1:]], cwd=ROOT, env=env,
                                capture_output=True, text=True, timeout=120)
             assert r.returncode == 0, r.stdout + r.stderr
-        for i in range(3):
-            procs.start(f"supernode-{i}", dep.supernode_cmd(i, clientappio_port=_free_port()))
+        for i in range(3):  # two device tiers: node 1 trains rank 2 of the run's rank-4 adapter (nested)
+            procs.start(f"supernode-{i}", dep.supernode_cmd(i, clientappio_port=_free_port(), rank=2 if i == 1 else None))
         run_config = (f"model='tiny-llama' rounds=2 clients-per-round=2 rank=4 alpha=8.0 train.local-steps=2 "
                       f"train.batch-size=2 train.seq-len=48 eval.examples=6 eval.generate=0 "
                       f"data.shakespeare.max-clients=2 out-dir='{out}' name='tls'")
@@ -119,15 +119,15 @@ def test_tls_authenticated_federation_on_loopback(tmp_path):
     finally:
         procs.end()
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert all(r["clients_succeeded"] == 2 for r in rows[1:])
+    assert all(r["clients_succeeded"] == 2 and r["tier_mix"] == "2:1,4:1" for r in rows[1:])
     assert (out / "tls" / "adapter.lordba.safetensors").is_file() and (out / "tls" / "ckpt-2.safetensors").is_file()
     _check_bytes(rows, run_config)
 
 
 def _check_bytes(rows: list[dict], run_config: str) -> None:
-    """Round 1's downlink is version 0, which every party derives from the seed (sent as a delta against
-    the SuperNodes' own seeded version 0: they build it in other processes and decode it exactly):
-    rebuild it here and compare the logged bytes exactly."""
+    """Round 1's downlink is version 0, which every party derives from the seed (sent to the rank-4 node
+    as a delta against its own seeded version 0: it builds it in another process and decodes it exactly;
+    to the rank-2 node as its tier's full state): rebuild both here and compare the logged bytes exactly."""
     from flwr.common.config import parse_config_args
 
     from lordba_fl.base.models import load_model
@@ -138,8 +138,10 @@ def _check_bytes(rows: list[dict], run_config: str) -> None:
     method = make_method(cfg)
     model = method.adapt(load_model(cfg.model, cfg.quant)[0])
     method.init_server(model)
-    full = len(method.downlink(node_id=1, server_round=1))
-    assert rows[1]["down_payload_sum"] == 2 * full
+    seeded = len(method.downlink(node_id=1, server_round=1))
+    method.note_rank(2, 2)
+    tier2 = len(method.downlink(node_id=2, server_round=1))
+    assert tier2 != seeded and rows[1]["down_payload_sum"] == seeded + tier2
     for r in rows[1:]:
         # Flower's wire bytes carry the payload plus a small per-message envelope
         assert r["up_payload_sum"] > 0 and r["up_payload_sum"] <= r["up_wire_sum"] <= r["up_payload_sum"] + 2 * 2048

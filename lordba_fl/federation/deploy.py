@@ -135,9 +135,11 @@ class Deployment:
     def register_cmd(self, i: int) -> list[str]:
         return ["flwr", "supernode", "register", str(self.node_key(i)) + ".pub", self.name]
 
-    def supernode_cmd(self, i: int, clientappio_port: int | None = None) -> list[str]:
+    def supernode_cmd(self, i: int, clientappio_port: int | None = None, rank: int | None = None) -> list[str]:
+        """``rank``: the adapter rank this device trains (heterogeneous devices; default: the run's)."""
+        node_config = f"partition-id={i}" + (f" rank={rank}" if rank is not None else "")
         return ["flower-supernode", "--root-certificates", str(self.root / "ca.crt"), "--superlink", self.address,
-                "--auth-supernode-private-key", str(self.node_key(i)), "--node-config", f"partition-id={i}",
+                "--auth-supernode-private-key", str(self.node_key(i)), "--node-config", node_config,
                 "--port", str(clientappio_port or 9200 + i)]  # SuperNodes install nothing unless --allow-... is given
 
     def run_cmd(self, run_config: str = "") -> list[str]:
