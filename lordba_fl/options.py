@@ -30,6 +30,6 @@ def declared_keys(cls: type, path: str = "") -> dict[str, tuple[str, type, str]]
             if typ is None:
                 raise TypeError(f"option {f.metadata['key']!r} of {cls.__name__} has unsupported type {f.type!r}")
             out[f.metadata["key"]] = (sub, typ, f.metadata["help"])
-        elif isinstance(f.default, type) is False and dataclasses.is_dataclass(f.default):
+        elif dataclasses.is_dataclass(f.default) and not isinstance(f.default, type):  # a nested config
             out.update(declared_keys(type(f.default), sub + "."))
     return out

@@ -23,8 +23,15 @@ def emit(record: dict, out: Path | None) -> None:
             f.write(line + "\n")
 
 
-def _toml(v) -> str:
-    return ("true" if v else "false") if isinstance(v, bool) else (f"'{v}'" if isinstance(v, str) else str(v))
+def toml_value(v) -> str:
+    """``v`` as a value in Flower's ``--run-config`` override syntax (TOML; strings single-quoted)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        if "'" in v:
+            raise ValueError(f"run-config value {v!r} contains a single quote, which --run-config cannot pass")
+        return f"'{v}'"
+    return repr(v)
 
 
 def launch(run_config: dict, supernodes: int) -> tuple[list[dict], int, float]:
@@ -32,7 +39,7 @@ def launch(run_config: dict, supernodes: int) -> tuple[list[dict], int, float]:
     them); returns (the run's rows, its exit code, wall seconds)."""
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     cmd = [sys.executable, "-m", "simulations.run", "--supernodes", str(supernodes),
-           "--run-config", " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())]
+           "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
     t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.time() - t0

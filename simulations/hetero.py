@@ -31,7 +31,7 @@ DEFAULT_TIERS = "4:0.3,8:0.3,16:0.4"
 
 def plan(tiers: str, seeds, task: str) -> list[tuple[dict, dict]]:
     """(frontier run spec, extra run config) for uniform top, uniform lowest and the mixed federation."""
-    parsed = parse_tiers(tiers, max(r for r in (int(t.split(":")[0]) for t in tiers.split(","))))
+    parsed = parse_tiers(tiers, top_rank=1 << 16)  # the global rank is the top tier's
     top, low = parsed[-1][0], parsed[0][0]
     runs = []
     for seed in seeds:

@@ -123,16 +123,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        if "'" in v:
-            raise ValueError(f"run-config value {v!r} contains a single quote, which flwr run cannot pass")
-        return f"'{v}'"
-    return repr(v)
-
-
 def flwr_run(run_config: dict, supernodes: int | None = None, cpus_per_client: float = 1.0,
              gpus_per_client: float = 0.0, ray_address: str | None = None) -> None:
     """``flwr run`` of this app on a private local SuperLink (simulation mode), stopped afterwards."""
@@ -145,6 +135,7 @@ def flwr_run(run_config: dict, supernodes: int | None = None, cpus_per_client: f
 
     from lordba_fl.federation.apps import run_name
     from lordba_fl.runconfig import parse_run_config
+    from simulations.common import toml_value
 
     nodes = _check_nodes(run_config, supernodes)
     if ray_address:
@@ -156,7 +147,7 @@ def flwr_run(run_config: dict, supernodes: int | None = None, cpus_per_client: f
     if unknown:
         raise ValueError(f"flwr run only overrides keys declared in pyproject.toml's [tool.flwr.app.config]; "
                          f"{unknown} are not: declare them there, or use --engine run-simulation")
-    overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items() if v != defaults[k])
+    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items() if v != defaults[k])
     bindir = Path(sys.executable).parent
     home = Path(tempfile.mkdtemp(prefix="lordba-flwr-home-"))
     http, control = _free_port(), _free_port()

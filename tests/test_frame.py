@@ -55,6 +55,15 @@ def test_bounded_inflate_refuses_more_than_the_cap():
         bounded_inflate(b"garbage!", 10, 100, "s")
 
 
-def test_both_formats_share_the_container():
-    assert CONTAINER.magic == b"LDBA" and LORA_CONTAINER.magic == b"LORA"
-    assert CONTAINER.header_bytes == 92 and LORA_CONTAINER.header_bytes == 36
+def test_each_codec_refuses_the_other_formats_frame():
+    import numpy as np
+
+    from lordba_fl.methods.lora import decode_lora, encode_lora
+
+    lora = encode_lora(0, 0, 1, 0, b"\x00" * 100, compress=False)
+    assert LORA_CONTAINER.open(lora)[0][:4] == (0, 0, 1, 0)
+    with pytest.raises(FormatVersionError, match="a LoRDBA frame starts b'LDBA'"):
+        CONTAINER.open(lora)
+    ldba = CONTAINER.seal((0, 0, b"f" * 16) + (0,) * 17, [])
+    with pytest.raises(FormatVersionError, match="a LoRA frame starts b'LORA'"):
+        decode_lora(ldba, np.array([4]), (0,))

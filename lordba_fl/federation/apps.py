@@ -67,10 +67,11 @@ def _adapted_model(cfg: RunConfig):
 
 
 def _worker(cfg: RunConfig):
-    key = (cfg.method, cfg.model, cfg.quant, cfg.rank, cfg.alpha, cfg.scales, cfg.scale_init, cfg.sign_init, cfg.seed, cfg.task,
+    run = (cfg.method, cfg.model, cfg.quant, cfg.scales, cfg.scale_init, cfg.sign_init, cfg.seed, cfg.task,
            tuple(sorted(cfg.task_kwargs().items())), cfg.scale_encoding, cfg.codec_level, cfg.device, cfg.compute_dtype)
+    key = (run, cfg.rank, cfg.alpha)  # one adapted model per device tier of the same run
     if key not in _WORKER:
-        if any(k[:3] + k[5:] != key[:3] + key[5:] for k in _WORKER):  # another run: keep only nested-rank siblings
+        if any(k[0] != run for k in _WORKER):  # another run: drop its models
             _WORKER.clear()
         _WORKER[key] = _adapted_model(cfg)
         WORKER_STATS["base_loads"] += 1
