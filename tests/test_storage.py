@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from conftest import BUILDERS, randomize_adapter_, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -286,6 +287,38 @@ def test_svd_init_is_exact_for_a_rank_one_sign_product():
     assert err < 1e-6
     approx = scales["out"][:, None] * (torch.sign(l2) * scales["mid"]) @ torch.sign(l1) * scales["in"][None, :]
     torch.testing.assert_close(approx, target, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("names", [("in", "mid", "out"), ("mid", "out"), ("in", "out")])
+def test_an_imported_adapter_starts_in_a_fresh_adapters_gauge_with_the_same_product(names):
+    from lordba_fl.adapter.fit import _product, normalize_gauge, svd_init_
+    from lordba_fl.adapter.layer import LoRDBALinear, initial_scale_values
+
+    cfg = LoRDBAConfig(rank=4, alpha=8.0, scales=names)
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(24, 4, generator=g) @ torch.randn(4, 40, generator=g) * 1e-3  # (out, in)
+    layer = LoRDBALinear(nn.Linear(40, 24), cfg)
+    err = svd_init_(layer, target)
+    fresh = initial_scale_values(cfg, 40, 24)
+    inner = [n for n in ("in", "mid", "out") if n in names][:-1]
+    for n in inner:  # every scale but the outermost has the rms a fresh adapter starts at
+        rms = float(layer.scale(n).detach().double().square().mean().sqrt())
+        assert rms == pytest.approx(fresh[n], rel=1e-5)
+    one = lambda n: torch.ones(n, dtype=torch.float64)  # noqa: E731
+    sc = {k: (layer.scale(k).double() if k in names else one(m)) for k, m in (("in", 40), ("mid", 4), ("out", 24))}
+    approx = _product(torch.sign(layer.lordba_latent_B.double()), sc["mid"], torch.sign(layer.lordba_latent_A.double()),
+                      sc["out"], sc["in"]) * layer.scaling
+    assert float((approx - target).norm() / target.norm()) == pytest.approx(err, abs=1e-5)
+    # moving the gauge by hand: the product is the same up to rounding; a zero scale is left alone
+    sc = {"in": torch.rand(40, generator=g) + 2, "mid": torch.rand(4, generator=g) * 9, "out": torch.rand(24, generator=g)}
+    moved = normalize_gauge(sc, {"in": 0.1, "mid": 0.5})
+    s1, s2 = torch.sign(torch.randn(4, 40, generator=g)), torch.sign(torch.randn(24, 4, generator=g))
+    torch.testing.assert_close(_product(s2, moved["mid"], s1, moved["out"], moved["in"]),
+                               _product(s2, sc["mid"], s1, sc["out"], sc["in"]), rtol=1e-5, atol=1e-7)
+    assert float(moved["in"].square().mean().sqrt()) == pytest.approx(0.1, rel=1e-5)
+    assert float(moved["mid"].square().mean().sqrt()) == pytest.approx(0.5, rel=1e-5)
+    zero = normalize_gauge({"mid": torch.zeros(4), "out": torch.ones(24)}, {"mid": 0.5})
+    assert torch.equal(zero["mid"], torch.zeros(4)) and torch.equal(zero["out"], torch.ones(24))
 
 
 def test_peft_import_errors(tmp_path):

@@ -8,6 +8,8 @@ is a linear least-squares problem given the other two, solved exactly in alterna
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -234,10 +236,39 @@ def align_components(s1_new, s2_new, s1_old) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
+def normalize_gauge(scales: dict[str, torch.Tensor], targets: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Rescale a fitted scale set so every scale but the outermost has the rms of a fresh one.
+
+    ``diag(s_out) S2 diag(s_mid) S1 diag(s_in)`` is unchanged by ``s_in * c, s_mid / c`` (and by
+    ``s_mid * c, s_out / c``), so a fit leaves this gauge arbitrary: the SVD gives ``s_mid`` the
+    singular values and ``s_in`` ones, and ``s_out`` whatever is left. Adam moves every parameter by
+    about its learning rate, so the gauge sets how far a step moves the product; moving each inner
+    scale to the rms a fresh adapter starts at (``targets``: :func:`initial_scale_values`) makes an
+    imported adapter take the steps a fresh one does. The product changes only by rounding.
+    """
+    names = [n for n in ("in", "mid", "out") if n in scales]
+    out = {k: v.clone() for k, v in scales.items()}
+    for inner, outer in zip(names, names[1:]):
+        rms = float(out[inner].double().square().mean().sqrt())
+        if not (rms > 0 and math.isfinite(rms)):
+            continue  # an all-zero (or broken) scale has no gauge to move
+        c = targets[inner] / rms
+        out[inner] = out[inner] * c
+        out[outer] = out[outer] / c
+    return out
+
+
+@torch.no_grad()
 def svd_init_(layer: nn.Module, delta_weight: torch.Tensor, sweeps: int = 5) -> float:
-    """Initialise ``layer`` so its update approximates ``delta_weight`` (out, in); returns the relative error."""
+    """Initialise ``layer`` so its update approximates ``delta_weight`` (out, in); returns the relative error.
+
+    With ``scale_init='normalized'`` the fitted scales are moved to a fresh adapter's gauge
+    (:func:`normalize_gauge`), so training after the import is conditioned like training from scratch.
+    """
     target = delta_weight.detach().float().cpu() / layer.scaling
     l1, l2, scales, err = fit_lordba(target, layer.rank, layer.scale_names, sweeps)
+    if layer.scale_targets is not None:
+        scales = normalize_gauge(scales, layer.scale_targets)
     layer.lordba_latent_A.copy_(l1)
     layer.lordba_latent_B.copy_(l2)
     for name, value in scales.items():

@@ -205,6 +205,8 @@ class LoRDBALinear(nn.Module):
         self.lordba_latent_B = nn.Parameter(lb.to(device))
         sizes = {"in": n_in, "mid": r, "out": n_out}
         start = initial_scale_values(cfg, n_in, n_out)
+        # the gauge an imported (fitted) scale set is moved to: lordba_fl.adapter.fit.normalize_gauge
+        self.scale_targets = start if cfg.scale_init == "normalized" else None
         for name in ("in", "mid", "out"):
             p = nn.Parameter(torch.full((sizes[name],), start[name], device=device)) if name in cfg.scales else None
             self.register_parameter(f"lordba_scale_{name}", p)
