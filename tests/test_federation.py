@@ -392,9 +392,12 @@ def test_init_from_a_peft_lora_directory_equals_the_svd_import(tmp_path):
 def test_warmup_rounds_fit_float_factors_on_the_device_within_the_flip_budget(tmp_path):
     """Round 1 trains float factors and fits them to signs on the device (a device fit error is
     reported, flips stay within each layer's budget and are accepted by the server's exact check);
-    round 2 is a normal STE round."""
-    _, _, rows = _run(tmp_path, **{"init.warmup-rounds": 1, "init.warmup-budget": 0.02, "server.aggregator": "refit"})
+    round 2 is a normal STE round. The server's refit may follow the warm-up's signs past
+    server.flip-budget (up to init.warmup-budget), and is held to it again afterwards."""
+    _, _, rows = _run(tmp_path, **{"init.warmup-rounds": 1, "init.warmup-budget": 0.02, "server.aggregator": "refit",
+                                   "server.flip-budget": 0.001})
     warm, ste = rows[1], rows[2]
+    assert 0.001 < warm["global_flip_rate"] <= 0.02 and ste["global_flip_rate"] <= 0.001
     assert warm["clients_succeeded"] == 4 and warm["rejected"] == 0
     assert 0 < warm["device_fit_error"] < 1 and "device_fit_error" not in ste
     assert 0 < warm["client_flip_rate"] <= 0.02

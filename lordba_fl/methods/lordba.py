@@ -11,6 +11,7 @@ node gets a delta against what it last acknowledged.
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from lordba_fl.adapter.config import LoRDBAConfig
 from lordba_fl.adapter.fit import fit_float_factors_
 from lordba_fl.adapter.layer import attach_lordba_, lordba_layers
 from lordba_fl.adapter.storage import export_peft_lora, init_from_, save_lordba
-from lordba_fl.aggregation import RobustOptions, ServerState, collect_updates, flip_allowance
+from lordba_fl.aggregation import Refit, RobustOptions, ServerState, collect_updates, flip_allowance
 from lordba_fl.methods.base import Method, MethodSettings
 from lordba_fl.privacy import DPConfig
 from lordba_fl.registry import AGGREGATORS
@@ -233,6 +234,12 @@ class LoRDBAMethod(Method):
             log.info("dp.mode=local: noise multiplier %.4g, flip randomized response p=%.4g",
                      self.dp_noise_multiplier(), cfg.dp.flip_noise)  # calibrated (or refused) at start
         self.aggregator = AGGREGATORS.get(cfg.aggregator)(self.spec, cfg)
+        # warm-up rounds seed the signs, so a refit may follow them past server.flip-budget (up to
+        # init.warmup-budget); after the warm-up the budget bounds the downlink's churn again
+        self.warmup_aggregator = self.aggregator
+        if cfg.warmup_rounds and isinstance(self.aggregator, Refit):
+            self.warmup_aggregator = dataclasses.replace(
+                self.aggregator, flip_budget=max(self.aggregator.flip_budget, cfg.warmup_budget))
 
     @property
     def version(self) -> int:
@@ -300,7 +307,8 @@ class LoRDBAMethod(Method):
         if not accepted:
             return metrics, reasons
         old = self.server.state
-        candidate = self.aggregator(self.server, accepted)
+        aggregator = self.warmup_aggregator if server_round <= cfg.warmup_rounds else self.aggregator
+        candidate = aggregator(self.server, accepted)
         bad = broadcast_problem(candidate.state.scales)
         if bad:
             # the round's updates would leave a state no client can receive: keep the current one
