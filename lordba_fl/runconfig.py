@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from lordba_fl.adapter.config import SCALE_INITS, SIGN_INITS
+from lordba_fl.adapter.config import SCALE_INITS, SCALE_LRS, SIGN_INITS
 from lordba_fl.aggregation import REFIT_MODES, SCALE_RULES
 from lordba_fl.base.models import MODELS
 from lordba_fl.base.quant import QUANT_BACKENDS
@@ -146,6 +146,8 @@ class RunConfig:
         "mantissa bits of broadcast scales (10: fp16; 7: bfloat16 precision, cheaper downlink deltas)")
     scale_init: str = option("normalized", "init.scales",
         "normalized (s_in = 1/sqrt(in), s_mid = 1/sqrt(r): LoRA-sized steps) | ones")
+    scale_lr: str = option("uniform", "scale-lr",
+        "uniform (every scale at lr) | relative (lr times the scale's normalized init over the full set's: s_mid at lr/sqrt(in) without s_in)")
     sign_init: str = option("random", "init.signs",
         "random (seeded) | base-svd (top singular vectors of each frozen base weight, zero bytes)")
     init_from: str = option("", "init.from",
@@ -261,6 +263,7 @@ class RunConfig:
             raise ValueError("dp.mode=local privatizes LoRDBA flip masks and scale deltas aggregated by the vote; "
                              f"set method=lordba and server.aggregator=vote (got {self.method!r}, {self.aggregator!r})")
         for key, value, known in (("server.refit", self.refit_mode, REFIT_MODES), ("init.scales", self.scale_init, SCALE_INITS),
+                                  ("scale-lr", self.scale_lr, SCALE_LRS),
                                   ("init.signs", self.sign_init, SIGN_INITS)):
             if value not in known:
                 raise ValueError(f"run config {key!r} must be one of {list(known)}; got {value!r}")

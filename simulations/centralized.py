@@ -58,7 +58,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch import nn
 
-from lordba_fl.adapter.config import SCALE_INITS, LoRDBAConfig
+from lordba_fl.adapter.config import SCALE_INITS, SCALE_LRS, LoRDBAConfig
 from lordba_fl.adapter.layer import attach_lordba_
 from lordba_fl.adapter.storage import PEFT_PREFIX
 from lordba_fl.base.models import load_model
@@ -76,6 +76,7 @@ DEFAULTS = {
     "task": "shakespeare,gsm", "model": "smollm2-135m", "steps": 48, "eval_every": 12, "batch_size": 4,
     "seq_len": 128, "rank": 16, "alpha": 32.0, "lrs": "3e-4,1e-3,3e-3", "methods": "", "seeds": "0",
     "eval_examples": 64, "eval_set": "server", "warmup_frac": 0.1, "scale_init": "normalized",
+    "scales": "in,mid,out", "scale_lr": "uniform",
     "val_fraction": 0.1, "min_val": 16, "supernodes": None, "device": "auto", "out": "results/centralized.jsonl",
 }
 QUICK = {"model": "tiny-llama", "steps": 4, "eval_every": 2, "batch_size": 2, "seq_len": 128, "rank": 4, "alpha": 8.0,
@@ -214,6 +215,8 @@ class Bench:
     alpha: float = 32.0
     warmup_frac: float = 0.1
     scale_init: str = "normalized"
+    scales: tuple[str, ...] = ("in", "mid", "out")
+    scale_lr: str = "uniform"
 
     def fresh_base(self) -> nn.Module:
         """A freshly loaded frozen base (``run_cfg.quant``, compute dtype), so runs share nothing."""
@@ -308,7 +311,7 @@ def lora_model(bench: Bench, lr: float, seed: int) -> tuple[nn.Module, list[dict
 def lordba_model(bench: Bench, seed: int) -> nn.Module:
     """Random-sign LoRDBA (``scale_init`` scales, latents ``N(0, init_std^2)``) on a fresh base."""
     model = bench.fresh_base()
-    attach_lordba_(model, LoRDBAConfig(rank=bench.rank, alpha=bench.alpha, scale_init=bench.scale_init, seed=seed))
+    attach_lordba_(model, LoRDBAConfig(rank=bench.rank, alpha=bench.alpha, scale_init=bench.scale_init, scales=bench.scales, seed=seed))
     return model.to(bench.run_cfg.torch_device())
 
 
@@ -323,7 +326,8 @@ def import_warmup(bench: Bench, lora: nn.Module, seed: int) -> tuple[nn.Module, 
     """A fresh base with LoRDBA fitted (``init='svd'``) to the LoRA model's dense updates; (model, fit errors)."""
     deltas = lora_dense_updates(lora)
     model = bench.fresh_base()
-    cfg = LoRDBAConfig(rank=bench.rank, alpha=bench.alpha, init="svd", seed=seed)
+    cfg = LoRDBAConfig(rank=bench.rank, alpha=bench.alpha, init="svd", scale_init=bench.scale_init, scales=bench.scales,
+                       seed=seed)
     errors = attach_lordba_(model, cfg, delta_weights=deltas)
     return model.to(bench.run_cfg.torch_device()), errors
 
@@ -345,7 +349,7 @@ def run_lora(bench: Bench, plan: BatchPlan, lr: float, seed: int, curve: Curve) 
 def _run_lordba(bench: Bench, plan: BatchPlan, lr: float, seed: int, curve: Curve, frozen: bool) -> tuple[nn.Module, dict]:
     model = lordba_model(bench, seed)
     signs = SignTracker(model)
-    groups = train_groups(model, signs.spec, lr, 0.0 if frozen else lr)
+    groups = train_groups(model, signs.spec, lr, 0.0 if frozen else lr, bench.scale_lr)
     opt = make_optimizer(groups, bench.train_config(1))
     train_span(model, groups, opt, bench, plan, 0, bench.steps, seed, curve, signs)
     return model, {"scale_init": bench.scale_init}
@@ -375,7 +379,7 @@ def run_qat_full(bench: Bench, plan: BatchPlan, lr: float, seed: int, curve: Cur
     del lora, groups
     import_loss = bench.evaluate(model, bench.data.eval_sets[bench.data.primary])
     signs = SignTracker(model)
-    groups = train_groups(model, signs.spec, lr, lr)
+    groups = train_groups(model, signs.spec, lr, lr, bench.scale_lr)
     train_span(model, groups, make_optimizer(groups, bench.train_config(1)), bench, plan, warm, bench.steps, seed,
                curve, signs)
     fit = sorted(errors.values())
@@ -468,11 +472,13 @@ def run_task(task: str, args: argparse.Namespace, out: Path | None) -> dict[str,
     base, tok = load_model(args.model, cfg.quant, compute_dtype=cfg.torch_compute_dtype())
     split, partitions = load_split(run_config, tok, args)
     bench = Bench(args.model, tok, split, cfg, args.steps, args.eval_every, args.batch_size, args.seq_len, args.rank,
-                  args.alpha, args.warmup_frac, args.scale_init)
+                  args.alpha, args.warmup_frac, args.scale_init, tuple(s for s in args.scales.split(",") if s),
+                  args.scale_lr)
     initial = bench.evaluate_sets(base.to(cfg.torch_device()))  # every method starts as a no-op adapter on it
     del base
     common = {"task": task, "model": args.model, "rank": args.rank, "alpha": args.alpha, "batch_size": args.batch_size,
-              "seq_len": args.seq_len, "eval_set": args.eval_set, "initial_eval_loss": initial[split.primary]}
+              "seq_len": args.seq_len, "eval_set": args.eval_set, "initial_eval_loss": initial[split.primary],
+              "scales": ",".join(bench.scales), "scale_lr": bench.scale_lr}
     emit({"kind": "setup", **common, "partitions": partitions, "n_train": len(split.train), "n_val": len(split.val),
           "n_dropped": split.dropped, "n_eval": {k: len(v) for k, v in split.eval_sets.items()},
           "n_eval_scored": {k: len(trainable(tok, v, args.seq_len)) for k, v in split.eval_sets.items()},
@@ -499,6 +505,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-set", choices=("clients", "server"),
                    help="server: the federation's own eval sets, so curves compare with its rounds (default); clients: the training clients' pooled held-out examples")
     p.add_argument("--scale-init", choices=SCALE_INITS, help="fresh LoRDBA scales (default normalized)")
+    p.add_argument("--scales", help="LoRDBA scale set, a comma list of in, mid, out (default in,mid,out; the "
+                   "federation's default is mid,out)")
+    p.add_argument("--scale-lr", choices=SCALE_LRS, help="how lr reaches each scale (default uniform)")
     p.add_argument("--device", help="auto (CUDA if visible) | cpu | cuda")
     p.add_argument("--out", help="JSON-lines file appended to (default results/centralized.jsonl, --quick: "
                    "results/centralized-quick.jsonl); '' for none")

@@ -256,3 +256,31 @@ def test_inference_fold_cache_tracks_parameter_changes():
         torch.testing.assert_close(y3, _explicit(layer, x, s1, s2), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(y2 - layer.base_layer(x), 2 * (y1 - layer.base_layer(x)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer(x), y3, rtol=1e-5, atol=1e-5)  # training path agrees with the cache
+
+
+@pytest.mark.parametrize("scales", [("mid", "out"), ("in", "mid", "out"), ("in", "out")])
+def test_relative_scale_lr_gives_each_scale_the_full_sets_relative_step(scales):
+    """scale-lr='relative': a scale's lr is lr times its normalized init over the full set's, so s_mid
+    without s_in (init 1/sqrt(in*r)) runs at lr/sqrt(in); with all three scales nothing changes."""
+    from lordba_fl.adapter.layer import lordba_layers
+    from lordba_fl.methods.lordba import train_groups
+    from lordba_fl.wire.layout import AdapterSpec
+
+    model = tiny_llama()
+    attach_lordba_(model, LoRDBAConfig(rank=4, scales=scales))
+    spec = AdapterSpec.from_model(model)
+    lr = 1e-3
+    groups = train_groups(model, spec, lr, 0.0, "relative")
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for m in lordba_layers(model).values():
+        for k in scales:
+            want = lr
+            if k == "mid" and "in" not in scales:
+                want = lr / m.in_features ** 0.5
+            if k == "in" and "mid" not in scales:
+                want = lr / m.rank ** 0.5
+            assert lr_of[id(m.scale(k))] == pytest.approx(want, rel=1e-12)
+    uniform = train_groups(model, spec, lr, 0.0, "uniform")
+    assert {g["lr"] for g in uniform} == {lr}
+    with pytest.raises(ValueError, match=r"scale-lr must be one of \['relative', 'uniform'\]"):
+        train_groups(model, spec, lr, 0.0, "fast")

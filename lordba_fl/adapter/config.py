@@ -30,6 +30,11 @@ INITS: tuple[str, ...] = ("scratch", "svd")
 # Adam at LoRA's learning rate takes LoRA-sized steps; "ones" is the first design (s_in = s_mid = 1),
 # whose steps are sqrt(in * r) times larger (it diverges at lr 1e-3, DESIGN.md's centralized table).
 SCALE_INITS: tuple[str, ...] = ("normalized", "ones")
+# How Adam's learning rate reaches each scale: "uniform" gives every scale ``lr``; "relative" scales a
+# scale's lr by its normalized init relative to the full set's (s_in = 1/sqrt(in), s_mid = 1/sqrt(r)),
+# so a scale that absorbs an absent one's share (s_mid = 1/sqrt(in * r) without s_in) takes the same
+# relative steps as in the full set instead of sqrt(in) times larger ones.
+SCALE_LRS: tuple[str, ...] = ("relative", "uniform")
 # Where a fresh adapter's signs come from: "random" (seeded N(0, init_std^2) latents) or "base-svd"
 # (the top-r singular vectors of the layer's own frozen, dequantized base weight, PiSSA-style: every
 # party derives the same signs from the base, so they cost no bytes).

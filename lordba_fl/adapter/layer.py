@@ -164,6 +164,17 @@ def initial_scale_values(cfg: LoRDBAConfig, n_in: int, n_out: int) -> dict[str, 
     }
 
 
+def scale_lr_gain(layer: "LoRDBALinear", name: str) -> float:
+    """The ``relative`` learning-rate multiplier of ``layer``'s scale ``name`` (config.SCALE_LRS):
+    its normalized init over the full scale set's, e.g. ``1/sqrt(in)`` for ``s_mid`` without ``s_in``;
+    1 for ``s_out`` and for ``ones``-initialised scales."""
+    start = layer.scale_targets
+    if start is None:
+        return 1.0
+    full = {"in": layer.in_features ** -0.5, "mid": layer.rank ** -0.5, "out": 1.0}
+    return start[name] / full[name]
+
+
 class LoRDBALinear(nn.Module):
     """A frozen base linear layer plus a LoRDBA adapter.
 

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from lordba_fl import privacy
-from lordba_fl.adapter.config import LoRDBAConfig
+from lordba_fl.adapter.config import SCALE_LRS, LoRDBAConfig
 from lordba_fl.adapter.fit import fit_float_factors_
-from lordba_fl.adapter.layer import attach_lordba_, lordba_layers
+from lordba_fl.adapter.layer import attach_lordba_, lordba_layers, scale_lr_gain
 from lordba_fl.adapter.storage import export_peft_lora, init_from_, save_lordba
 from lordba_fl.aggregation import Refit, RobustOptions, ServerState, collect_updates, flip_allowance
 from lordba_fl.methods.base import Method, MethodSettings
@@ -91,17 +91,24 @@ def flip_agreement(masks: list[torch.Tensor]) -> dict[str, float]:
     return {"flip_agreement": int((count >= 2).sum()) / any_, "flip_agreement_chance": chance}
 
 
-def train_groups(model: nn.Module, spec: AdapterSpec, lr: float, latent_lr: float) -> list[dict]:
-    """Optimizer groups of a LoRDBA client: the scales at ``lr``, the latents at ``latent_lr`` (0: frozen)."""
-    latents, scales = [], []
+def train_groups(model: nn.Module, spec: AdapterSpec, lr: float, latent_lr: float,
+                 scale_lr: str = "uniform") -> list[dict]:
+    """Optimizer groups of a LoRDBA client: the scales at ``lr`` (``scale_lr='relative'``: times each
+    scale's :func:`scale_lr_gain`, one group per distinct gain), the latents at ``latent_lr`` (0: frozen)."""
+    if scale_lr not in SCALE_LRS:
+        raise ValueError(f"scale-lr must be one of {list(SCALE_LRS)}; got {scale_lr!r}")
+    latents, by_gain = [], {}
     for m in lordba_layers(model).values():
         latents += [m.lordba_latent_A, m.lordba_latent_B]
-        scales += [m.scale(k) for k in spec.scales]
+        for k in spec.scales:
+            gain = scale_lr_gain(m, k) if scale_lr == "relative" else 1.0
+            by_gain.setdefault(gain, []).append(m.scale(k))
     for p in latents:
         p.requires_grad_(latent_lr > 0)
-    for p in scales:
-        p.requires_grad_(True)
-    groups = [{"params": scales, "lr": lr}]
+    for params in by_gain.values():
+        for p in params:
+            p.requires_grad_(True)
+    groups = [{"params": params, "lr": lr * gain} for gain, params in by_gain.items()]
     if latent_lr > 0:
         groups.append({"params": latents, "lr": latent_lr})
     return groups
@@ -141,6 +148,7 @@ class LoRDBASettings(MethodSettings):
     scales: tuple[str, ...]
     flip: FlipControl
     scale_init: str
+    scale_lr: str
     sign_init: str
     init_from: str
     warmup_rounds: int
@@ -468,7 +476,7 @@ class LoRDBAMethod(Method):
             write_state_(model, self.spec, glob, latent_magnitude=None)
         else:
             write_state_(model, self.spec, glob, latent_magnitude=flip.m0)
-        groups = train_groups(model, self.spec, cfg.lr, flip.latent_lr)
+        groups = train_groups(model, self.spec, cfg.lr, flip.latent_lr, cfg.scale_lr)
         opt = make_optimizer(groups, cfg.train)
         if cfg.client_state == "latent+optimizer" and keep is not None and OPTIMIZER_KEY in keep:
             try:
