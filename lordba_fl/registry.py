@@ -98,6 +98,8 @@ METHODS = Registry("method", "method", {
     "lora-q2": "lordba_fl.methods.lora:LoRAQ2",
     "ffa-lora": "lordba_fl.methods.lora:FFALoRA",
     "lora-q4": "lordba_fl.methods.lora:LoRAQ4",
+    "lora-hetlora": "lordba_fl.methods.lora_hetero:HetLoRA",
+    "lora-flexlora": "lordba_fl.methods.lora_hetero:FlexLoRA",
 })
 TASKS = Registry("task", "task", {
     "shakespeare": "lordba_fl.data.shakespeare:load",

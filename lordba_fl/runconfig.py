@@ -284,9 +284,10 @@ class RunConfig:
             raise ValueError(f"init.from starts a LoRDBA federation from an adapter file; method {self.method!r} "
                              "does not take one (set init.from='')")
         parse_tiers(self.tiers, self.rank)
-        if self.tiers and self.method != "lordba":
-            raise ValueError(f"hetero.tiers (nested ranks) is built for method='lordba'; method {self.method!r} "
-                             "trains one rank (set hetero.tiers='')")
+        if self.tiers and not getattr(METHODS.get(self.method), "nested_ranks", False):
+            nested = [n for n in METHODS.names() if getattr(METHODS.get(n), "nested_ranks", False)]
+            raise ValueError(f"hetero.tiers (nested ranks) needs a method that serves several ranks ({nested}); "
+                             f"method {self.method!r} trains one rank (set hetero.tiers='')")
         if not self.round_timeout > 0:
             raise ValueError(f"server.round-timeout must be > 0 seconds; got {self.round_timeout}")
         if self.rank < 1 or self.lr <= 0:

@@ -7,7 +7,8 @@ lowest rank, with the frontier's settings (same data, seed, sampling; ``simulati
 
 One JSON line per run (``kind: "run"``: final / best eval loss, bytes per client-round each way
 overall and per tier, the tier mix of the last round) and ``hetero.png`` (eval loss per round).
-Not run yet for a LoRA heterogeneity baseline: those methods are not built.
+LoRA heterogeneity baselines (``--methods``): ``lora-hetlora`` (zero-padding) and ``lora-flexlora``
+(SVD redistribution), each mixed, against ``lora-fedavg`` at the uniform top and lowest rank.
 """
 
 from __future__ import annotations
@@ -29,17 +30,41 @@ from simulations.frontier import (
 DEFAULT_TIERS = "4:0.3,8:0.3,16:0.4"
 
 
-def plan(tiers: str, seeds, task: str) -> list[tuple[dict, dict]]:
-    """(frontier run spec, extra run config) for uniform top, uniform lowest and the mixed federation."""
+METHODS = ("lordba", "lora-hetlora", "lora-flexlora")
+
+
+def plan(tiers: str, seeds, task: str, methods=("lordba",), only=None) -> list[tuple[dict, dict]]:
+    """(frontier run spec, extra run config) for uniform top, uniform lowest and the mixed federation of
+    each method. LoRDBA's variants are ``uniform-r<R>``, ``uniform-r<r>``, ``mixed``; a LoRA
+    heterogeneity baseline's uniform runs are ``lora-fedavg`` at those ranks (what zero-padding reduces
+    to with one rank; shared by the baselines, planned once) and its mixed run ``<method>-mixed``.
+    ``only``: variant names to keep (unknown ones raise ``ValueError`` listing the planned ones)."""
     parsed = parse_tiers(tiers, top_rank=1 << 16)  # the global rank is the top tier's
     top, low = parsed[-1][0], parsed[0][0]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; the benchmark knows {list(METHODS)}")
     runs = []
     for seed in seeds:
-        base = {"task": task, "variant": "lordba-lean-ef", "family": "lordba", "seed": seed,
-                "overrides": {"method": "lordba"}}
-        runs.append(({**base, "rank": top, "variant": f"uniform-r{top}"}, {}))
-        runs.append(({**base, "rank": low, "variant": f"uniform-r{low}"}, {}))
-        runs.append(({**base, "rank": top, "variant": "mixed"}, {"hetero.tiers": tiers}))
+        for method in methods:
+            base = {"task": task, "family": "lordba" if method == "lordba" else "lora", "seed": seed}
+            if method == "lordba":
+                base["overrides"] = {"method": "lordba"}
+                runs.append(({**base, "rank": top, "variant": f"uniform-r{top}"}, {}))
+                runs.append(({**base, "rank": low, "variant": f"uniform-r{low}"}, {}))
+                runs.append(({**base, "rank": top, "variant": "mixed"}, {"hetero.tiers": tiers}))
+                continue
+            if not any(s["variant"].startswith("lora-fedavg-r") and s["seed"] == seed for s, _ in runs):
+                for r in (top, low):
+                    runs.append(({**base, "rank": r, "variant": f"lora-fedavg-r{r}", "overrides": {"method": "lora-fedavg"}}, {}))
+            runs.append(({**base, "rank": top, "variant": f"{method}-mixed", "overrides": {"method": method}},
+                         {"hetero.tiers": tiers}))
+    if only:
+        names = sorted({s["variant"] for s, _ in runs})
+        missing = sorted(set(only) - set(names))
+        if missing:
+            raise ValueError(f"--only {missing}: not planned; planned variants: {names}")
+        runs = [(s, e) for s, e in runs if s["variant"] in only]
     return runs
 
 
@@ -89,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiers", default=DEFAULT_TIERS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--run-config", default="", help="overrides of every run, Flower syntax")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (e.g. lora-hetlora-mixed)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out-dir", type=Path)
     args = p.parse_args(argv)
@@ -96,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     out = out_dir / "hetero.jsonl"
     user = parse_config_args([args.run_config]) if args.run_config.strip() else {}
     lrs = map_lrs(None)
-    for spec, extra in plan(args.tiers, args.seeds, args.task):
+    methods = tuple(m for m in args.methods.split(",") if m)
+    for spec, extra in plan(args.tiers, args.seeds, args.task, methods, args.only):
         rc = run_config_for(spec, lrs, args.quick, {**user, **extra}, str(out_dir))
         rc["name"] = f"{spec['variant']}-s{spec['seed']}"
         print(f"[hetero] {rc['name']} ...", file=sys.stderr, flush=True)

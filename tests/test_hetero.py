@@ -90,7 +90,7 @@ def test_bad_tiers_name_the_accepted_values(text, match):
 
 
 def test_tiers_only_for_lordba_and_node_ranks_checked():
-    with pytest.raises(ValueError, match="built for method='lordba'"):
+    with pytest.raises(ValueError, match=r"serves several ranks \(\['lora-flexlora', 'lora-hetlora', 'lordba'\]\)"):
         parse_run_config({"hetero.tiers": "4:1", "method": "lora-fedavg"})
     with pytest.raises(ValueError, match=r"integer in 1..16"):
         node_rank({"rank": 32}, (), 0, 0, 16)
@@ -189,6 +189,16 @@ def test_the_benchmark_plans_three_federations_and_averages_tier_bytes_by_client
     runs = plan("4:0.3,8:0.3,16:0.4", [0], "shakespeare")
     assert [(s["variant"], s["rank"], extra) for s, extra in runs] == [
         ("uniform-r16", 16, {}), ("uniform-r4", 4, {}), ("mixed", 16, {"hetero.tiers": "4:0.3,8:0.3,16:0.4"})]
+    lora = plan("4:0.5,16:0.5", [0], "shakespeare", ("lora-hetlora", "lora-flexlora"))
+    assert [(s["variant"], s["overrides"]["method"], s["rank"]) for s, _ in lora] == [  # uniform LoRA planned once
+        ("lora-fedavg-r16", "lora-fedavg", 16), ("lora-fedavg-r4", "lora-fedavg", 4),
+        ("lora-hetlora-mixed", "lora-hetlora", 16), ("lora-flexlora-mixed", "lora-flexlora", 16)]
+    only = plan("4:0.5,16:0.5", [0], "shakespeare", ("lora-flexlora",), only=["lora-flexlora-mixed"])
+    assert [(s["variant"], e) for s, e in only] == [("lora-flexlora-mixed", {"hetero.tiers": "4:0.5,16:0.5"})]
+    with pytest.raises(ValueError, match=r"planned variants: \['lora-fedavg-r16'"):
+        plan("4:0.5,16:0.5", [0], "shakespeare", ("lora-flexlora",), only=["mixd"])
+    with pytest.raises(ValueError, match="the benchmark knows"):
+        plan("4:0.5,16:0.5", [0], "shakespeare", ("lora-fedavg",))
     rows = [{"round": 0},
             {"round": 1, "tier_mix": "4:1,16:1", "tier4_clients": 1, "tier4_up_wire_mean": 100.0, "tier4_down_wire_mean": 50.0,
              "tier16_clients": 1, "tier16_up_wire_mean": 400.0, "tier16_down_wire_mean": 200.0},
@@ -209,3 +219,103 @@ def test_a_node_that_changes_tier_mid_run_is_refused_once_then_served_its_new_ti
     assert rows[2]["accepted"] == 3 and rows[2]["clients_failed"] == 1
     # round 3: it gets the rank-2 tier's full state and its update is aggregated with the others
     assert rows[3]["accepted"] == 4 and rows[3]["tier_mix"] == "2:1,8:3"
+
+
+def _lora_method(name: str):
+    from lordba_fl.federation.apps import _adapted_model
+
+    cfg = parse_run_config({"model": "tiny-llama", "rank": 8, "alpha": 16.0, "method": name,
+                            "hetero.tiers": "2:0.3,4:0.3,8:0.4"})
+    model, _, method = _adapted_model(cfg)
+    method.init_server(model)
+    g = torch.Generator().manual_seed(5)
+    method.global_values = torch.randn(method.global_values.shape, generator=g) * 0.1  # a trained global state
+    return method
+
+
+def _lora_reply(method, node: int, rank: int, seed: int):
+    """A node's reply at ``rank``: its tier's broadcast plus noise, as fp16 factors."""
+    import numpy as np
+
+    from lordba_fl.methods import Reply
+    from lordba_fl.methods.lora import _FP16, encode_lora
+
+    g = torch.Generator().manual_seed(seed)
+    v = method.truncate(method.global_values, rank)
+    v = (v + torch.randn(v.shape, generator=g) * 0.05).half().float()
+    frame = encode_lora(_FP16, 0, 1, method.version, v.numpy().astype(np.float16).tobytes(), compress=False)
+    return v, Reply(node, frame, float(seed + 1))
+
+
+@pytest.mark.parametrize("name", ["lora-hetlora", "lora-flexlora"])
+def test_lora_tiers_are_nested_and_a_wrong_rank_reply_is_rejected(name):
+    from lordba_fl.methods.lora import _fp16_values, decode_lora
+
+    method = _lora_method(name)
+    method.note_rank(1, 2)
+    down = method.downlink(1, 1)  # the rank-2 broadcast: the leading 2 components of every layer
+    got = torch.from_numpy(_fp16_values(decode_lora(down, method._segments(2), (0,))[4]).copy())
+    for (a, bt), (a2, bt2) in zip(method.split(method.global_values, 8), method.split(got, 2)):
+        assert torch.equal(a[:2].half().float(), a2) and torch.equal(bt[:2].half().float(), bt2)
+    padded = method.split(method.pad(method.truncate(method.global_values, 2), 2), 8)
+    for (a, bt), (pa, pbt) in zip(method.split(method.global_values, 8), padded):
+        assert torch.equal(pa[:2], a[:2]) and not pa[2:].any() and torch.equal(pbt[:2], bt[:2]) and not pbt[2:].any()
+    before = method.global_values.clone()
+    _, wrong = _lora_reply(method, 1, 4, seed=0)  # node 1 trains rank 2; a rank-4 reply is refused
+    metrics, rejected = method.aggregate(1, [wrong])
+    assert metrics["accepted"] == 0 and rejected[0][0] == 1 and "node trains rank 2" in rejected[0][1]
+    assert torch.equal(method.global_values, before) and method.version == 0
+    with pytest.raises(ValueError, match=r"serves ranks 1..8"):
+        method.note_rank(1, 9)
+
+
+def test_hetlora_pads_replies_with_zeros_and_takes_the_weighted_mean():
+    method = _lora_method("lora-hetlora")
+    for node, rank in ((1, 2), (2, 4), (3, 8)):
+        method.note_rank(node, rank)
+    replies = [_lora_reply(method, n, r, seed=n) for n, r in ((1, 2), (2, 4), (3, 8))]
+    method.aggregate(1, [rep for _, rep in replies])
+    total = sum(rep.weight for _, rep in replies)
+    for i, (a, bt) in enumerate(method.split(method.global_values, 8)):
+        for k in range(8):  # component k: the weighted mean over all replies, zero where a reply lacks it
+            want_a = sum(rep.weight * method.split(v, r)[i][0][k] for (v, rep), r in zip(replies, (2, 4, 8)) if k < r)
+            want_b = sum(rep.weight * method.split(v, r)[i][1][k] for (v, rep), r in zip(replies, (2, 4, 8)) if k < r)
+            torch.testing.assert_close(a[k], want_a / total, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(bt[k], want_b / total, rtol=1e-6, atol=1e-7)
+
+
+def test_flexlora_keeps_the_weighted_mean_product_exactly_when_the_ranks_fit():
+    """Ranks 2 + 4 <= 8: the mean of the products has rank <= 6, so its top-8 SVD factors reproduce it
+    exactly; each tier then gets the best rank-r approximation (its leading components)."""
+    method = _lora_method("lora-flexlora")
+    for node, rank in ((1, 2), (2, 4)):
+        method.note_rank(node, rank)
+    replies = [_lora_reply(method, n, r, seed=n) for n, r in ((1, 2), (2, 4))]
+    method.aggregate(1, [rep for _, rep in replies])
+    total = sum(rep.weight for _, rep in replies)
+    for i, (a, bt) in enumerate(method.split(method.global_values, 8)):
+        mean = sum(rep.weight / total * (method.split(v.double(), r)[i][1].t() @ method.split(v.double(), r)[i][0])
+                   for (v, rep), r in zip(replies, (2, 4)))
+        torch.testing.assert_close((bt.t() @ a).double(), mean, rtol=1e-4, atol=1e-6)
+        s = torch.linalg.svdvals(mean)
+        assert torch.allclose(bt.double().norm(dim=1), s[:8], rtol=1e-4, atol=1e-7)  # B's rows carry sigma, A is orthonormal
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", ["lora-hetlora", "lora-flexlora"])
+def test_a_mixed_lora_federation_serves_each_tier_its_rank(tmp_path, name):
+    """The LoRA heterogeneity baselines in the real harness: every node replies at its tier's rank,
+    the server accepts all of them and meters each tier (a rank-2 node moves a quarter of a rank-8's bytes)."""
+    tiers = parse_tiers("2:0.5,8:0.5", 8)
+    ranks = [tier_rank(tiers, 0, p, 8) for p in range(4)]
+    cfg = dict(DEFAULTS)
+    cfg.update(BASE)
+    cfg.update({"out-dir": str(tmp_path), "method": name, "hetero.tiers": "2:0.5,8:0.5"})
+    grid = LocalGrid(make_client_app(), 4, cfg)
+    run_server(grid, cfg)
+    rows = [json.loads(line) for line in (tmp_path / name / "rounds.jsonl").read_text().splitlines()]
+    for row in rows[1:]:
+        assert row["accepted"] == 4 and row["rejected"] == 0
+        assert row["tier_mix"] == f"2:{ranks.count(2)},8:{ranks.count(8)}"
+        assert row["tier2_up_wire_mean"] < 0.3 * row["tier8_up_wire_mean"]
+    assert rows[2]["eval_loss"] != rows[0]["eval_loss"]

@@ -32,6 +32,7 @@ from lordba_fl.federation.report import RunRecorder, round_row
 from lordba_fl.federation.strategy import AdapterStrategy, frame_record, read_frame
 from lordba_fl.hetero import node_rank, parse_tiers
 from lordba_fl.methods import make_method, settings_for
+from lordba_fl.registry import METHODS
 from lordba_fl.runconfig import RunConfig, parse_run_config
 from lordba_fl.scoring import score
 from lordba_fl.train import evaluate_loss, generate
@@ -109,6 +110,11 @@ def _client_data(context, cfg: RunConfig) -> ClientData:
     return load_client_data(cfg.task, pid, **cfg.task_kwargs())
 
 
+def _nested(cfg: RunConfig) -> bool:
+    """Whether the run's method serves several ranks (``Method.nested_ranks``)."""
+    return bool(getattr(METHODS.get(cfg.method), "nested_ranks", False))
+
+
 def tier_config(cfg: RunConfig, context) -> RunConfig:
     """The run config of this node's adapter: at its own rank (``rank`` in its node config, or its
     ``hetero.tiers`` draw) with ``alpha`` scaled so ``alpha / rank`` stays the run's (nested adapters)."""
@@ -116,7 +122,7 @@ def tier_config(cfg: RunConfig, context) -> RunConfig:
     rank = node_rank(dict(context.node_config), parse_tiers(cfg.tiers, cfg.rank), cfg.seed, pid, cfg.rank)
     if rank == cfg.rank:
         return cfg
-    if cfg.method != "lordba":
+    if not _nested(cfg):
         raise ValueError(f"this node declares rank {rank} but method {cfg.method!r} trains the run's rank "
                          f"{cfg.rank} only; drop rank from its node config")
     alpha = cfg.alpha * rank / cfg.rank
@@ -160,7 +166,7 @@ def client_train(msg: Message, context, fallback_config: dict | None = None) -> 
             model, tok, downlink, context.state, examples, server_round, client_seed(cfg, server_round, pid)
         )
     except ShapeMismatchError:
-        if cfg.method != "lordba":
+        if not method.nested_ranks:
             raise
         # the server still has this node at another rank: say which one it trains now (no update)
         return Message(RecordDict({"metrics": MetricRecord({"rank": float(method.cfg.rank), "partition-id": float(pid),
@@ -170,7 +176,7 @@ def client_train(msg: Message, context, fallback_config: dict | None = None) -> 
     metrics["held-version"] = metrics.pop("held_version")
     metrics["partition-id"] = float(pid)
     metrics["client-state-bytes"] = float(recorddict_bytes(context.state))
-    if cfg.method == "lordba":
+    if method.nested_ranks:
         metrics["rank"] = float(method.cfg.rank)  # the nested rank this node trains (heterogeneous devices)
     metrics.update(_worker_metrics())
     metrics = _reply_metrics(cfg, metrics)
@@ -183,7 +189,7 @@ def client_query(msg: Message, context, fallback_config: dict | None = None) -> 
     LoRDBA, the adapter rank it trains (heterogeneous devices: the server sends it its nested tier)."""
     metrics = {"partition-id": float(int(context.node_config["partition-id"]))}
     run = parse_run_config(dict(context.run_config) or fallback_config or {})
-    if run.method == "lordba":
+    if _nested(run):
         metrics["rank"] = float(tier_config(run, context).rank)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -56,6 +56,9 @@ class Method(ABC):
 
     name: str = ""
     settings_type: type = MethodSettings
+    # True: nodes may train lower ranks than the run's (hetero.tiers, a node's ``rank``), each served
+    # a nested adapter; the method keeps ``node_ranks`` ({node id: rank}) from :meth:`note_rank`
+    nested_ranks: bool = False
 
     def __init__(self, cfg):
         self.cfg = cfg  # an instance of settings_type

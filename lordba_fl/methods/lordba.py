@@ -186,6 +186,7 @@ class LoRDBASettings(MethodSettings):
 class LoRDBAMethod(Method):
     name = "lordba"
     settings_type = LoRDBASettings
+    nested_ranks = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
