@@ -67,7 +67,14 @@ from lordba_fl.methods import settings_for
 from lordba_fl.methods.lora import LoRAFedAvg, lora_layers
 from lordba_fl.methods.lordba import train_groups
 from lordba_fl.runconfig import RunConfig, parse_run_config
-from lordba_fl.train import TrainConfig, encode_examples, evaluate_loss, make_optimizer, micro_batches, train_local
+from lordba_fl.train import (
+    TrainConfig,
+    encode_examples,
+    evaluate_loss,
+    make_optimizer,
+    micro_batches,
+    train_local,
+)
 from lordba_fl.wire.layout import AdapterSpec, read_latents
 from simulations.common import emit
 
@@ -173,7 +180,9 @@ def pooled_split(train_parts: Sequence[Sequence[Example]], test_parts: Sequence[
 
 def load_split(run_config: dict, tok, args: argparse.Namespace) -> tuple[Split, list[int]]:
     """The pooled :class:`Split` of ``run_config``'s task for the main job's clients (and their ids)."""
-    from lordba_fl.federation.apps import _server_eval_sets  # the federation's own eval sets, not a copy
+    from lordba_fl.federation.apps import (
+        _server_eval_sets,  # the federation's own eval sets, not a copy
+    )
 
     cfg = parse_run_config(run_config)
     partitions = federation_partitions(run_config, args.supernodes)

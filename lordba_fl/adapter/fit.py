@@ -8,6 +8,7 @@ is a linear least-squares problem given the other two, solved exactly in alterna
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -248,7 +249,7 @@ def normalize_gauge(scales: dict[str, torch.Tensor], targets: dict[str, float]) 
     """
     names = [n for n in ("in", "mid", "out") if n in scales]
     out = {k: v.clone() for k, v in scales.items()}
-    for inner, outer in zip(names, names[1:]):
+    for inner, outer in itertools.pairwise(names):
         rms = float(out[inner].double().square().mean().sqrt())
         if not (rms > 0 and math.isfinite(rms)):
             continue  # an all-zero (or broken) scale has no gauge to move

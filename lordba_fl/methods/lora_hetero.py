@@ -24,7 +24,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lordba_fl.methods.lora import _FP16, LoRAFedAvg, _fp16_values, decode_lora, encode_lora
+from lordba_fl.methods.lora import (
+    _FP16,
+    LoRAFedAvg,
+    _fp16_values,
+    decode_lora,
+    encode_lora,
+)
 from lordba_fl.wire.codec import DecompressionBombError, ShapeMismatchError
 
 

@@ -10,8 +10,8 @@ node gets a delta against what it last acknowledged.
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +23,25 @@ from lordba_fl.adapter.config import SCALE_LRS, LoRDBAConfig
 from lordba_fl.adapter.fit import fit_float_factors_
 from lordba_fl.adapter.layer import attach_lordba_, lordba_layers, scale_lr_gain
 from lordba_fl.adapter.storage import export_peft_lora, init_from_, save_lordba
-from lordba_fl.aggregation import Refit, RobustOptions, ServerState, collect_updates, flip_allowance
+from lordba_fl.aggregation import (
+    Refit,
+    RobustOptions,
+    ServerState,
+    collect_updates,
+    flip_allowance,
+)
 from lordba_fl.methods.base import Method, MethodSettings
 from lordba_fl.privacy import DPConfig
 from lordba_fl.registry import AGGREGATORS
 from lordba_fl.runconfig import FlipControl
 from lordba_fl.train import make_optimizer, train_local
-from lordba_fl.wire.clientstate import StateError, load_optimizer_, pack_floats, pack_optimizer, unpack_floats
+from lordba_fl.wire.clientstate import (
+    StateError,
+    load_optimizer_,
+    pack_floats,
+    pack_optimizer,
+    unpack_floats,
+)
 from lordba_fl.wire.codec import (
     CodecOptions,
     ShapeMismatchError,
