@@ -172,7 +172,8 @@ def test_lr_file_takes_the_last_chosen_lr_line_of_the_task_and_maps_names(tmp_pa
     assert read_chosen_lrs(f, "shakespeare", model="tiny-llama") == {"lora": 9.0}
     # a sweep where every lr diverged (None) keeps the default; methods the frontier does not run are ignored
     assert map_lrs({"lora": None, "lordba-scratch": 2e-4, "frozen-signs": 1e-2}) == {
-        "lordba": 2e-4, "lora-fedavg": 1e-3, "lora-q2": 1e-3, "ffa-lora": 1e-3}
+        "lordba": 2e-4, "lora-fedavg": 1e-3, "lora-q2": 1e-3, "ffa-lora": 1e-3, "lora-hetlora": 1e-3,
+        "lora-flexlora": 1e-3}
 
 
 def test_plan_and_run_config():
