@@ -121,6 +121,9 @@ class RunConfig:
     task: str = option("shakespeare", "task",
         "shakespeare | gsm | files (your own data: data.files.*), or a task loader by import path 'pkg.module:load'")
     task_options: dict = field(default_factory=lambda: {k: dict(v) for k, v in TASK_DEFAULTS.items()})
+    # not a run-config key: set on a node of a lower tier (lordba_fl.federation.apps.tier_config) to the
+    # run's rank, whose seeded version 0 the node truncates to its own (0: this node trains the run's rank)
+    top_rank: int = 0
     rounds: int = option(3, "rounds", "Federated rounds.")
     clients_per_round: int = option(4, "clients-per-round", "Clients sampled per round (at most the simulated / connected nodes).")
     rank: int = option(16, "rank", "Adapter rank r.")

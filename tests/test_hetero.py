@@ -319,3 +319,45 @@ def test_a_mixed_lora_federation_serves_each_tier_its_rank(tmp_path, name):
         assert row["tier_mix"] == f"2:{ranks.count(2)},8:{ranks.count(8)}"
         assert row["tier2_up_wire_mean"] < 0.3 * row["tier8_up_wire_mean"]
     assert rows[2]["eval_loss"] != rows[0]["eval_loss"]
+
+
+@pytest.mark.parametrize("scales", [("mid", "out"), ("in", "mid", "out")])
+def test_seeded_state_is_what_attach_draws_and_a_tier_derives_the_top_ranks_version_0(scales):
+    from lordba_fl.federation.apps import _adapted_model
+    from lordba_fl.wire.layout import seeded_state, with_rank
+
+    cfg = LoRDBAConfig(rank=8, alpha=16.0, scales=scales, seed=11)
+    model = tiny_llama()
+    attach_lordba_(model, cfg)
+    spec = AdapterSpec.from_model(model)
+    assert seeded_state(spec, cfg).equals(read_state(model, spec, version=0))  # bit for bit, no model needed
+    with pytest.raises(ValueError, match="seeded scratch config"):
+        seeded_state(spec, LoRDBAConfig(rank=8, scales=scales, seed=None))
+    # a rank-2 node of a rank-8 run: its version 0 is the leading part of the rank-8 one, not its own draw
+    run = parse_run_config({"model": "tiny-llama", "rank": 8, "alpha": 16.0, "scales": ",".join(scales), "seed": 11})
+    _, _, top = _adapted_model(run)
+    low_cfg = parse_run_config({**{"model": "tiny-llama", "rank": 2, "alpha": 4.0, "scales": ",".join(scales),
+                                   "seed": 11}})
+    import dataclasses
+
+    _, _, low = _adapted_model(dataclasses.replace(low_cfg, top_rank=8))
+    want = truncate_state(top.spec, low.spec, top.initial_state)
+    assert low.initial_state.equals(want)
+    _, _, own = _adapted_model(low_cfg)  # the node's own rank-2 draw differs
+    assert not own.initial_state.equals(want)
+    assert with_rank(low.spec, 8) == top.spec
+
+
+@pytest.mark.real_model
+def test_with_tiers_a_first_contact_is_a_delta_against_its_tiers_seeded_version_and_changes_nothing_else(tmp_path):
+    from lordba_fl.federation.strategy import read_frame
+    from lordba_fl.wire.codec import FrameKind, read_header
+
+    tiers = {"hetero.tiers": "2:0.5,8:0.5"}
+    grid, _, seeded = _run(tmp_path / "a", **tiers)
+    _, _, full = _run(tmp_path / "b", **tiers, **{"server.seeded-base": False})
+    assert [r["eval_loss"] for r in seeded] == [r["eval_loss"] for r in full]
+    first = [read_header(read_frame(q.content)) for q in grid.sent
+             if q.metadata.message_type == "train" and int(q.content["config"]["server-round"]) == 1]
+    assert len(first) == 4 and all(h.kind == FrameKind.STATE_DELTA and h.base_version == 0 for h in first)
+    assert seeded[1]["down_payload_sum"] < full[1]["down_payload_sum"] / 4

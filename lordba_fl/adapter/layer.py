@@ -164,6 +164,15 @@ def initial_scale_values(cfg: LoRDBAConfig, n_in: int, n_out: int) -> dict[str, 
     }
 
 
+def scratch_latents(cfg: LoRDBAConfig, n_in: int, n_out: int, generator: torch.Generator | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh layer's latents ``L1 (r, in)``, ``L2 (out, r)``, drawn ``N(0, init_std^2)`` from
+    ``generator`` in this order (``attach_lordba_`` shares one generator across the layers in module order)."""
+    la = torch.randn(cfg.rank, n_in, generator=generator) * cfg.init_std  # (r, in)
+    lb = torch.randn(n_out, cfg.rank, generator=generator) * cfg.init_std  # (out, r)
+    return la, lb
+
+
 def scale_lr_gain(layer: "LoRDBALinear", name: str) -> float:
     """The ``relative`` learning-rate multiplier of ``layer``'s scale ``name`` (config.SCALE_LRS):
     its normalized init over the full scale set's, e.g. ``1/sqrt(in)`` for ``s_mid`` without ``s_in``;
@@ -208,8 +217,7 @@ class LoRDBALinear(nn.Module):
         self.stack: tuple | None = None
         device = _module_device(base_layer)
         r, n_in, n_out = cfg.rank, self.in_features, self.out_features
-        la = torch.randn(r, n_in, generator=generator) * cfg.init_std  # (r, in)
-        lb = torch.randn(n_out, r, generator=generator) * cfg.init_std  # (out, r)
+        la, lb = scratch_latents(cfg, n_in, n_out, generator)
         if cfg.sign_init == "base-svd":
             la, lb = base_svd_latents(base_layer, r, cfg.init_std)
         self.lordba_latent_A = nn.Parameter(la.to(device))

@@ -70,7 +70,7 @@ def _adapted_model(cfg: RunConfig):
 def _worker(cfg: RunConfig):
     run = (cfg.method, cfg.model, cfg.quant, cfg.scales, cfg.scale_init, cfg.sign_init, cfg.seed, cfg.task,
            tuple(sorted(cfg.task_kwargs().items())), cfg.scale_encoding, cfg.codec_level, cfg.device, cfg.compute_dtype)
-    key = (run, cfg.rank, cfg.alpha)  # one adapted model per device tier of the same run
+    key = (run, cfg.rank, cfg.alpha, cfg.top_rank)  # one adapted model per device tier of the same run
     if key not in _WORKER:
         if any(k[0] != run for k in _WORKER):  # another run: drop its models
             _WORKER.clear()
@@ -132,8 +132,8 @@ def tier_config(cfg: RunConfig, context) -> RunConfig:
         alpha = math.nextafter(alpha, math.inf if alpha / rank < cfg.alpha / cfg.rank else -math.inf)
     else:
         raise ValueError(f"no float alpha gives rank {rank} the run's scaling {cfg.alpha}/{cfg.rank}; pick another alpha")
-    # one rank on this node (no tiers of its own); version 0 is the server's, not this node's own seeded one
-    return dataclasses.replace(cfg, rank=rank, alpha=alpha, tiers="", seeded_base=False)
+    # one rank on this node (no tiers of its own); its version 0 is the leading part of the run's rank's
+    return dataclasses.replace(cfg, rank=rank, alpha=alpha, tiers="", top_rank=cfg.rank)
 
 
 def _method_for(cfg: RunConfig, context=None):

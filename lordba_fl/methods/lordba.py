@@ -61,7 +61,9 @@ from lordba_fl.wire.layout import (
     read_latents,
     read_scales,
     read_state,
+    seeded_state,
     truncate_state,
+    with_rank,
     write_latents_,
     write_state_,
 )
@@ -178,6 +180,7 @@ class LoRDBASettings(MethodSettings):
     dp: DPConfig
     rounds: int  # dp: the noise is calibrated over the run
     tiers: str  # hetero.tiers: nested ranks per partition
+    top_rank: int  # a lower tier's node: the run's rank (its version 0 is nested in that rank's)
     # the aggregator's (a factory in lordba_fl.registry.AGGREGATORS receives these settings)
     aggregator: str
     refit_mode: str
@@ -222,17 +225,23 @@ class LoRDBAMethod(Method):
         self.spec = AdapterSpec.from_model(model)
         # version 0 as every party builds it from the run's seed: a first contact can be a delta against it
         self.initial_state = read_state(model, self.spec, version=0)
+        if cfg.top_rank and cfg.top_rank != cfg.rank and self.seeded_base:
+            # a lower tier: the leading components of the run's rank's version 0, not this node's own draw
+            top = LoRDBAConfig(rank=cfg.top_rank, alpha=cfg.alpha * cfg.top_rank / cfg.rank, scales=cfg.scales,
+                               seed=cfg.seed, scale_init=cfg.scale_init, sign_init=cfg.sign_init)
+            top_spec = with_rank(self.spec, cfg.top_rank)
+            self.initial_state = truncate_state(top_spec, self.spec, seeded_state(top_spec, top))
         return model
 
     @property
     def seeded_base(self) -> bool:
         """Whether version 0 is the seeded state every client builds itself (``server.seeded-base``),
         so the server keeps it and sends a node it has not served a delta against it. Not with
-        ``init.from`` (clients do not have the file), ``init.signs=base-svd`` (an SVD of the base
-        may differ in near-zero entries between BLAS builds) nor ``hetero.tiers`` (a rank-r client's own
-        seeded adapter is not the leading part of the rank-R one)."""
+        ``init.from`` (clients do not have the file) nor ``init.signs=base-svd`` (an SVD of the base
+        may differ in near-zero entries between BLAS builds). A node of a lower tier derives the
+        leading part of the run's rank's version 0 (:func:`lordba_fl.wire.layout.seeded_state`)."""
         cfg = self.cfg
-        return cfg.seeded_base and not cfg.init_from and cfg.sign_init == "random" and not cfg.tiers
+        return cfg.seeded_base and not cfg.init_from and cfg.sign_init == "random"
 
     def dp_noise_multiplier(self) -> float:
         """``z`` of this run's Gaussian noise (``dp.target-epsilon`` calibrated over ``rounds``)."""
@@ -282,7 +291,7 @@ class LoRDBAMethod(Method):
         current = self.server.state
         held = self.node_versions.get(node_id)
         spec = self.tier_spec(self.node_ranks.get(node_id, self.cfg.rank))
-        if self.seeded_base and spec is self.spec and (held is None or held not in self.history):
+        if self.seeded_base and (held is None or held not in self.history):
             held = 0  # first contact, or a version no longer kept: a delta against the seeded version 0
         base = None
         if held is not None and held in self.history and held in self.scale_history:

@@ -23,8 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from lordba_fl.adapter.config import SCALE_NAMES
-from lordba_fl.adapter.layer import LoRDBALinear, lordba_layers
+from lordba_fl.adapter.config import SCALE_NAMES, LoRDBAConfig
+from lordba_fl.adapter.layer import (
+    LoRDBALinear,
+    initial_scale_values,
+    lordba_layers,
+    scratch_latents,
+)
 from lordba_fl.adapter.storage import base_fingerprint
 
 UNVERSIONED = 0xFFFFFFFF  # "no version" on the wire (u32)
@@ -281,6 +286,32 @@ def embed_scales(low: AdapterSpec, spec: AdapterSpec, flat: torch.Tensor, fill: 
         for k in spec.scales:
             sc[k][: layer.rank if k == "mid" else None] = sc_low[k]
     return out
+
+
+def with_rank(spec: AdapterSpec, rank: int) -> AdapterSpec:
+    """``spec``'s layers, scales and fingerprint at ``rank`` (higher or lower; :func:`at_rank` checks nesting)."""
+    return AdapterSpec(tuple(LayerSpec(l.name, l.in_features, l.out_features, rank) for l in spec.layers),
+                       spec.scales, spec.fingerprint)
+
+
+def seeded_state(spec: AdapterSpec, cfg: LoRDBAConfig) -> AdapterState:
+    """Version 0 as ``attach_lordba_(model, cfg)`` builds it (``init='scratch'``, random signs) for a
+    model whose adapted layers are ``spec``'s, without building the model: the same draws from
+    ``cfg.seed`` in layer order, the same initial scales (the outermost zero). A node of a lower tier
+    derives its version 0 from the top rank's this way, so a first contact can be a delta against it."""
+    if cfg.seed is None or cfg.init != "scratch" or cfg.sign_init != "random" or tuple(cfg.scales) != spec.scales:
+        raise ValueError("seeded_state needs a seeded scratch config with random signs and the spec's scales")
+    g = torch.Generator().manual_seed(cfg.seed)
+    outermost = spec.scales[-1]
+    negative, scales = [], []
+    for layer in spec.layers:
+        if layer.rank != cfg.rank:
+            raise ValueError(f"layer {layer.name} has rank {layer.rank}; the config's is {cfg.rank}")
+        la, lb = scratch_latents(cfg, layer.in_features, layer.out_features, g)
+        negative += [(la < 0).reshape(-1), (lb < 0).reshape(-1)]
+        start = initial_scale_values(cfg, layer.in_features, layer.out_features)
+        scales += [torch.full((layer.scale_size(k),), 0.0 if k == outermost else start[k]) for k in spec.scales]
+    return AdapterState(0, torch.cat(negative), torch.cat(scales))
 
 
 def truncate_state(spec: AdapterSpec, low: AdapterSpec, state: AdapterState) -> AdapterState:
