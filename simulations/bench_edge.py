@@ -12,6 +12,10 @@ One JSON line per run with ``peak_rss_MB``, ``step_s`` (median), ``start_to_firs
 gradient checkpointing, bf16 where the device has it; ``--run-config`` adds overrides.
 
 Usage: ``python -m simulations.bench_edge [--profile edge|none] [--run-config "quant='nf4'"] [--reps 3]``.
+
+``--sweep --reps 1 --out lordba_fl/edge_memory.jsonl`` writes the memory table a node with
+``memory-mb`` in its node config chooses from (one ``kind: "memory"`` line per rank x batch x
+checkpointing: its peak RSS); run it on the device class the table is for.
 """
 
 from __future__ import annotations
@@ -120,6 +124,45 @@ def server_frame(overrides: dict, path: Path) -> int:
     return len(frame)
 
 
+def measure(profile: str, run_config: str, reps: int, threads: int, frame_path: Path) -> list[dict]:
+    """``reps`` client rounds, each in a fresh process (``--child``); their records."""
+    runs = []
+    env = dict(os.environ, BENCH_THREADS=str(threads), FLWR_TELEMETRY_ENABLED="0")
+    for _ in range(reps):
+        cmd = [sys.executable, "-m", "simulations.bench_edge", "--profile", profile, "--child", str(frame_path)]
+        if run_config:
+            cmd += ["--run-config", run_config]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise SystemExit(f"client process failed:\n{r.stderr[-3000:]}")
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return runs
+
+
+def sweep(args: argparse.Namespace, overrides: dict, frame_path: Path) -> None:
+    """``--sweep``: the memory table ``memory-mb`` nodes choose from (lordba_fl.hetero.fit_memory): the
+    peak RSS (median of ``--reps``) of one client round at every rank x batch x checkpointing."""
+    from flwr.common.config import parse_config_args
+
+    from lordba_fl.runconfig import parse_run_config
+    from simulations.common import emit
+
+    for rank in args.ranks:
+        grid = f"rank={rank} alpha={2.0 * rank}"
+        server_frame({**overrides, **parse_config_args([grid])}, frame_path)
+        for batch in args.batches:
+            for ckpt in (True, False):
+                extra = f"{grid} train.batch-size={batch} train.gradient-checkpointing={str(ckpt).lower()}"
+                run_config = f"{args.run_config} {extra}".strip()
+                cfg = parse_run_config({**overrides, **parse_config_args([run_config])})
+                runs = measure(args.profile, run_config, args.reps, args.threads, frame_path)
+                emit({"bench": "edge", "kind": "memory", "model": cfg.model, "quant": cfg.quant,
+                      "seq_len": cfg.train.seq_len, "rank": rank, "batch_size": batch, "gradient_checkpointing": ckpt,
+                      "peak_rss_MB": statistics.median(r["marks"]["uplink"]["peak_MB"] for r in runs),
+                      "step_s": round(statistics.median(r["step_s"] for r in runs), 3), "reps": args.reps,
+                      "threads": args.threads, "profile": args.profile}, args.out)
+
+
 def main(argv: list[str] | None = None) -> None:
     from lordba_fl.runconfig import PROFILES
     from simulations.common import emit
@@ -130,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--sweep", action="store_true",
+                   help="the memory table for client memory-mb: every --ranks x --batches x checkpointing on/off")
+    p.add_argument("--ranks", nargs="+", type=int, default=[16, 8, 4])
+    p.add_argument("--batches", nargs="+", type=int, default=[4, 2, 1])
     p.add_argument("--out", type=Path, default=Path("results/bench_edge.jsonl"))
     args = p.parse_args(argv)
     from flwr.common.config import parse_config_args
@@ -142,17 +189,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     frame_path = Path(args.out).parent / "bench_edge_downlink.bin"
     frame_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        sweep(args, overrides, frame_path)
+        return
     down = server_frame(overrides, frame_path)
-    runs = []
-    env = dict(os.environ, BENCH_THREADS=str(args.threads), FLWR_TELEMETRY_ENABLED="0")
-    for _ in range(args.reps):
-        cmd = [sys.executable, "-m", "simulations.bench_edge", "--profile", args.profile, "--child", str(frame_path)]
-        if args.run_config:
-            cmd += ["--run-config", args.run_config]
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"client process failed:\n{r.stderr[-3000:]}")
-        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    runs = measure(args.profile, args.run_config, args.reps, args.threads, frame_path)
     med = lambda f: statistics.median(f(r) for r in runs)  # noqa: E731
     m = runs[-1]["marks"]
     n = runs[-1]["trainable_params"]

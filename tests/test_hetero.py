@@ -361,3 +361,68 @@ def test_with_tiers_a_first_contact_is_a_delta_against_its_tiers_seeded_version_
              if q.metadata.message_type == "train" and int(q.content["config"]["server-round"]) == 1]
     assert len(first) == 4 and all(h.kind == FrameKind.STATE_DELTA and h.base_version == 0 for h in first)
     assert seeded[1]["down_payload_sum"] < full[1]["down_payload_sum"] / 4
+
+
+def _table(tmp_path, rows):
+    path = tmp_path / "mem.jsonl"
+    base = {"model": "smollm2-135m", "quant": "q4_1", "seq_len": 128}
+    path.write_text("".join(json.dumps({**base, **r}) + "\n" for r in rows))
+    return path
+
+
+MEASURED = [  # (rank, batch, checkpointing, peak MB)
+    {"rank": r, "batch_size": b, "gradient_checkpointing": c, "peak_rss_MB": mb}
+    for r, b, c, mb in ((16, 1, True, 891), (16, 1, False, 1100), (16, 4, True, 1300), (8, 1, True, 860),
+                        (8, 2, True, 880), (8, 2, False, 1010), (4, 1, True, 850), (4, 4, False, 1500))]
+
+
+def test_memory_budget_picks_the_largest_measured_rank_then_batch_that_fits(tmp_path):
+    from lordba_fl.hetero import node_profile
+
+    table = str(_table(tmp_path, MEASURED))
+    kw = {"model": "smollm2-135m", "quant": "q4_1", "seq_len": 128}
+    prof = lambda budget, **nc: node_profile({"memory-mb": budget, "memory-table": table, **nc}, (), 0, 0, 16, **kw)  # noqa: E731
+    assert prof(900) == prof(895)  # rank 16 at batch 1 with checkpointing (891 MB)
+    p = prof(900)
+    assert (p.rank, p.batch_size, p.gradient_checkpointing, p.peak_rss_mb) == (16, 1, True, 891.0)
+    p = prof(889)  # rank 16 no longer fits: rank 8, its largest batch that fits
+    assert (p.rank, p.batch_size, p.gradient_checkpointing) == (8, 2, True)
+    p = prof(1200)  # rank 16: batch 1 without checkpointing beats it with (same rank and batch, faster)
+    assert (p.rank, p.batch_size, p.gradient_checkpointing) == (16, 1, False)
+    p = prof(1200, rank=8)  # a declared rank: the budget picks its batch and checkpointing only
+    assert (p.rank, p.batch_size, p.gradient_checkpointing) == (8, 2, False)
+    assert prof(900, **{"local-steps": 2}).local_steps == 2
+    with pytest.raises(ValueError, match=r"fits no measured setting: the smallest, rank 4 batch 1 .* 850 MB"):
+        prof(800)
+    with pytest.raises(ValueError, match="memory-mb chooses the batch"):
+        prof(900, **{"batch-size": 2})
+    with pytest.raises(ValueError, match="positive number of MB"):
+        prof(-1)
+    with pytest.raises(ValueError, match="no measurement for model 'smollm2-135m', quant 'q4_1', seq-len 64"):
+        node_profile({"memory-mb": 900, "memory-table": table}, (), 0, 0, 16, model="smollm2-135m", quant="q4_1",
+                     seq_len=64)
+    with pytest.raises(FileNotFoundError, match="bench_edge --sweep"):
+        node_profile({"memory-mb": 900, "memory-table": str(tmp_path / "none.jsonl")}, (), 0, 0, 16, **kw)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"rank": 4}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1 lacks \['model'"):
+        node_profile({"memory-mb": 900, "memory-table": str(bad)}, (), 0, 0, 16, **kw)
+    # without memory-mb: the declared rank (or the tier's), and the node's own steps and batch
+    p = node_profile({"rank": 4, "local-steps": 3, "batch-size": 2}, (), 0, 0, 16)
+    assert (p.rank, p.local_steps, p.batch_size, p.gradient_checkpointing) == (4, 3, 2, None)
+    with pytest.raises(ValueError, match="local-steps must be a positive integer"):
+        node_profile({"local-steps": 0}, (), 0, 0, 16)
+
+
+def test_a_nodes_memory_budget_sets_its_rank_batch_and_checkpointing_in_its_run_config(tmp_path):
+    from types import SimpleNamespace
+
+    from lordba_fl.federation.apps import tier_config
+
+    run = parse_run_config({"rank": 16, "alpha": 32.0})
+    ctx = SimpleNamespace(node_config={"partition-id": 1, "memory-mb": 889, "memory-table": str(_table(tmp_path, MEASURED)),
+                                       "local-steps": 2})
+    cfg = tier_config(run, ctx)
+    assert (cfg.rank, cfg.alpha, cfg.top_rank) == (8, 16.0, 16)
+    assert (cfg.train.batch_size, cfg.train.gradient_checkpointing, cfg.train.steps) == (2, True, 2)
+    assert cfg.train.seq_len == run.train.seq_len and run.train.batch_size == DEFAULTS["train.batch-size"]

@@ -30,7 +30,7 @@ from lordba_fl.federation import faults
 from lordba_fl.federation.checkpoint import load_checkpoint, save_checkpoint
 from lordba_fl.federation.report import RunRecorder, round_row
 from lordba_fl.federation.strategy import AdapterStrategy, frame_record, read_frame
-from lordba_fl.hetero import node_rank, parse_tiers
+from lordba_fl.hetero import node_profile, parse_tiers
 from lordba_fl.methods import make_method, settings_for
 from lordba_fl.registry import METHODS
 from lordba_fl.runconfig import RunConfig, parse_run_config
@@ -116,10 +116,18 @@ def _nested(cfg: RunConfig) -> bool:
 
 
 def tier_config(cfg: RunConfig, context) -> RunConfig:
-    """The run config of this node's adapter: at its own rank (``rank`` in its node config, or its
-    ``hetero.tiers`` draw) with ``alpha`` scaled so ``alpha / rank`` stays the run's (nested adapters)."""
+    """The run config of this node's adapter: at its own rank (``rank`` in its node config, its
+    ``memory-mb`` budget's measured fit, or its ``hetero.tiers`` draw) with ``alpha`` scaled so
+    ``alpha / rank`` stays the run's (nested adapters), and its own ``local-steps`` / ``batch-size`` /
+    checkpointing where its node config sets them (:func:`lordba_fl.hetero.node_profile`)."""
     pid = int(context.node_config.get("partition-id", 0))
-    rank = node_rank(dict(context.node_config), parse_tiers(cfg.tiers, cfg.rank), cfg.seed, pid, cfg.rank)
+    prof = node_profile(dict(context.node_config), parse_tiers(cfg.tiers, cfg.rank), cfg.seed, pid, cfg.rank,
+                        model=cfg.model, quant=cfg.quant, seq_len=cfg.train.seq_len)
+    train = {k: v for k, v in (("steps", prof.local_steps), ("batch_size", prof.batch_size),
+                                ("gradient_checkpointing", prof.gradient_checkpointing)) if v is not None}
+    if train:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+    rank = prof.rank
     if rank == cfg.rank:
         return cfg
     if not _nested(cfg):
