@@ -78,11 +78,17 @@ class FlipControl:
     flip_budget : float
         Largest fraction of sign bits a client may flip per round; the top ones by latent
         pressure ``|L|`` are kept, the rest revert (1.0 = no budget).
+    budget_start : float
+        The budget of round 1 when larger than ``flip_budget`` (0: no schedule); it halves every
+        round until it reaches ``flip_budget`` (:func:`halving_budget`), so early rounds, where the
+        signs have most to learn, may flip more.
     """
 
     m0: float = option(0.002, "flip.m0", "latent magnitude of broadcast signs (below E * lr: clients can flip)")
     latent_lr: float = option(1e-3, "flip.latent-lr", "0 freezes the signs")
     flip_budget: float = option(0.02, "flip.budget", "max fraction of signs a client flips per round")
+    budget_start: float = option(0.0, "flip.budget-start",
+        "round 1's client budget, halving each round down to flip.budget (0: no schedule)")
 
     def __post_init__(self):
         if not self.m0 > 0:
@@ -91,6 +97,18 @@ class FlipControl:
             raise ValueError(f"flip.latent-lr must be >= 0 (0 freezes the signs); got {self.latent_lr}")
         if not 0.0 <= self.flip_budget <= 1.0:
             raise ValueError(f"flip.budget must be a fraction in [0, 1]; got {self.flip_budget}")
+        if not 0.0 <= self.budget_start <= 1.0:
+            raise ValueError(f"flip.budget-start must be a fraction in [0, 1] (0: no schedule); got {self.budget_start}")
+
+    def budget_at(self, server_round: int) -> float:
+        """The client flip budget of ``server_round`` (:func:`halving_budget`)."""
+        return halving_budget(self.flip_budget, self.budget_start, server_round)
+
+
+def halving_budget(budget: float, start: float, server_round: int) -> float:
+    """``max(budget, start / 2^(round - 1))``: ``start`` in round 1, halving each round down to
+    ``budget`` (``start`` 0 or below ``budget``: ``budget`` every round)."""
+    return max(budget, start * 0.5 ** max(server_round - 1, 0))
 
 
 COMPUTE_DTYPES = ("auto", "fp32", "bf16")
@@ -141,6 +159,8 @@ class RunConfig:
         "also try a fresh SVD fit aligned to the current carriers; keep the better")
     error_feedback: bool = option(True, "server.error-feedback",
         "faithful refit: add the part of the last target the broadcast could not represent to the next (server RAM: one fp32 dW per layer)")
+    server_flip_budget_start: float = option(0.0, "server.flip-budget-start",
+        "refit: round 1's server.flip-budget, halving each round down to it (0: no schedule)")
     server_flip_budget: float = option(0.005, "server.flip-budget",
         "refit: most of each layer's signs a round may change (largest error reductions first; 1: no limit)")
     seeded_base: bool = option(True, "server.seeded-base",
@@ -273,6 +293,12 @@ class RunConfig:
         if self.warmup_rounds < 0 or (self.warmup_rounds and self.method != "lordba"):
             raise ValueError(f"init.warmup-rounds must be >= 0 and only applies to method='lordba'; got "
                              f"{self.warmup_rounds} with method {self.method!r}")
+        if not 0.0 <= self.server_flip_budget_start <= 1.0:
+            raise ValueError(f"server.flip-budget-start must be a fraction in [0, 1] (0: no schedule); "
+                             f"got {self.server_flip_budget_start}")
+        if self.dp.on and (self.flip.budget_start or self.server_flip_budget_start):
+            raise ValueError("dp.mode=local calibrates its noise to one flip budget for the run; set "
+                             "flip.budget-start=0 and server.flip-budget-start=0 under DP")
         if not 0.0 <= self.server_flip_budget <= 1.0:
             raise ValueError(f"server.flip-budget must be a fraction in [0, 1] (1: no limit); got {self.server_flip_budget}")
         if not 1 <= self.state_mantissa_bits <= 10:

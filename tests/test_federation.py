@@ -416,3 +416,26 @@ def test_first_contact_is_a_delta_against_the_seeded_version_and_changes_nothing
     first = [read_header(read_frame(q.content)) for q, _ in _pairs(grid, "train", 1)]
     assert all(h.kind == FrameKind.STATE_DELTA and h.base_version == 0 for h in first)
     assert seeded[1]["down_payload_sum"] < full[1]["down_payload_sum"] / 4
+
+
+def test_halving_budget_by_hand():
+    from lordba_fl.runconfig import FlipControl, halving_budget
+
+    assert [halving_budget(0.005, 0.04, t) for t in (1, 2, 3, 4, 5)] == [0.04, 0.02, 0.01, 0.005, 0.005]
+    assert [halving_budget(0.02, 0.0, t) for t in (1, 2)] == [0.02, 0.02]  # no schedule
+    assert FlipControl(flip_budget=0.02, budget_start=0.1).budget_at(3) == 0.025
+    with pytest.raises(ValueError, match="flip.budget-start must be a fraction"):
+        FlipControl(budget_start=2.0)
+
+
+def test_scheduled_budgets_let_early_rounds_flip_more_and_honest_clients_spend_them(tmp_path):
+    """flip.budget-start / server.flip-budget-start: round 1 may flip up to the start budgets, round 2
+    half of them; clients spending their whole scheduled budget are accepted (the server checks the
+    same round's budget, in exact integer counts)."""
+    over = {"server.aggregator": "refit", "flip.m0": 0.001, "flip.latent-lr": 0.05, "flip.budget": 0.01,
+            "flip.budget-start": 0.08, "server.flip-budget": 0.001, "server.flip-budget-start": 0.04}
+    _, _, rows = _run(tmp_path, **over)
+    r1, r2 = rows[1], rows[2]
+    assert r1["rejected"] == r2["rejected"] == 0 and r1["accepted"] == 4
+    assert 0.01 < r1["client_flip_rate"] <= 0.08 and r2["client_flip_rate"] <= 0.04
+    assert 0.001 < r1["global_flip_rate"] <= 0.04 and r2["global_flip_rate"] <= 0.02

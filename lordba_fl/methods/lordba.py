@@ -33,7 +33,7 @@ from lordba_fl.aggregation import (
 from lordba_fl.methods.base import Method, MethodSettings
 from lordba_fl.privacy import DPConfig
 from lordba_fl.registry import AGGREGATORS
-from lordba_fl.runconfig import FlipControl
+from lordba_fl.runconfig import FlipControl, halving_budget
 from lordba_fl.train import make_optimizer, train_local
 from lordba_fl.wire.clientstate import (
     StateError,
@@ -187,6 +187,7 @@ class LoRDBASettings(MethodSettings):
     refit_restart: bool
     error_feedback: bool
     server_flip_budget: float
+    server_flip_budget_start: float
     beta: float
     tau: float
     eta: float
@@ -310,7 +311,7 @@ class LoRDBAMethod(Method):
     def aggregate(self, server_round: int, replies) -> tuple[dict, list[tuple[int, str]]]:
         cfg = self.cfg
         dp = cfg.dp.on
-        budget = cfg.warmup_budget if server_round <= cfg.warmup_rounds else cfg.flip.flip_budget
+        budget = cfg.warmup_budget if server_round <= cfg.warmup_rounds else cfg.flip.budget_at(server_round)
         accepted, rejected, rates = [], [], []
         for rank in sorted({self.node_ranks.get(r.node_id, cfg.rank) for r in replies}):
             # each tier decodes against its own nested spec (a reply of another rank is rejected) and
@@ -338,6 +339,10 @@ class LoRDBAMethod(Method):
             return metrics, reasons
         old = self.server.state
         aggregator = self.warmup_aggregator if server_round <= cfg.warmup_rounds else self.aggregator
+        if isinstance(aggregator, Refit) and cfg.server_flip_budget_start and aggregator is self.aggregator:
+            scheduled = halving_budget(aggregator.flip_budget, cfg.server_flip_budget_start, server_round)
+            if scheduled != aggregator.flip_budget:
+                aggregator = dataclasses.replace(aggregator, flip_budget=scheduled)
         candidate = aggregator(self.server, accepted)
         bad = broadcast_problem(candidate.state.scales)
         if bad:
@@ -512,7 +517,7 @@ class LoRDBAMethod(Method):
         if keep is None or cfg.client_state != "latent+optimizer":
             opt = None  # the moments are not kept: free them too
         latent = read_latents(model, self.spec)
-        flips = budget_flips(latent, glob.negative, flip.flip_budget)
+        flips = budget_flips(latent, glob.negative, flip.budget_at(server_round))
         delta = read_scales(model, self.spec) - glob.scales
         metrics["flip_rate"] = float(flips.float().mean())
         if cfg.dp.on:
