@@ -63,7 +63,7 @@ from simulations.run import QUICK, project_run_config
 # bytes), a 2% client budget, the refit changing at most 0.5% of each layer's signs a round (downlink
 # sign churn), broadcast scales at 7 mantissa bits (cheaper XOR deltas). "warmup": 2 float-factor
 # rounds fitted on the device first; "ef": the refit's residual fed back; "base-svd": signs from the base;
-# "hot": client / server budgets start at 8% / 4% and halve each round down to 2% / 0.5%; "rel": scale-lr relative.
+# "hot": client / server budgets start at 8% / 4% and halve each round down to 2% / 0.5%.
 _FLIPS = {"flip.m0": 0.002, "flip.budget": 0.05}
 _LEAN = {"method": "lordba", "server.aggregator": "refit", "scales": "mid,out", "flip.m0": 0.002, "flip.budget": 0.02,
          "server.flip-budget": 0.005, "codec.state-mantissa-bits": 7}
@@ -73,7 +73,6 @@ LORDBA_VARIANTS: dict[str, dict] = {
     # early rounds flip more (the signs have most to learn there): budgets halve each round to the lean ones
     "lordba-lean-ef-hot": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
                            "server.flip-budget-start": 0.04},
-    "lordba-lean-ef-rel": {**_LEAN, "server.error-feedback": True, "scale-lr": "relative"},
     "lordba-lean-3s": {**_LEAN, "scales": "in,mid,out", "server.error-feedback": False},
     "lordba-lean-warmup": {**_LEAN, "init.warmup-rounds": 2, "server.error-feedback": False},
     "lordba-lean-base-svd": {**_LEAN, "init.signs": "base-svd", "server.error-feedback": False},
