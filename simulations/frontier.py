@@ -75,6 +75,7 @@ LORDBA_VARIANTS: dict[str, dict] = {
                            "server.flip-budget-start": 0.04},
     "lordba-lean-3s": {**_LEAN, "scales": "in,mid,out", "server.error-feedback": False},
     "lordba-lean-warmup": {**_LEAN, "init.warmup-rounds": 2, "server.error-feedback": False},
+    "lordba-lean-ef-warmup": {**_LEAN, "init.warmup-rounds": 1, "server.error-feedback": True},
     "lordba-lean-base-svd": {**_LEAN, "init.signs": "base-svd", "server.error-feedback": False},
     "lordba-refit-flips": {"method": "lordba", "server.aggregator": "refit", "scales": "in,mid,out",
                            "server.flip-budget": 1.0, "codec.state-mantissa-bits": 10, "server.error-feedback": False,

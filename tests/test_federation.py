@@ -365,7 +365,11 @@ def test_init_from_a_packed_adapter_starts_where_that_run_ended_and_a_mismatch_i
 
 def test_init_from_a_peft_lora_directory_equals_the_svd_import(tmp_path):
     from lordba_fl import LoRDBAConfig, attach_lordba_, lordba_layers
-    from lordba_fl.adapter.storage import LoRDBAFileError, init_from_, lordba_from_peft_lora
+    from lordba_fl.adapter.storage import (
+        LoRDBAFileError,
+        init_from_,
+        lordba_from_peft_lora,
+    )
     from lordba_fl.base.models import load_model
 
     def tiny_llama():
@@ -394,9 +398,21 @@ def test_warmup_rounds_fit_float_factors_on_the_device_within_the_flip_budget(tm
     reported, flips stay within each layer's budget and are accepted by the server's exact check);
     round 2 is a normal STE round. The server's refit may follow the warm-up's signs past
     server.flip-budget (up to init.warmup-budget), and is held to it again afterwards."""
-    _, _, rows = _run(tmp_path, **{"init.warmup-rounds": 1, "init.warmup-budget": 0.02, "server.aggregator": "refit",
-                                   "server.flip-budget": 0.001})
+    grid, run_dir, rows = _run(tmp_path, **{"init.warmup-rounds": 1, "init.warmup-budget": 0.02,
+                                            "server.aggregator": "refit", "server.flip-budget": 0.001})
     warm, ste = rows[1], rows[2]
+    # the warm-up's broadcast is in a fresh adapter's gauge: every s_mid at the normalized init's rms
+    from safetensors.torch import load_file
+
+    from lordba_fl.federation.apps import _worker
+    from lordba_fl.runconfig import parse_run_config
+    from lordba_fl.wire.layout import AdapterSpec, split_scales
+
+    spec = AdapterSpec.from_model(_worker(parse_run_config(grid.contexts[100].run_config))[0])
+    scales = split_scales(spec, load_file(str(run_dir / "ckpt-1.safetensors"))["scales"])
+    for layer in spec.layers:  # scales "mid,out": s_mid starts at 1/sqrt(in * r)
+        rms = float(scales[layer.name]["mid"].double().square().mean().sqrt())
+        assert rms == pytest.approx((layer.in_features * layer.rank) ** -0.5, rel=1e-5)
     assert 0.001 < warm["global_flip_rate"] <= 0.02 and ste["global_flip_rate"] <= 0.001
     assert warm["clients_succeeded"] == 4 and warm["rejected"] == 0
     assert 0 < warm["device_fit_error"] < 1 and "device_fit_error" not in ste

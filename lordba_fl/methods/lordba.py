@@ -20,8 +20,13 @@ from torch import nn
 
 from lordba_fl import privacy
 from lordba_fl.adapter.config import SCALE_LRS, LoRDBAConfig
-from lordba_fl.adapter.fit import fit_float_factors_
-from lordba_fl.adapter.layer import attach_lordba_, lordba_layers, scale_lr_gain
+from lordba_fl.adapter.fit import fit_float_factors_, normalize_gauge
+from lordba_fl.adapter.layer import (
+    attach_lordba_,
+    initial_scale_values,
+    lordba_layers,
+    scale_lr_gain,
+)
 from lordba_fl.adapter.storage import export_peft_lora, init_from_, save_lordba
 from lordba_fl.aggregation import (
     Refit,
@@ -62,6 +67,7 @@ from lordba_fl.wire.layout import (
     read_scales,
     read_state,
     seeded_state,
+    split_scales,
     truncate_state,
     with_rank,
     write_latents_,
@@ -142,6 +148,18 @@ def float_factor_groups(model: nn.Module, spec: AdapterSpec, lr: float) -> list[
         for p in g["params"]:
             p.requires_grad_(True)
     return groups
+
+
+def gauge_normalized(spec: AdapterSpec, scales: torch.Tensor) -> torch.Tensor:
+    """A scale stream moved, layer by layer, to a fresh (``normalized``) adapter's gauge
+    (:func:`lordba_fl.adapter.fit.normalize_gauge`): every product is unchanged up to rounding."""
+    out = scales.clone()
+    for layer, views in zip(spec.layers, split_scales(spec, out).values()):
+        cfg = LoRDBAConfig(rank=layer.rank, scales=spec.scales, scale_init="normalized")
+        moved = normalize_gauge(dict(views), initial_scale_values(cfg, layer.in_features, layer.out_features))
+        for k, v in views.items():
+            v.copy_(moved[k])
+    return out
 
 
 FP16_MAX = 65504.0
@@ -338,12 +356,18 @@ class LoRDBAMethod(Method):
         if not accepted:
             return metrics, reasons
         old = self.server.state
-        aggregator = self.warmup_aggregator if server_round <= cfg.warmup_rounds else self.aggregator
+        warmup = server_round <= cfg.warmup_rounds
+        aggregator = self.warmup_aggregator if warmup else self.aggregator
         if isinstance(aggregator, Refit) and cfg.server_flip_budget_start and aggregator is self.aggregator:
             scheduled = halving_budget(aggregator.flip_budget, cfg.server_flip_budget_start, server_round)
             if scheduled != aggregator.flip_budget:
                 aggregator = dataclasses.replace(aggregator, flip_budget=scheduled)
         candidate = aggregator(self.server, accepted)
+        if warmup and cfg.scale_init == "normalized":
+            # a warm-up's fits leave the gauge arbitrary (an SVD restart gives s_mid the singular
+            # values): broadcast it in a fresh adapter's gauge, so the next rounds train conditioned
+            st = candidate.state
+            candidate.state = AdapterState(st.version, st.negative, gauge_normalized(self.spec, st.scales))
         bad = broadcast_problem(candidate.state.scales)
         if bad:
             # the round's updates would leave a state no client can receive: keep the current one
@@ -460,6 +484,10 @@ class LoRDBAMethod(Method):
         start = {}
         with torch.no_grad():
             for name, m in layers.items():
+                if m.scale_targets is not None:  # train from a fresh adapter's gauge (same product)
+                    moved = normalize_gauge({k: m.scale(k).detach() for k in m.scale_names}, m.scale_targets)
+                    for k, v in moved.items():
+                        m.scale(k).copy_(v)
                 s_out = m.scale("out")
                 start[name] = (m.lordba_latent_A.detach().clone(), m.lordba_latent_B.detach().clone(),
                                None if s_out is None else s_out.detach().clone())
