@@ -87,7 +87,7 @@ class FlipControl:
     m0: float = option(0.002, "flip.m0", "latent magnitude of broadcast signs (below E * lr: clients can flip)")
     latent_lr: float = option(1e-3, "flip.latent-lr", "0 freezes the signs")
     flip_budget: float = option(0.02, "flip.budget", "max fraction of signs a client flips per round")
-    budget_start: float = option(0.0, "flip.budget-start",
+    budget_start: float = option(0.08, "flip.budget-start",
         "round 1's client budget, halving each round down to flip.budget (0: no schedule)")
 
     def __post_init__(self):
@@ -159,7 +159,7 @@ class RunConfig:
         "also try a fresh SVD fit aligned to the current carriers; keep the better")
     error_feedback: bool = option(True, "server.error-feedback",
         "faithful refit: add the part of the last target the broadcast could not represent to the next (server RAM: one fp32 dW per layer)")
-    server_flip_budget_start: float = option(0.0, "server.flip-budget-start",
+    server_flip_budget_start: float = option(0.04, "server.flip-budget-start",
         "refit: round 1's server.flip-budget, halving each round down to it (0: no schedule)")
     server_flip_budget: float = option(0.005, "server.flip-budget",
         "refit: most of each layer's signs a round may change (largest error reductions first; 1: no limit)")

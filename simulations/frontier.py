@@ -65,30 +65,32 @@ from simulations.run import QUICK, project_run_config
 # rounds fitted on the device first; "ef": the refit's residual fed back; "base-svd": signs from the base;
 # "hot": client / server budgets start at 8% / 4% and halve each round down to 2% / 0.5%.
 _FLIPS = {"flip.m0": 0.002, "flip.budget": 0.05}
-_LEAN = {"method": "lordba", "server.aggregator": "refit", "scales": "mid,out", "flip.m0": 0.002, "flip.budget": 0.02,
+_NO_SCHEDULE = {"flip.budget-start": 0.0, "server.flip-budget-start": 0.0}  # the budgets every round
+_LEAN = {**_NO_SCHEDULE, "method": "lordba", "server.aggregator": "refit", "scales": "mid,out", "flip.m0": 0.002,
+         "flip.budget": 0.02,
          "server.flip-budget": 0.005, "codec.state-mantissa-bits": 7}
 LORDBA_VARIANTS: dict[str, dict] = {
-    "lordba-lean-ef": {**_LEAN, "server.error-feedback": True},  # = the defaults (pyproject.toml)
+    "lordba-lean-ef": {**_LEAN, "server.error-feedback": True},
     "lordba-lean": {**_LEAN, "server.error-feedback": False},
     # early rounds flip more (the signs have most to learn there): budgets halve each round to the lean ones
     "lordba-lean-ef-hot": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
-                           "server.flip-budget-start": 0.04},
+                           "server.flip-budget-start": 0.04},  # = the defaults (pyproject.toml)
     "lordba-lean-3s": {**_LEAN, "scales": "in,mid,out", "server.error-feedback": False},
     "lordba-lean-warmup": {**_LEAN, "init.warmup-rounds": 2, "server.error-feedback": False},
     "lordba-lean-ef-warmup": {**_LEAN, "init.warmup-rounds": 1, "server.error-feedback": True},
     "lordba-lean-base-svd": {**_LEAN, "init.signs": "base-svd", "server.error-feedback": False},
-    "lordba-refit-flips": {"method": "lordba", "server.aggregator": "refit", "scales": "in,mid,out",
+    "lordba-refit-flips": {**_NO_SCHEDULE, "method": "lordba", "server.aggregator": "refit", "scales": "in,mid,out",
                            "server.flip-budget": 1.0, "codec.state-mantissa-bits": 10, "server.error-feedback": False,
                            **_FLIPS},
-    "lordba-vote-flips": {"method": "lordba", "server.aggregator": "vote", "scales": "in,mid,out",
+    "lordba-vote-flips": {**_NO_SCHEDULE, "method": "lordba", "server.aggregator": "vote", "scales": "in,mid,out",
                           "codec.state-mantissa-bits": 10, **_FLIPS},
-    "lordba-refit": {"method": "lordba", "server.aggregator": "refit", "scales": "in,mid,out", "flip.m0": 0.01,
+    "lordba-refit": {**_NO_SCHEDULE, "method": "lordba", "server.aggregator": "refit", "scales": "in,mid,out", "flip.m0": 0.01,
                      "flip.budget": 0.01, "server.flip-budget": 1.0, "codec.state-mantissa-bits": 10,
                      "server.error-feedback": False},
 }
 # run when --only is not given (each at every rank of LORDBA_RANKS): the library's defaults; the
 # other variants are the ablations measured beside it (README), run with --only
-DEFAULT_VARIANTS = ("lordba-lean-ef",)
+DEFAULT_VARIANTS = ("lordba-lean-ef-hot",)
 LORDBA_RANKS = (16, 32)
 # baselines: name -> (run-config overrides, ranks); ranks chosen to span LoRDBA's bytes (r 1-4) and quality (r 16)
 BASELINES: dict[str, tuple[dict, tuple[int, ...]]] = {
@@ -145,7 +147,7 @@ LR_FILE_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 # --quick: the tiny random model (simulations.run.QUICK: 2 rounds of 2 short steps) and three runs
-QUICK_RUNS = ((next(iter(LORDBA_VARIANTS)), 16), ("lora-fedavg", 16), ("lora-fedavg", 2))
+QUICK_RUNS = ((DEFAULT_VARIANTS[0], 16), ("lora-fedavg", 16), ("lora-fedavg", 2))
 QUICK_SETTINGS = {**QUICK, "eval.generate": 0}
 
 MARKERS = {"lordba": "o", "lora-fedavg": "s", "lora-q2": "^", "ffa-lora": "D"}
