@@ -88,7 +88,7 @@ class FlipControl:
     latent_lr: float = option(1e-3, "flip.latent-lr", "0 freezes the signs")
     flip_budget: float = option(0.02, "flip.budget", "max fraction of signs a client flips per round")
     budget_start: float = option(0.08, "flip.budget-start",
-        "round 1's client budget, halving each round down to flip.budget (0: no schedule)")
+        "round 1's client budget, halving each round down to flip.budget (0: no schedule; off under dp.mode=local)")
 
     def __post_init__(self):
         if not self.m0 > 0:
@@ -160,7 +160,7 @@ class RunConfig:
     error_feedback: bool = option(True, "server.error-feedback",
         "faithful refit: add the part of the last target the broadcast could not represent to the next (server RAM: one fp32 dW per layer)")
     server_flip_budget_start: float = option(0.04, "server.flip-budget-start",
-        "refit: round 1's server.flip-budget, halving each round down to it (0: no schedule)")
+        "refit: round 1's server.flip-budget, halving each round down to it (0: no schedule; off under dp.mode=local)")
     server_flip_budget: float = option(0.005, "server.flip-budget",
         "refit: most of each layer's signs a round may change (largest error reductions first; 1: no limit)")
     seeded_base: bool = option(True, "server.seeded-base",
@@ -297,8 +297,9 @@ class RunConfig:
             raise ValueError(f"server.flip-budget-start must be a fraction in [0, 1] (0: no schedule); "
                              f"got {self.server_flip_budget_start}")
         if self.dp.on and (self.flip.budget_start or self.server_flip_budget_start):
-            raise ValueError("dp.mode=local calibrates its noise to one flip budget for the run; set "
-                             "flip.budget-start=0 and server.flip-budget-start=0 under DP")
+            # dp.mode=local calibrates its noise to one flip budget for the whole run: no schedule
+            object.__setattr__(self, "flip", dataclasses.replace(self.flip, budget_start=0.0))
+            object.__setattr__(self, "server_flip_budget_start", 0.0)
         if not 0.0 <= self.server_flip_budget <= 1.0:
             raise ValueError(f"server.flip-budget must be a fraction in [0, 1] (1: no limit); got {self.server_flip_budget}")
         if not 1 <= self.state_mantissa_bits <= 10:

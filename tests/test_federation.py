@@ -93,8 +93,9 @@ def test_global_state_changes_as_the_votes_dictate(tmp_path):
     assert not rejected and len(accepted) == 4
     expected = LatentVote(beta=0.5, tau=0.1, eta=0.5)(before, accepted)
     assert expected.equals(after)
-    assert rows[1]["client_flip_rate"] > 0  # signs did move, within the budget
-    assert rows[1]["client_flip_rate"] <= 0.05 + 1e-9
+    assert rows[1]["client_flip_rate"] > 0  # signs did move, within round 1's (scheduled) budget
+    budget = parse_run_config(grid.contexts[100].run_config).flip.budget_at(1)
+    assert budget == 0.08 and rows[1]["client_flip_rate"] <= budget + 1e-9
 
 
 def test_faulty_clients_do_not_stop_the_round(tmp_path):
@@ -399,7 +400,8 @@ def test_warmup_rounds_fit_float_factors_on_the_device_within_the_flip_budget(tm
     round 2 is a normal STE round. The server's refit may follow the warm-up's signs past
     server.flip-budget (up to init.warmup-budget), and is held to it again afterwards."""
     grid, run_dir, rows = _run(tmp_path, **{"init.warmup-rounds": 1, "init.warmup-budget": 0.02,
-                                            "server.aggregator": "refit", "server.flip-budget": 0.001})
+                                            "server.aggregator": "refit", "server.flip-budget": 0.001,
+                                            "server.flip-budget-start": 0.0})
     warm, ste = rows[1], rows[2]
     # the warm-up's broadcast is in a fresh adapter's gauge: every s_mid at the normalized init's rms
     from safetensors.torch import load_file
@@ -442,6 +444,10 @@ def test_halving_budget_by_hand():
     assert FlipControl(flip_budget=0.02, budget_start=0.1).budget_at(3) == 0.025
     with pytest.raises(ValueError, match="flip.budget-start must be a fraction"):
         FlipControl(budget_start=2.0)
+    from lordba_fl.runconfig import parse_run_config
+
+    dp = parse_run_config({"dp.mode": "local", "server.aggregator": "vote"})  # one budget calibrates the noise
+    assert dp.flip.budget_start == 0.0 and dp.server_flip_budget_start == 0.0 and dp.flip.budget_at(1) == dp.flip.flip_budget
 
 
 def test_scheduled_budgets_let_early_rounds_flip_more_and_honest_clients_spend_them(tmp_path):
