@@ -3,10 +3,10 @@ import json
 
 import pytest
 import torch
-from torch import nn
 from conftest import BUILDERS, randomize_adapter_, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from lordba_fl import (
     LoRDBAConfig,
