@@ -305,8 +305,9 @@ def test_an_imported_adapter_starts_in_a_fresh_adapters_gauge_with_the_same_prod
         rms = float(layer.scale(n).detach().double().square().mean().sqrt())
         assert rms == pytest.approx(fresh[n], rel=1e-5)
     one = lambda n: torch.ones(n, dtype=torch.float64)  # noqa: E731
-    sc = {k: (layer.scale(k).double() if k in names else one(m)) for k, m in (("in", 40), ("mid", 4), ("out", 24))}
-    approx = _product(torch.sign(layer.lordba_latent_B.double()), sc["mid"], torch.sign(layer.lordba_latent_A.double()),
+    sc = {k: (layer.scale(k).detach().double() if k in names else one(m)) for k, m in (("in", 40), ("mid", 4), ("out", 24))}
+    approx = _product(torch.sign(layer.lordba_latent_B.detach().double()), sc["mid"],
+                      torch.sign(layer.lordba_latent_A.detach().double()),
                       sc["out"], sc["in"]) * layer.scaling
     assert float((approx - target).norm() / target.norm()) == pytest.approx(err, abs=1e-5)
     # moving the gauge by hand: the product is the same up to rounding; a zero scale is left alone
