@@ -17,12 +17,7 @@ import torch
 
 from lordba_fl.adapter.fit import fit_from, fit_lordba
 from lordba_fl.wire.codec import CodecError, CodecOptions, Update, decode_update
-from lordba_fl.wire.layout import (
-    AdapterSpec,
-    AdapterState,
-    split_carriers,
-    split_scales,
-)
+from lordba_fl.wire.layout import AdapterSpec, AdapterState, split_carriers, split_scales
 
 
 @dataclass

@@ -16,15 +16,7 @@ import torch
 from torch import nn
 
 from lordba_fl.data.tasks import Example, FederatedTask
-from lordba_fl.train import (
-    IGNORE,
-    _pad_id,
-    _to,
-    collate,
-    encode_examples,
-    generate,
-    model_device,
-)
+from lordba_fl.train import IGNORE, _pad_id, _to, collate, encode_examples, generate, model_device
 
 
 def first_line(text: str) -> str:

@@ -33,10 +33,7 @@ def load(num_clients: int = 8, per_template: int = 24, unseen_templates: int = 1
          dirichlet_alpha: float | None = None, seed: int = 0, test_fraction: float = 0.1,
          progress: bool = True) -> FederatedTask:
     from reasoning_gym.arithmetic.gsm_symbolic import gsm_symbolic
-    from reasoning_gym.arithmetic.gsm_symbolic.gsm_symbolic import (
-        GSMSymbolicDataset,
-        GSMSymbolicDatasetConfig,
-    )
+    from reasoning_gym.arithmetic.gsm_symbolic.gsm_symbolic import GSMSymbolicDataset, GSMSymbolicDatasetConfig
 
     templates = sorted(set(gsm_symbolic.tasks_ok))
     rng = Random(seed)

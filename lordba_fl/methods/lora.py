@@ -150,12 +150,16 @@ class LoRAFedAvg(Method):
             model = get_peft_model(model, cfg)
         model.eval()
         self.layers_shapes = [(n, a.shape[1], b.shape[0]) for n, a, b in lora_layers(model)]
-        r = self.cfg.rank
+        self.segments = self.segments_at(self.cfg.rank)
+        return model
+
+    def segments_at(self, rank: int) -> np.ndarray:
+        """Channel lengths of the flat layout at ``rank``: per layer ``rank`` rows of ``A`` (if it
+        travels), then ``rank`` rows of ``Bᵀ``."""
         seg = []
         for _, n_in, n_out in self.layers_shapes:
-            seg += ([n_in] * r if self.train_a else []) + [n_out] * r
-        self.segments = np.array(seg, dtype=np.int64)
-        return model
+            seg += ([n_in] * rank if self.train_a else []) + [n_out] * rank
+        return np.array(seg, dtype=np.int64)
 
     def fp16_lora_bytes(self) -> int:
         return 2 * self.cfg.rank * sum(i + o for _, i, o in self.layers_shapes)
@@ -201,26 +205,36 @@ class LoRAFedAvg(Method):
         accepted, rejected = [], []
         for r in replies:
             try:
-                accepted.append((self._decode_reply(r.frame), r.weight))
+                accepted.append((r, self.decode_reply(r)))
             except (ValueError,) as e:  # CodecError is a ValueError
                 rejected.append((r.node_id, f"{type(e).__name__}: {e}"))
         metrics = {"rejected": float(len(rejected)), "accepted": float(len(accepted))}
         if not accepted:
             return metrics, rejected
-        total = sum(w for _, w in accepted)
-        mean = sum(w * v for v, w in accepted) / total
-        self.global_values = self.global_values + mean if self.bits else mean
+        self.global_values = self.combine(accepted)
         self._version += 1
         return metrics, rejected
 
-    def _decode_reply(self, frame: bytes) -> torch.Tensor:
+    def decode_reply(self, reply) -> torch.Tensor:
+        """A reply's flat values (fp16 methods) or update (quantized ones); raises on a bad frame."""
+        return self._decode_reply(reply.frame)
+
+    def combine(self, accepted: list) -> torch.Tensor:
+        """The new global values from ``[(reply, decoded values)]``: the example-weighted mean (FedAvg;
+        quantized methods add the mean update to the current values)."""
+        total = sum(r.weight for r, _ in accepted)
+        mean = sum(r.weight * v for r, v in accepted) / total
+        return self.global_values + mean if self.bits else mean
+
+    def _decode_reply(self, frame: bytes, segments: np.ndarray | None = None) -> torch.Tensor:
+        segments = self.segments if segments is None else segments
         if self.bits:
-            _, bits, _, version, raw = decode_lora(frame, self.segments, (_QUANT,))
+            _, bits, _, version, raw = decode_lora(frame, segments, (_QUANT,))
             if bits != self.bits:
                 raise MalformedFrameError(f"update quantized to {bits} bits; this run uses {self.bits}")
-            values = dequantize_channels(raw, self.segments, bits)
+            values = dequantize_channels(raw, segments, bits)
         else:
-            _, _, _, version, raw = decode_lora(frame, self.segments, (_FP16,))
+            _, _, _, version, raw = decode_lora(frame, segments, (_FP16,))
             values = _fp16_values(raw)
         if version != self._version:
             raise ValueError(f"reply trained from version {version}; the server is at {self._version}")

@@ -24,13 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lordba_fl.methods.lora import (
-    _FP16,
-    LoRAFedAvg,
-    _fp16_values,
-    decode_lora,
-    encode_lora,
-)
+from lordba_fl.methods.lora import _FP16, LoRAFedAvg, encode_lora
 from lordba_fl.wire.codec import DecompressionBombError, ShapeMismatchError
 
 
@@ -45,12 +39,6 @@ class HeteroRankLoRA(LoRAFedAvg):
         self.node_ranks: dict[int, int] = {}
 
     # ---- layout ---------------------------------------------------------------------------------
-    def _segments(self, rank: int) -> np.ndarray:
-        seg = []
-        for _, n_in, n_out in self.layers_shapes:
-            seg += [n_in] * rank + [n_out] * rank
-        return np.array(seg, dtype=np.int64)
-
     def split(self, values: torch.Tensor, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The flat values of a rank-``rank`` adapter as ``[(A (rank, in), Bᵀ (rank, out)), ...]`` per layer."""
         out, pos = [], 0
@@ -103,35 +91,26 @@ class HeteroRankLoRA(LoRAFedAvg):
         except DecompressionBombError as e:  # a broadcast sized for a higher tier than this node now trains
             raise ShapeMismatchError(f"{e} (the server still serves this node another rank)") from e
 
-    def _decode_at(self, frame: bytes, rank: int) -> torch.Tensor:
-        _, _, _, version, raw = decode_lora(frame, self._segments(rank), (_FP16,))
-        if version != self._version:
-            raise ValueError(f"reply trained from version {version}; the server is at {self._version}")
-        return torch.from_numpy(_fp16_values(raw).copy())
+    def decode_reply(self, reply) -> torch.Tensor:
+        """A reply's fp16 values at its node's rank: a reply of another rank fails the frame's size."""
+        rank = self.rank_of(reply.node_id)
+        try:
+            return self._decode_reply(reply.frame, self.segments_at(rank))
+        except ValueError as e:  # CodecError is a ValueError
+            raise type(e)(f"{e} (node trains rank {rank})") from e
 
-    def aggregate(self, server_round: int, replies) -> tuple[dict, list[tuple[int, str]]]:
-        accepted, rejected = [], []
-        for r in replies:
-            rank = self.rank_of(r.node_id)
-            try:
-                accepted.append((self._decode_at(r.frame, rank), rank, r.weight))
-            except ValueError as e:  # CodecError is a ValueError: e.g. a reply of another rank than its tier's
-                rejected.append((r.node_id, f"{type(e).__name__}: {e} (node trains rank {rank})"))
-        metrics = {"rejected": float(len(rejected)), "accepted": float(len(accepted))}
-        if not accepted:
-            return metrics, rejected
-        total = sum(w for _, _, w in accepted)
+    def combine(self, accepted: list) -> torch.Tensor:
+        total = sum(r.weight for r, _ in accepted)
+        ranked = [(v, self.rank_of(r.node_id), r.weight / total) for r, v in accepted]
         if self.aggregation == "pad":
-            self.global_values = sum((w / total) * self.pad(v, rank) for v, rank, w in accepted).float()
-        else:
-            self.global_values = self._svd_mean(accepted, total)
-        self._version += 1
-        return metrics, rejected
+            return sum(w * self.pad(v, rank) for v, rank, w in ranked).float()
+        return self._svd_mean(ranked)
 
     @torch.no_grad()
-    def _svd_mean(self, accepted, total: float) -> torch.Tensor:
-        """FlexLoRA: the top-R SVD factors of the example-weighted mean of the replies' products."""
-        per_client = [(self.split(v.double(), rank), w / total) for v, rank, w in accepted]
+    def _svd_mean(self, ranked) -> torch.Tensor:
+        """FlexLoRA: the top-R SVD factors of the weighted mean of the replies' products
+        (``ranked``: ``[(values, rank, weight share)]``)."""
+        per_client = [(self.split(v.double(), rank), w) for v, rank, w in ranked]
         parts = []
         for i, (_, n_in, n_out) in enumerate(self.layers_shapes):
             mean = sum(w * (layers[i][1].t() @ layers[i][0]) for layers, w in per_client)  # (out, in) = B A

@@ -283,12 +283,6 @@ class LoRDBAMethod(Method):
             log.info("dp.mode=local: noise multiplier %.4g, flip randomized response p=%.4g",
                      self.dp_noise_multiplier(), cfg.dp.flip_noise)  # calibrated (or refused) at start
         self.aggregator = AGGREGATORS.get(cfg.aggregator)(self.spec, cfg)
-        # warm-up rounds seed the signs, so a refit may follow them past server.flip-budget (up to
-        # init.warmup-budget); after the warm-up the budget bounds the downlink's churn again
-        self.warmup_aggregator = self.aggregator
-        if cfg.warmup_rounds and isinstance(self.aggregator, Refit):
-            self.warmup_aggregator = dataclasses.replace(
-                self.aggregator, flip_budget=max(self.aggregator.flip_budget, cfg.warmup_budget))
 
     @property
     def version(self) -> int:
@@ -357,12 +351,7 @@ class LoRDBAMethod(Method):
             return metrics, reasons
         old = self.server.state
         warmup = server_round <= cfg.warmup_rounds
-        aggregator = self.warmup_aggregator if warmup else self.aggregator
-        if isinstance(aggregator, Refit) and cfg.server_flip_budget_start and aggregator is self.aggregator:
-            scheduled = halving_budget(aggregator.flip_budget, cfg.server_flip_budget_start, server_round)
-            if scheduled != aggregator.flip_budget:
-                aggregator = dataclasses.replace(aggregator, flip_budget=scheduled)
-        candidate = aggregator(self.server, accepted)
+        candidate = self._round_aggregator(server_round, warmup)(self.server, accepted)
         if warmup and cfg.scale_init == "normalized":
             # a warm-up's fits leave the gauge arbitrary (an SVD restart gives s_mid the singular
             # values): broadcast it in a fresh adapter's gauge, so the next rounds train conditioned
@@ -392,6 +381,19 @@ class LoRDBAMethod(Method):
             metrics["fit_error_median"] = float(f"{errors[len(errors) // 2]:.6g}")
             metrics["fit_error_max"] = float(f"{errors[-1]:.6g}")
         return metrics, reasons
+
+    def _round_aggregator(self, server_round: int, warmup: bool):
+        """The aggregator of this round: a refit's ``server.flip-budget`` as that round allows it
+        (a warm-up round may follow the device fits up to ``init.warmup-budget``, since warm-up
+        rounds seed the signs; later rounds follow ``server.flip-budget-start``'s halving schedule)."""
+        agg, cfg = self.aggregator, self.cfg
+        if not isinstance(agg, Refit):
+            return agg
+        if warmup:
+            budget = max(agg.flip_budget, cfg.warmup_budget)
+        else:
+            budget = halving_budget(agg.flip_budget, cfg.server_flip_budget_start, server_round)
+        return agg if budget == agg.flip_budget else dataclasses.replace(agg, flip_budget=budget)
 
     def _embed(self, spec: AdapterSpec, u: Update) -> Update:
         """A tier's update in the global layout: no flips and no scale change beyond its components."""

@@ -44,13 +44,7 @@ import numpy as np
 import torch
 import zstandard
 
-from lordba_fl.adapter.packing import (  # noqa: F401  (re-exported)
-    pack_bits,
-    pack_signs,
-    packed_row_bytes,
-    unpack_bits,
-    unpack_signs,
-)
+from lordba_fl.adapter.packing import pack_bits, pack_signs, packed_row_bytes, unpack_bits, unpack_signs  # noqa: F401  (re-exported)
 from lordba_fl.errors import (  # noqa: F401  (re-exported: the codec's errors)
     BaseVersionError,
     ChecksumError,

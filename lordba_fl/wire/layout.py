@@ -237,8 +237,7 @@ def at_rank(spec: AdapterSpec, rank: int) -> AdapterSpec:
     top = max(layer.rank for layer in spec.layers)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
         raise ValueError(f"a nested rank must be an integer in 1..{top} (the global adapter's rank); got {rank!r}")
-    layers = tuple(LayerSpec(l.name, l.in_features, l.out_features, rank) for l in spec.layers)
-    return AdapterSpec(layers, spec.scales, spec.fingerprint)
+    return with_rank(spec, rank)
 
 
 def _nested(src: AdapterSpec, dst: AdapterSpec) -> list[tuple[LayerSpec, LayerSpec]]:
