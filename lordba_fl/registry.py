@@ -100,6 +100,7 @@ METHODS = Registry("method", "method", {
     "lora-q4": "lordba_fl.methods.lora:LoRAQ4",
     "lora-hetlora": "lordba_fl.methods.lora_hetero:HetLoRA",
     "lora-flexlora": "lordba_fl.methods.lora_hetero:FlexLoRA",
+    "lora-flora": "lordba_fl.methods.lora_flora:FLoRA",
 })
 TASKS = Registry("task", "task", {
     "shakespeare": "lordba_fl.data.shakespeare:load",

@@ -208,7 +208,7 @@ class RunConfig:
     out_dir: str = option("results/run", "out-dir", "Folder the run folders go under.")
     name: str = option("", "name", "run folder under out-dir (default: method[-aggregator])")
     tiers: str = option("", "hetero.tiers",
-        "Heterogeneous ranks (lordba, lora-hetlora, lora-flexlora): rank:share list such as '4:0.3,8:0.3,16:0.4', drawn per partition ('': every client at rank)")
+        "Heterogeneous ranks (lordba, lora-hetlora, lora-flexlora, lora-flora): rank:share list such as '4:0.3,8:0.3,16:0.4', drawn per partition ('': every client at rank)")
     resume: bool = option(False, "resume", "Continue from the run folder's last checkpoint.")
 
     def check_names(self) -> None:

@@ -139,10 +139,11 @@ SUPERNODES = 8  # one virtual SuperNode per client partition above (8 of each ta
 
 # Learning rate per method (a run-config ``lr``); --lr-file replaces them with centrally tuned ones.
 LEARNING_RATES: dict[str, float] = {"lordba": 1e-3, "lora-fedavg": 1e-3, "lora-q2": 1e-3, "ffa-lora": 1e-3,
-                                    "lora-hetlora": 1e-3, "lora-flexlora": 1e-3}  # the last two: simulations.hetero
+                                    "lora-hetlora": 1e-3, "lora-flexlora": 1e-3,
+                                    "lora-flora": 1e-3}  # the last three: simulations.hetero
 # names in a chosen_lr line -> the methods they set
 LR_FILE_NAMES: dict[str, tuple[str, ...]] = {
-    "lora": (*(over["method"] for over, _ in BASELINES.values()), "lora-hetlora", "lora-flexlora"),
+    "lora": (*(over["method"] for over, _ in BASELINES.values()), "lora-hetlora", "lora-flexlora", "lora-flora"),
     "lordba-scratch": ("lordba",),
 }
 

@@ -7,8 +7,9 @@ lowest rank, with the frontier's settings (same data, seed, sampling; ``simulati
 
 One JSON line per run (``kind: "run"``: final / best eval loss, bytes per client-round each way
 overall and per tier, the tier mix of the last round) and ``hetero.png`` (eval loss per round).
-LoRA heterogeneity baselines (``--methods``): ``lora-hetlora`` (zero-padding) and ``lora-flexlora``
-(SVD redistribution), each mixed, against ``lora-fedavg`` at the uniform top and lowest rank.
+LoRA heterogeneity baselines (``--methods``): ``lora-hetlora`` (zero-padding), ``lora-flexlora``
+(SVD redistribution) and ``lora-flora`` (stacking), each mixed, against ``lora-fedavg`` at the uniform
+top and lowest rank.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from simulations.frontier import (
 DEFAULT_TIERS = "4:0.3,8:0.3,16:0.4"
 
 
-METHODS = ("lordba", "lora-hetlora", "lora-flexlora")
+METHODS = ("lordba", "lora-hetlora", "lora-flexlora", "lora-flora")
 
 
 def plan(tiers: str, seeds, task: str, methods=("lordba",), only=None) -> list[tuple[dict, dict]]:

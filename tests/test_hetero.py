@@ -90,7 +90,7 @@ def test_bad_tiers_name_the_accepted_values(text, match):
 
 
 def test_tiers_only_for_lordba_and_node_ranks_checked():
-    with pytest.raises(ValueError, match=r"serves several ranks \(\['lora-flexlora', 'lora-hetlora', 'lordba'\]\)"):
+    with pytest.raises(ValueError, match=r"serves several ranks \(\['lora-flexlora', 'lora-flora', 'lora-hetlora', 'lordba'\]\)"):
         parse_run_config({"hetero.tiers": "4:1", "method": "lora-fedavg"})
     with pytest.raises(ValueError, match=r"integer in 1..16"):
         node_rank({"rank": 32}, (), 0, 0, 16)
@@ -302,7 +302,7 @@ def test_flexlora_keeps_the_weighted_mean_product_exactly_when_the_ranks_fit():
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("name", ["lora-hetlora", "lora-flexlora"])
+@pytest.mark.parametrize("name", ["lora-hetlora", "lora-flexlora", "lora-flora"])
 def test_a_mixed_lora_federation_serves_each_tier_its_rank(tmp_path, name):
     """The LoRA heterogeneity baselines in the real harness: every node replies at its tier's rank,
     the server accepts all of them and meters each tier (a rank-2 node moves a quarter of a rank-8's bytes)."""

@@ -89,9 +89,10 @@ def _raw_size(kind: int, bits: int, segments: np.ndarray) -> int:
     return 4 * segments.size + (n * bits + 7) // 8
 
 
-def encode_lora(kind: int, bits: int, round: int, version: int, payload: bytes, compress: bool) -> bytes:
+def encode_lora(kind: int, bits: int, round: int, version: int, payload: bytes, compress: bool, reserved: int = 0) -> bytes:
+    """A LoRA frame; ``reserved`` is the base version of a FLoRA stack (:mod:`lordba_fl.methods.lora_flora`)."""
     body = zstandard.ZstdCompressor(level=3).compress(payload) if compress else payload
-    return LORA_CONTAINER.seal((kind, bits, round, version, 0, len(payload), len(body) if compress else 0), [body])
+    return LORA_CONTAINER.seal((kind, bits, round, version, reserved, len(payload), len(body) if compress else 0), [body])
 
 
 def decode_lora(frame: bytes, segments: np.ndarray, kinds: tuple[int, ...]) -> tuple[int, int, int, int, bytes]:
