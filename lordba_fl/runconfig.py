@@ -117,7 +117,8 @@ COMPUTE_DTYPES = ("auto", "fp32", "bf16")
 PROFILES = {
     # low-RAM devices (phones, Raspberry Pi, Jetson): one example per step, recomputed activations,
     # bf16 where the device has it; see simulations/bench_edge.py for what it costs
-    "edge": {"train.batch-size": 1, "train.gradient-checkpointing": True, "compute-dtype": "auto", "quant": "q4_1"},
+    "edge": {"train.batch-size": 1, "train.gradient-checkpointing": True, "train.return-memory": True,
+             "compute-dtype": "auto", "quant": "q4_1"},
 }
 
 TASK_DEFAULTS = {

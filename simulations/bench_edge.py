@@ -62,10 +62,13 @@ def child(overrides: dict, frame_path: Path) -> dict:
     from lordba_fl.data import load_client_data
     from lordba_fl.methods import make_method
     from lordba_fl.runconfig import parse_run_config
+    from lordba_fl.train import return_freed_memory
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     mark("imports")
     cfg = parse_run_config(overrides)
+    if cfg.train.return_memory:
+        return_freed_memory()  # what the ClientApp does first (lordba_fl.federation.apps._config)
     model, tok = load_model(cfg.model, cfg.quant, compute_dtype=cfg.torch_compute_dtype())
     mark("base")
     method = make_method(cfg)

@@ -1,6 +1,11 @@
 """What a fresh client process on a small device relies on: the memory-mapped quantized base, the
 per-partition data cache, gradient checkpointing and the edge profile."""
 
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -85,9 +90,36 @@ def test_gradient_checkpointing_gives_the_same_training():
 
 def test_edge_profile_is_a_valid_low_memory_config():
     cfg = parse_run_config(PROFILES["edge"])
-    assert cfg.train.batch_size == 1 and cfg.train.gradient_checkpointing
+    assert cfg.train.batch_size == 1 and cfg.train.gradient_checkpointing and cfg.train.return_memory
     assert cfg.torch_compute_dtype() == torch.float32  # bf16 only where a CUDA device has it
     with pytest.raises(ValueError, match="compute-dtype must be one of"):
         parse_run_config({"compute-dtype": "fp8"})
     with pytest.raises(ValueError, match="server.round-timeout must be > 0"):
         parse_run_config({"server.round-timeout": 0})
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_return_memory_hands_freed_tensors_back_to_the_os():
+    """``train.return-memory``: after a large block is freed glibc serves blocks of that size from its
+    heap and keeps them resident once freed (RSS climbs step after step); with the fixed mmap threshold
+    freed tensors leave RSS at once, even with small live tensors between them."""
+    code = """
+import os, sys, torch
+from lordba_fl.train import return_freed_memory
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+fixed = sys.argv[1] == "1" and return_freed_memory()
+x = torch.ones(4 << 20); del x  # a freed 16 MB block: glibc's threshold rises to 16 MB
+base = rss()
+xs = [t for _ in range(16) for t in (torch.ones(2 << 20), torch.ones(64 << 10))]  # 8 MB blocks, 256 KB between
+keep = xs[1::2]
+grown = rss()
+del xs
+print(fixed, base, grown, rss())
+"""
+    for flag in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1]).stdout.split()
+        fixed, base, grown, after = out[0] == "True", *map(float, out[1:])
+        assert fixed == (flag == "1") and grown - base > 120  # 16 x 8 MB live
+        if fixed:
+            assert after - base < 16  # the 8 MB blocks are unmapped when freed

@@ -35,7 +35,7 @@ from lordba_fl.methods import make_method, settings_for
 from lordba_fl.registry import METHODS
 from lordba_fl.runconfig import RunConfig, parse_run_config
 from lordba_fl.scoring import score
-from lordba_fl.train import evaluate_loss, generate
+from lordba_fl.train import evaluate_loss, generate, return_freed_memory
 from lordba_fl.wire.codec import ShapeMismatchError
 from lordba_fl.wire.metering import ByteLedger, recorddict_bytes
 
@@ -156,7 +156,10 @@ def _config(context, fallback: dict | None) -> RunConfig:
     import torch
 
     torch.set_num_threads(1)  # simulated clients share the machine's cores; one thread each
-    return parse_run_config(dict(context.run_config) or fallback or {})
+    cfg = parse_run_config(dict(context.run_config) or fallback or {})
+    if cfg.train.return_memory:
+        return_freed_memory()  # before this process loads the model (a deployed client: a fresh process)
+    return cfg
 
 
 def client_train(msg: Message, context, fallback_config: dict | None = None) -> Message:

@@ -87,7 +87,7 @@ def budget_flips(latent: torch.Tensor, broadcast_negative: torch.Tensor, budget:
     n_flips = int(flips.sum())
     if n_flips <= k:
         return flips
-    pressure = torch.where(flips, latent.abs(), torch.full_like(latent, -1.0))  # (n,)
+    pressure = latent.abs().masked_fill_(~flips, -1.0)  # (n,); one temporary (devices' peak memory)
     keep = torch.zeros_like(flips)
     if k > 0:
         keep[torch.topk(pressure, k).indices] = True
