@@ -210,6 +210,9 @@ class RunConfig:
     name: str = option("", "name", "run folder under out-dir (default: method[-aggregator])")
     tiers: str = option("", "hetero.tiers",
         "Heterogeneous ranks (lordba, lora-hetlora, lora-flexlora, lora-flora): rank:share list such as '4:0.3,8:0.3,16:0.4', drawn per partition ('': every client at rank)")
+    memory_mb: float = option(0.0, "client.memory-mb",
+        "Every node's memory budget in MB (0: off): a node without its own memory-mb or batch-size in its node "
+        "config trains the largest rank, batch and checkpointing whose measured peak RSS fits (the memory table)")
     resume: bool = option(False, "resume", "Continue from the run folder's last checkpoint.")
 
     def check_names(self) -> None:
@@ -261,6 +264,7 @@ class RunConfig:
             ("eval.examples", self.eval_examples, self.eval_examples >= 0, ">= 0"),
             ("eval.generate", self.generate_examples, self.generate_examples >= 0, ">= 0"),
             ("seed", self.seed, self.seed >= 0, ">= 0"),
+            ("client.memory-mb", self.memory_mb, self.memory_mb >= 0, ">= 0 MB (0: off)"),
             ("scales", self.scales, bool(self.scales) and set(self.scales) <= {"in", "mid", "out"},
              "a non-empty comma list of in, mid, out"),
         ):

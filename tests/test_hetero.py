@@ -426,3 +426,21 @@ def test_a_nodes_memory_budget_sets_its_rank_batch_and_checkpointing_in_its_run_
     assert (cfg.rank, cfg.alpha, cfg.top_rank) == (8, 16.0, 16)
     assert (cfg.train.batch_size, cfg.train.gradient_checkpointing, cfg.train.steps) == (2, True, 2)
     assert cfg.train.seq_len == run.train.seq_len and run.train.batch_size == DEFAULTS["train.batch-size"]
+
+
+def test_the_runs_memory_budget_applies_to_every_node_without_its_own(tmp_path):
+    from types import SimpleNamespace
+
+    from lordba_fl.federation.apps import tier_config
+
+    table = str(_table(tmp_path, MEASURED))
+    run = parse_run_config({"rank": 16, "alpha": 32.0, "client.memory-mb": 889})
+    node = lambda **nc: tier_config(run, SimpleNamespace(node_config={"partition-id": 1, "memory-table": table, **nc}))  # noqa: E731
+    cfg = node()
+    assert (cfg.rank, cfg.train.batch_size, cfg.train.gradient_checkpointing) == (8, 2, True)
+    cfg = node(**{"memory-mb": 1200})  # its own budget wins
+    assert (cfg.rank, cfg.train.batch_size, cfg.train.gradient_checkpointing) == (16, 1, False)
+    cfg = node(**{"batch-size": 3})  # a node that sets its batch itself is not sized by the run's budget
+    assert (cfg.rank, cfg.train.batch_size) == (16, 3)
+    with pytest.raises(ValueError, match=r"client.memory-mb' must be >= 0 MB"):
+        parse_run_config({"client.memory-mb": -5})

@@ -117,11 +117,14 @@ def _nested(cfg: RunConfig) -> bool:
 
 def tier_config(cfg: RunConfig, context) -> RunConfig:
     """The run config of this node's adapter: at its own rank (``rank`` in its node config, its
-    ``memory-mb`` budget's measured fit, or its ``hetero.tiers`` draw) with ``alpha`` scaled so
+    ``memory-mb`` budget's measured fit (or the run's ``client.memory-mb``), or its ``hetero.tiers`` draw) with ``alpha`` scaled so
     ``alpha / rank`` stays the run's (nested adapters), and its own ``local-steps`` / ``batch-size`` /
     checkpointing where its node config sets them (:func:`lordba_fl.hetero.node_profile`)."""
     pid = int(context.node_config.get("partition-id", 0))
-    prof = node_profile(dict(context.node_config), parse_tiers(cfg.tiers, cfg.rank), cfg.seed, pid, cfg.rank,
+    node_cfg = dict(context.node_config)
+    if cfg.memory_mb and "memory-mb" not in node_cfg and "batch-size" not in node_cfg:
+        node_cfg["memory-mb"] = cfg.memory_mb  # the run's budget for every node that states none of its own
+    prof = node_profile(node_cfg, parse_tiers(cfg.tiers, cfg.rank), cfg.seed, pid, cfg.rank,
                         model=cfg.model, quant=cfg.quant, seq_len=cfg.train.seq_len)
     train = {k: v for k, v in (("steps", prof.local_steps), ("batch_size", prof.batch_size),
                                 ("gradient_checkpointing", prof.gradient_checkpointing)) if v is not None}
