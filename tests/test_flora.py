@@ -15,8 +15,10 @@ from lordba_fl.methods import Reply
 from lordba_fl.methods.lora import _FP16, encode_lora
 from lordba_fl.methods.lora_flora import (
     _STACK,
+    Group,
     StaleBaseError,
     decode_stack,
+    encode_stack,
     merged_factors,
 )
 from lordba_fl.runconfig import parse_run_config
@@ -151,6 +153,9 @@ def test_bad_stacks_are_refused_with_what_was_wrong():
     for frame, err, match in cases:
         with pytest.raises(err, match=match):
             decode_stack(frame, size)
+    huge = Group(1, 2, 0.5, np.broadcast_to(np.float16(0), (2**31,)))  # 4 GiB of values, none allocated
+    with pytest.raises(ValueError, match="past the 4 GiB one frame carries"):
+        encode_stack([huge], 1, 1, 0)
     frame = bytearray(_sealed([(1, 2, 0, 0.5)], ok, 1))
     frame[-1] ^= 1
     with pytest.raises(ChecksumError):

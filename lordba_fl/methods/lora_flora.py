@@ -69,6 +69,10 @@ class Group:
 
 def encode_stack(groups: list[Group], server_round: int, version: int, base: int) -> bytes:
     table = b"".join(_GROUP.pack(g.version, g.rank, 0, g.weight) for g in groups)
+    size = 4 + len(table) + sum(g.values.nbytes for g in groups)
+    if size > 0xFFFFFFFF:
+        raise ValueError(f"the FLoRA stacks since version {base} are {size:,} bytes, past the 4 GiB one frame carries; "
+                         "run fewer rounds or sample fewer clients per round (the stack grows with both)")
     payload = struct.pack("<I", len(groups)) + table + b"".join(g.values.tobytes() for g in groups)
     return encode_lora(_STACK, 0, server_round, version, payload, compress=False, reserved=base)
 
