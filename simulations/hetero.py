@@ -87,19 +87,38 @@ def tier_fields(rows: list[dict]) -> dict:
 
 
 def plot(records: list[dict], out_dir: Path) -> Path:
+    """Left: eval loss per round (the lowest seed's runs). Right: final eval loss (mean over seeds, bars
+    from min to max) against bytes per client-round, up + down, on a log axis: who wins at what cost."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4))
+    first = min(r["seed"] for r in records)
     for rec in records:
-        ax.plot(range(len(rec["eval_losses"])), rec["eval_losses"], marker="o", ms=3,
-                label=f"{rec['variant']} (seed {rec['seed']})")
+        if rec["seed"] == first:
+            ax.plot(range(len(rec["eval_losses"])), rec["eval_losses"], marker="o", ms=3,
+                    ls="-" if rec["family"] == "lordba" else "--", label=rec["variant"])
     ax.set_xlabel("round")
     ax.set_ylabel("eval loss")
-    ax.set_title("heterogeneous ranks: mixed vs uniform")
-    ax.legend(fontsize=8)
+    ax.set_title(f"eval loss per round (seed {first})")
+    ax.legend(fontsize=7)
+    by_variant: dict[str, list[dict]] = {}
+    for rec in records:
+        by_variant.setdefault(rec["variant"], []).append(rec)
+    for name, recs in sorted(by_variant.items()):
+        losses = [r["final_eval_loss"] for r in recs]
+        cost = [r["up_bytes_per_client_round"] + r["down_bytes_per_client_round"] for r in recs]
+        mean_loss, mean_cost = sum(losses) / len(losses), sum(cost) / len(cost)
+        bx.errorbar([mean_cost], [mean_loss], yerr=[[mean_loss - min(losses)], [max(losses) - mean_loss]],
+                    fmt="o" if recs[0]["family"] == "lordba" else "s", capsize=3)
+        bx.annotate(f"{name} ({len(recs)} seed{'s' if len(recs) > 1 else ''})", (mean_cost, mean_loss),
+                    fontsize=7, xytext=(4, 3), textcoords="offset points")
+    bx.set_xscale("log")
+    bx.set_xlabel("bytes per client-round, up + down (log)")
+    bx.set_ylabel("final eval loss")
+    bx.set_title("final loss vs bytes")
     path = out_dir / "hetero.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
