@@ -19,7 +19,6 @@ from lordba_fl.methods.lora_flora import (
     StaleBaseError,
     decode_stack,
     encode_stack,
-    merged_factors,
 )
 from lordba_fl.runconfig import parse_run_config
 from lordba_fl.wire.codec import MalformedFrameError, NonFiniteError
@@ -77,7 +76,7 @@ def test_stacking_gives_exactly_the_weighted_mean_of_the_products_whatever_the_r
     first = _round(method, {1: 2, 2: 4, 3: 8}, seed=0)
     second = _round(method, {1: 8, 4: 2}, seed=10)
     assert method.version == 2 and [g.rank for g in method.groups] == [2, 4, 8, 8, 2]
-    merged = merged_factors(method.groups, method.layers_shapes)
+    merged = method.merged()
     assert merged[0][0].shape[0] == 2 + 4 + 8 + 8 + 2  # every stacked component is kept
     for (a, b), want in zip(merged, _products(method, [first, second])):
         torch.testing.assert_close((b.double() @ a.double()), want, rtol=1e-5, atol=1e-7)  # fp32 weights only

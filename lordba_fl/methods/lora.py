@@ -121,13 +121,15 @@ def _fp16_values(raw: bytes) -> np.ndarray:
 # ---- the methods ----------------------------------------------------------------------------------
 
 
+def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every PEFT LoRA layer (its ``default`` adapter), in module order."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and "default" in m.lora_A]
+
+
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
     """``(name, A (r, in), B (out, r))`` of every PEFT LoRA layer, in module order."""
-    out = []
-    for name, m in model.named_modules():
-        if hasattr(m, "lora_A") and isinstance(getattr(m, "lora_A"), nn.ModuleDict) and "default" in m.lora_A:
-            out.append((name, m.lora_A["default"].weight, m.lora_B["default"].weight))
-    return out
+    return [(name, m.lora_A["default"].weight, m.lora_B["default"].weight) for name, m in lora_modules(model)]
 
 
 class LoRAFedAvg(Method):

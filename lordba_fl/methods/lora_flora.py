@@ -43,6 +43,7 @@ from lordba_fl.methods.lora import (
     _fp16_values,
     encode_lora,
     lora_layers,
+    lora_modules,
 )
 from lordba_fl.methods.lora_hetero import HeteroRankLoRA
 from lordba_fl.train import train_local
@@ -116,24 +117,6 @@ def decode_stack(frame: bytes, sizes) -> tuple[int, int, list[Group]]:
     return base, version, groups
 
 
-def merged_factors(groups: list[Group], layers_shapes) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per layer ``(A (K, in), B (out, K))`` in fp32 with ``B A = sum_g weight_g B_g A_g`` (the merged
-    update, scaling included); ``None`` when no group was stacked yet."""
-    if not groups:
-        return None
-    per_layer: list[tuple[list, list]] = [([], []) for _ in layers_shapes]
-    for g in groups:
-        values, pos = torch.from_numpy(g.values.astype(np.float32)), 0
-        for (a_parts, b_parts), (_, n_in, n_out) in zip(per_layer, layers_shapes):
-            a = values[pos : pos + g.rank * n_in].view(g.rank, n_in)
-            pos += g.rank * n_in
-            bt = values[pos : pos + g.rank * n_out].view(g.rank, n_out)
-            pos += g.rank * n_out
-            a_parts.append(a * g.weight)
-            b_parts.append(bt.t())
-    return [(torch.cat(a), torch.cat(b, dim=1)) for a, b in per_layer]
-
-
 def _merged_hook(module: nn.Module, args, output):
     merged = getattr(module, "_flora_merged", None)
     if merged is None:
@@ -144,11 +127,9 @@ def _merged_hook(module: nn.Module, args, output):
 
 
 def install_merged_(model: nn.Module, factors) -> None:
-    """Make every LoRA layer of ``model`` add its merged update (``factors`` from :func:`merged_factors`,
+    """Make every LoRA layer of ``model`` add its merged update (``factors`` from :meth:`FLoRA.merged`,
     ``None``: none) to its output; the hook is registered once per layer."""
-    layers = [m for _, m in model.named_modules() if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
-              and "default" in m.lora_A]
-    for i, m in enumerate(layers):
+    for i, (_, m) in enumerate(lora_modules(model)):
         if not getattr(m, "_flora_hooked", False):
             m.register_forward_hook(_merged_hook)
             m._flora_hooked = True
@@ -176,8 +157,15 @@ class FLoRA(HeteroRankLoRA):
     def group_size(self, rank: int) -> int:
         return int(self.segments_at(rank).sum())
 
-    def _merged(self, groups=None):
-        return merged_factors(self.groups if groups is None else groups, self.layers_shapes)
+    def merged(self, groups: list[Group] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per layer ``(A (K, in), B (out, K))`` in fp32 with ``B A = sum_g weight_g B_g A_g`` (the merged
+        update, scaling included) of ``groups`` (default: the server's); ``None`` when nothing is stacked."""
+        groups = self.groups if groups is None else groups
+        if not groups:
+            return None
+        per_group = [(self.split(torch.from_numpy(g.values.astype(np.float32)), g.rank), g.weight) for g in groups]
+        return [(torch.cat([layers[i][0] * w for layers, w in per_group]),
+                 torch.cat([layers[i][1].t() for layers, _ in per_group], dim=1)) for i in range(len(self.layers_shapes))]
 
     @torch.no_grad()
     def _fresh_lora_(self, model, seed: int | None) -> None:
@@ -213,19 +201,18 @@ class FLoRA(HeteroRankLoRA):
 
     def load_global_(self, model) -> None:
         self._fresh_lora_(model, None)
-        install_merged_(model, self._merged())
+        install_merged_(model, self.merged())
 
     def export(self, model, folder: Path) -> None:
         """The merged update as a PEFT LoRA of rank K = every stacked component (``alpha = K``: the
         weights and scaling are folded into ``A``)."""
-        merged = self._merged()
+        merged = self.merged()
         if merged is None:
             return super().export(model, folder)
         from peft import LoraConfig
         from safetensors.torch import save_file
 
-        names = [n for n, m in model.named_modules() if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
-                 and "default" in m.lora_A]
+        names = [n for n, _ in lora_modules(model)]
         tensors = {}
         for name, (a, b) in zip(names, merged):
             tensors[f"{name}.lora_A.weight"] = a.contiguous()
@@ -271,16 +258,18 @@ class FLoRA(HeteroRankLoRA):
             state[HELD_KEY] = ConfigRecord({"frame": encode_stack(groups, 0, version, 0)})
         return version, groups
 
-    def client_load_(self, model, frame: bytes, state) -> int:
-        version, groups = self._receive(frame, state)
-        self._fresh_lora_(model, None)
-        install_merged_(model, self._merged(groups))
-        return version
-
-    def client_train(self, model, tok, frame, state, examples, server_round, seed):
+    def _load(self, model, frame: bytes, state, seed: int | None) -> tuple[int, list[Group]]:
+        """The global model from ``frame`` (and the stacks ``state`` holds) with a fresh zero LoRA."""
         version, groups = self._receive(frame, state)
         self._fresh_lora_(model, seed)
-        install_merged_(model, self._merged(groups))
+        install_merged_(model, self.merged(groups))
+        return version, groups
+
+    def client_load_(self, model, frame: bytes, state) -> int:
+        return self._load(model, frame, state, None)[0]
+
+    def client_train(self, model, tok, frame, state, examples, server_round, seed):
+        version, groups = self._load(model, frame, state, seed)
         params = []
         for _, a, b in lora_layers(model):
             a.requires_grad_(True)
@@ -301,13 +290,8 @@ class FLoRA(HeteroRankLoRA):
         from lordba_fl.methods.lora import decode_lora
 
         _, _, rnd, version, raw = decode_lora(uplink, self.segments, (0,))
-        values = _fp16_values(raw).astype(np.float32)
-        parts, pos = [], 0
-        for _, n_in, n_out in self.layers_shapes:
-            a = values[pos : pos + self.cfg.rank * n_in]
-            pos += a.size
-            bt = values[pos : pos + self.cfg.rank * n_out]
-            pos += bt.size
+        parts = []
+        for a, bt in self.split(torch.from_numpy(_fp16_values(raw).copy()), self.cfg.rank):
             if attack == "invert-flips":
                 bt = -bt
             elif attack == "flip-all":
@@ -316,6 +300,6 @@ class FLoRA(HeteroRankLoRA):
                 bt = bt * 1e4
             else:
                 raise ValueError(f"unknown attack {attack!r}")
-            parts += [a, bt]
-        out = np.clip(np.concatenate(parts), -65504, 65504).astype(np.float16)
+            parts += [a.reshape(-1), bt.reshape(-1)]
+        out = np.clip(torch.cat(parts).numpy(), -65504, 65504).astype(np.float16)
         return encode_lora(0, 0, rnd, version, out.tobytes(), compress=False)
