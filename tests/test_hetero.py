@@ -249,12 +249,12 @@ def _lora_reply(method, node: int, rank: int, seed: int):
 
 @pytest.mark.parametrize("name", ["lora-hetlora", "lora-flexlora"])
 def test_lora_tiers_are_nested_and_a_wrong_rank_reply_is_rejected(name):
-    from lordba_fl.methods.lora import _fp16_values, decode_lora
+    from lordba_fl.methods.lora import fp16_values, decode_lora
 
     method = _lora_method(name)
     method.note_rank(1, 2)
     down = method.downlink(1, 1)  # the rank-2 broadcast: the leading 2 components of every layer
-    got = torch.from_numpy(_fp16_values(decode_lora(down, method.segments_at(2), (0,))[4]).copy())
+    got = torch.from_numpy(fp16_values(decode_lora(down, method.segments_at(2), (0,))[4]).copy())
     for (a, bt), (a2, bt2) in zip(method.split(method.global_values, 8), method.split(got, 2)):
         assert torch.equal(a[:2].half().float(), a2) and torch.equal(bt[:2].half().float(), bt2)
     padded = method.split(method.pad(method.truncate(method.global_values, 2), 2), 8)

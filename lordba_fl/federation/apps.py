@@ -238,8 +238,9 @@ def run_server(grid, run_config: dict) -> dict:
     run_dir = Path(cfg.out_dir) / run_name(cfg)
     t0 = time.time()
     model, tok, method = _adapted_model(cfg)
-    method.init_server(model)
     task = load_task(cfg.task, **cfg.task_kwargs())
+    method.init_from_data(model, tok, task)
+    method.init_server(model)
     ledger = ByteLedger()
     offset, rows, extra = 0, [], {}
     if cfg.resume:
@@ -259,9 +260,9 @@ def run_server(grid, run_config: dict) -> dict:
             return None
         method.load_global_(model)
         res = {}
-        for name, ex in eval_sets.items():
+        for i, (name, ex) in enumerate(eval_sets.items()):
             r = evaluate_loss(model, tok, ex, cfg.train.seq_len)
-            prefix = "" if name in ("pooled", "unseen") else f"{name}_"
+            prefix = "" if i == 0 else f"{name}_"  # the task's first set is the headline eval_loss
             res[f"{prefix}eval_loss"], res[f"{prefix}perplexity"] = r["eval_loss"], r["perplexity"]
         started = strategy.round_started.get(run_round, t0)
         row = round_row(run_round, run_name(cfg), ledger.round_summary(run_round), strategy.round_metrics.get(run_round, {}),

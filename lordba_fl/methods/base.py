@@ -73,6 +73,10 @@ class Method(ABC):
         """Payload of fp16 LoRA factors of the same layers and rank (the byte baseline)."""
 
     # ---- server ---------------------------------------------------------------------------------
+    def init_from_data(self, model: nn.Module, tok, task) -> None:
+        """Server side, before :meth:`init_server`: a method whose initial adapter depends on training
+        data (Fed-SB's gradient basis) computes it here from ``task``; the default uses none."""
+
     @abstractmethod
     def init_server(self, model: nn.Module) -> None:
         """Initial global state from an adapted model."""

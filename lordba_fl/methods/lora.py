@@ -84,7 +84,7 @@ def dequantize_channels(raw: bytes, segments: np.ndarray, bits: int) -> np.ndarr
 
 def _raw_size(kind: int, bits: int, segments: np.ndarray) -> int:
     n = int(segments.sum())
-    if kind == _FP16:
+    if kind != _QUANT:  # fp16 values (every other kind)
         return 2 * n
     return 4 * segments.size + (n * bits + 7) // 8
 
@@ -111,7 +111,24 @@ def decode_lora(frame: bytes, segments: np.ndarray, kinds: tuple[int, ...]) -> t
     return kind, bits, rnd, version, body
 
 
-def _fp16_values(raw: bytes) -> np.ndarray:
+def save_peft_factors(out, names: list[str], factors: list[tuple[torch.Tensor, torch.Tensor]], alpha: float) -> None:
+    """Write a PEFT LoRA directory ``out`` from per-layer ``(A (r, in), B (out, r))`` of the modules
+    ``names`` (a method whose product is not PEFT's own layout exports through this)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, (a, b) in zip(names, factors):
+        tensors[f"{name}.lora_A.weight"] = a.float().contiguous()
+        tensors[f"{name}.lora_B.weight"] = b.float().contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    targets = sorted({n.rsplit(".", 1)[-1] for n in names})
+    LoraConfig(r=factors[0][0].shape[0], lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none",
+               task_type="CAUSAL_LM").save_pretrained(str(out))
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def fp16_values(raw: bytes) -> np.ndarray:
     values = np.frombuffer(raw, np.float16).astype(np.float32)
     if not np.isfinite(values).all():
         raise NonFiniteError("LoRA frame carries NaN or Inf values")
@@ -238,7 +255,7 @@ class LoRAFedAvg(Method):
             values = dequantize_channels(raw, segments, bits)
         else:
             _, _, _, version, raw = decode_lora(frame, segments, (_FP16,))
-            values = _fp16_values(raw)
+            values = fp16_values(raw)
         if version != self._version:
             raise ValueError(f"reply trained from version {version}; the server is at {self._version}")
         return torch.from_numpy(values.copy())
@@ -256,7 +273,7 @@ class LoRAFedAvg(Method):
     # ---- client ---------------------------------------------------------------------------------
     def client_load_(self, model, frame: bytes, state) -> int:
         _, _, _, version, raw = decode_lora(frame, self.segments, (_FP16,))
-        self.write_values_(model, torch.from_numpy(_fp16_values(raw)))
+        self.write_values_(model, torch.from_numpy(fp16_values(raw)))
         return version
 
     def client_train(self, model, tok, frame, state, examples, server_round, seed):
@@ -283,13 +300,13 @@ class LoRAFedAvg(Method):
         """The analogues of the LoRDBA attacks on the client's update ``u = trained - start``:
         ``invert-flips`` sends ``-u`` (the reversed update), ``flip-all`` sends ``-trained`` (every
         value's sign flipped), ``explode-scales`` sends ``1e4 u``."""
-        start = _fp16_values(decode_lora(downlink, self.segments, (_FP16,))[4]).astype(np.float32)
+        start = fp16_values(decode_lora(downlink, self.segments, (_FP16,))[4]).astype(np.float32)
         if self.bits:
             _, bits, rnd, version, raw = decode_lora(uplink, self.segments, (_QUANT,))
             update = dequantize_channels(raw, self.segments, bits)
         else:
             _, _, rnd, version, raw = decode_lora(uplink, self.segments, (_FP16,))
-            update = _fp16_values(raw).astype(np.float32) - start
+            update = fp16_values(raw).astype(np.float32) - start
         if attack == "invert-flips":
             update = -update
         elif attack == "flip-all":

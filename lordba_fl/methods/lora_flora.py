@@ -40,10 +40,11 @@ from torch.nn import functional as F
 
 from lordba_fl.methods.lora import (
     LORA_CONTAINER,
-    _fp16_values,
+    fp16_values,
     encode_lora,
     lora_layers,
     lora_modules,
+    save_peft_factors,
 )
 from lordba_fl.methods.lora_hetero import HeteroRankLoRA
 from lordba_fl.train import train_local
@@ -209,21 +210,7 @@ class FLoRA(HeteroRankLoRA):
         merged = self.merged()
         if merged is None:
             return super().export(model, folder)
-        from peft import LoraConfig
-        from safetensors.torch import save_file
-
-        names = [n for n, _ in lora_modules(model)]
-        tensors = {}
-        for name, (a, b) in zip(names, merged):
-            tensors[f"{name}.lora_A.weight"] = a.contiguous()
-            tensors[f"{name}.lora_B.weight"] = b.contiguous()
-        rank = merged[0][0].shape[0]
-        out = folder / "peft_lora"
-        out.mkdir(parents=True, exist_ok=True)
-        targets = sorted({n.rsplit(".", 1)[-1] for n in names})
-        LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0, bias="none",
-                   task_type="CAUSAL_LM").save_pretrained(str(out))
-        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_peft_factors(folder / "peft_lora", [n for n, _ in lora_modules(model)], merged, alpha=merged[0][0].shape[0])
 
     def server_state(self):
         tensors, meta = super().server_state()
@@ -291,7 +278,7 @@ class FLoRA(HeteroRankLoRA):
 
         _, _, rnd, version, raw = decode_lora(uplink, self.segments, (0,))
         parts = []
-        for a, bt in self.split(torch.from_numpy(_fp16_values(raw).copy()), self.cfg.rank):
+        for a, bt in self.split(torch.from_numpy(fp16_values(raw).copy()), self.cfg.rank):
             if attack == "invert-flips":
                 bt = -bt
             elif attack == "flip-all":
