@@ -202,8 +202,9 @@ class LatentVote:
         for update, _ in updates:
             if update.version != old.version:
                 raise ValueError(f"update trained from version {update.version}, the server is at {old.version}")
-        total = sum(w for _, w in updates)
-        flip_mass = torch.zeros_like(server.latent)  # (n_bits,) Σ n_k F_k
+        total = math.fsum(w for _, w in updates)
+        # float64: weights up to 2^40 (the reply check's bound) times any count of flips stay exact and finite
+        flip_mass = torch.zeros_like(server.latent, dtype=torch.float64)  # (n_bits,) Σ n_k F_k
         p = self.flip_noise
         for update, w in updates:
             flip_mass += w * update.flips.to(flip_mass.dtype)
@@ -212,8 +213,10 @@ class LatentVote:
         deltas = torch.stack([u.scale_delta.to(old.scales.dtype) for u, _ in updates])  # (K, n_scales)
         weights = torch.tensor([w for _, w in updates], dtype=torch.float64)
         scale_step = combine(deltas, weights, self.scale_rule, self.trim)  # (n_scales,)
-        vote = old.signs(server.latent.dtype) * (1.0 - 2.0 * flip_mass / total).clamp(-1.0, 1.0)  # (n_bits,)
-        latent = self.beta * server.latent + (1.0 - self.beta) * vote
+        vote = old.signs(torch.float64) * (1.0 - 2.0 * flip_mass / total).clamp(-1.0, 1.0)  # (n_bits,)
+        latent = (self.beta * server.latent.double() + (1.0 - self.beta) * vote).to(server.latent.dtype)
+        if not (bool(torch.isfinite(latent).all()) and bool(torch.isfinite(scale_step).all())):
+            raise FloatingPointError("the aggregate latent or scale step is not finite; the round's state is kept")
         wants = latent < 0
         negative = torch.where((wants != old.negative) & (latent.abs() > self.tau), wants, old.negative)
         scales = old.scales + self.eta * scale_step

@@ -191,7 +191,8 @@ class RunConfig:
     round_timeout: float = option(3600.0, "server.round-timeout",
         "seconds the server waits for a round's replies; silent nodes get the full state next")
     enforce_budget: bool = option(True, "server.enforce-budget", "reject updates flipping more than flip.budget of the signs")
-    weight_cap: float = option(0.0, "server.weight-cap", "cap a client's weight at this x the round's median (0: off)")
+    weight_cap: float = option(10.0, "server.weight-cap",
+        "cap every reply's weight (num-examples) at this x the round's median, for every method (0: off)")
     norm_bound: float = option(2.0, "server.norm-bound",
         "bound a scale delta's L2 norm at this x the round's median (0: off; never fires on honest clients: simulations/bench_faults.py)")
     scale_rule: str = option("mean", "server.scale-rule",

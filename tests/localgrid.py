@@ -3,7 +3,8 @@
 Every message is delivered by calling the ClientApp with the node's persistent ``Context``; a
 client that raises becomes an error reply, exactly as the simulation engine reports it. Faults can
 be injected per node (``"raise"``, ``"garbage"``, or ``"vanish@R"``: in round R the node trains and keeps its
-state but its train reply is lost), and every reply is kept for inspection.
+state but its train reply is lost, or a function ``(request, honest reply) -> reply``: a hostile node),
+and every reply is kept for inspection.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class LocalGrid(Grid):
                 if fault == "raise":
                     raise RuntimeError("client crashed")
                 reply = self.client_app(msg, self.contexts[node])
+                if callable(fault) and not reply.has_error():
+                    reply = fault(msg, reply)  # a hostile node: (request, honest reply) -> what it sends instead
                 if fault == "garbage" and msg.metadata.message_type == "train":
                     content = RecordDict({"adapter": frame_record(b"\x00garbage" * 50), "metrics": reply.content["metrics"]})
                     reply = Message(content, reply_to=msg)

@@ -160,7 +160,10 @@ def test_a_mixed_round_aggregates_every_tier_in_the_global_layout(tmp_path):
         delta = embed_scales(low, spec, u.scale_delta, torch.zeros(spec.n_scales))
         updates.append((Update(u.round, u.version, flips, delta), w))
     expected = LatentVote()(before, updates)
-    assert expected.state.equals(after)
+    assert expected.state.version == after.version and torch.equal(expected.state.negative, after.negative)
+    # the scale step is a weighted float sum: its rounding may differ by an ulp between the server's
+    # reduction and this one (vector widths differ across CPUs), never more
+    torch.testing.assert_close(expected.state.scales, after.scales, rtol=4 * 2.0**-23, atol=1e-9)
 
 
 @pytest.mark.real_model

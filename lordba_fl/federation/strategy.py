@@ -10,6 +10,7 @@ round, so a resumed run samples exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -21,6 +22,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from lordba_fl.methods import Method, Reply
 from lordba_fl.wire.metering import ByteLedger, MessageBytes
+from lordba_fl.wire.replies import ReplyError, cap_weights, validate_metrics
 
 log = logging.getLogger("lordba_fl")
 FRAME_RECORD = "adapter"
@@ -57,10 +59,12 @@ class AdapterStrategy(FedAvg):
         Seeds node sampling (per round and phase).
     round_offset : int
         Rounds already done (resume): Flower's round ``i`` is run round ``i + round_offset``.
+    weight_cap : float
+        A reply's weight (its ``num-examples``) is capped at this times the round's median (0: off).
     """
 
     def __init__(self, method: Method, clients_per_round: int, seed: int = 0, round_offset: int = 0,
-                 ledger: ByteLedger | None = None, client_eval: bool = True):
+                 ledger: ByteLedger | None = None, client_eval: bool = True, weight_cap: float = 0.0):
         super().__init__(
             fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=clients_per_round,
             min_evaluate_nodes=clients_per_round, min_available_nodes=clients_per_round,
@@ -76,6 +80,7 @@ class AdapterStrategy(FedAvg):
         self.sent: dict[tuple[int, str], list[int]] = {}  # (round, phase) -> nodes a message went to
         self.client_eval = client_eval  # False: no federated evaluation round trip (eval.client-side)
         self.partitions: dict[int, float] = {}  # node id -> its partition id (asked once per node)
+        self.weight_cap = weight_cap
 
     # ---- sampling -------------------------------------------------------------------------------
     def _sample(self, grid, run_round: int, phase: str) -> list[int]:
@@ -112,13 +117,18 @@ class AdapterStrategy(FedAvg):
                 self.ledger.add(MessageBytes.of(msg, round=run_round, direction=direction, node_id=node,
                                                 fp16_lora_bytes=0, method=self.method.name, phase="query"))
         for msg in replies:
+            node = msg.metadata.src_node_id
             try:
-                metrics = msg.content["metrics"]
-                self.partitions[msg.metadata.src_node_id] = float(metrics["partition-id"])
+                if msg.has_error():
+                    continue
+                metrics = validate_metrics(msg.content["metrics"], required=("partition-id",),
+                                           extra=self.method.reply_metrics)
                 if "rank" in metrics:  # the adapter rank this node trains (heterogeneous devices)
-                    self.method.note_rank(msg.metadata.src_node_id, int(metrics["rank"]))
-            except (KeyError, TypeError, ValueError):
-                pass  # an error or malformed reply: the node stays unknown (sampled last) and is asked again
+                    self.method.note_rank(node, int(metrics["rank"]))
+                self.partitions[node] = metrics["partition-id"]
+            except (KeyError, TypeError, ValueError) as e:  # ReplyError is a ValueError
+                # the node stays unknown (sampled last) and is asked again
+                log.warning("round %d query: dropped reply from node %d: %s", run_round, node, e)
 
     def _messages(self, run_round: int, grid, phase: str, message_type: str) -> list[Message]:
         msgs = []
@@ -145,6 +155,7 @@ class AdapterStrategy(FedAvg):
 
     def _collect(self, run_round: int, replies: Iterable[Message], phase: str):
         good, metrics, failed = [], [], []
+        digests: dict[bytes, int] = {}  # frame digest -> the node that sent it first this round
         replies = list(replies)
         answered = {msg.metadata.src_node_id for msg in replies}
         for node in self.sent.pop((run_round, phase), []):
@@ -164,17 +175,27 @@ class AdapterStrategy(FedAvg):
                 method=self.method.name, phase=phase,
             ))
             try:
-                m = dict(msg.content["metrics"])
+                frame = read_frame(msg.content) if phase == "train" and FRAME_RECORD in msg.content else b""
+                if frame:  # a replayed frame is refused even when its first copy failed another check
+                    digest = hashlib.blake2b(frame, digest_size=16).digest()
+                    if digest in digests:
+                        raise ReplyError(f"duplicate frame: node {digests[digest]} sent the same bytes this round")
+                    digests[digest] = node
+                m = validate_metrics(msg.content["metrics"], extra=self.method.reply_metrics)
                 if "rank" in m:  # heterogeneous devices: a node may change tier between rounds
                     self.method.note_rank(node, int(m["rank"]))
                 if m.get("tier-mismatch"):
+                    if "rank" not in m:
+                        raise ReplyError("a tier-mismatch reply must say the rank it trains")
                     failed.append((node, f"it trains rank {int(m['rank'])} now, not the tier it was sent; "
                                          "it gets that tier's full state next"))
                     continue
-                weight = float(m["num-examples"])
-                frame = read_frame(msg.content) if phase == "train" else b""
+                validate_metrics(m, required=("num-examples", "held-version"), extra=self.method.reply_metrics)
+                weight = m["num-examples"]
+                if phase == "train" and not frame:
+                    frame = read_frame(msg.content)  # raises: a training reply without its frame
                 self.method.note_held(node, int(m["held-version"]))
-            except (KeyError, TypeError, ValueError) as e:
+            except (KeyError, TypeError, ValueError) as e:  # ReplyError is a ValueError
                 failed.append((node, f"malformed reply: {e}"))
                 self.method.note_held(node, None)
                 continue
@@ -189,7 +210,10 @@ class AdapterStrategy(FedAvg):
         # aggregate in partition order, not arrival order: float sums (and so the new state) do not
         # depend on which client answered first, so a resumed run reproduces an uninterrupted one
         order = sorted(range(len(good)), key=lambda i: (float(metrics[i].get("partition-id", -1)), good[i].node_id))
-        return [good[i] for i in order], [metrics[i] for i in order], failed
+        good, metrics = [good[i] for i in order], [metrics[i] for i in order]
+        capped = cap_weights([r.weight for r in good], self.weight_cap)
+        good = [Reply(r.node_id, r.frame, w) for r, w in zip(good, capped)]
+        return good, metrics, failed
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         run_round = server_round + self.round_offset

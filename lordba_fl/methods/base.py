@@ -59,6 +59,9 @@ class Method(ABC):
     # True: nodes may train lower ranks than the run's (hetero.tiers, a node's ``rank``), each served
     # a nested adapter; the method keeps ``node_ranks`` ({node id: rank}) from :meth:`note_rank`
     nested_ranks: bool = False
+    # reply metrics this method's clients send besides the common ones (lordba_fl.wire.replies.REPLY_METRICS):
+    # name -> accepted values; the server refuses a reply with any other key
+    reply_metrics: dict = {}
 
     def __init__(self, cfg):
         self.cfg = cfg  # an instance of settings_type

@@ -14,6 +14,8 @@ output vectors are contiguous *channels*.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import zstandard
@@ -231,7 +233,16 @@ class LoRAFedAvg(Method):
         metrics = {"rejected": float(len(rejected)), "accepted": float(len(accepted))}
         if not accepted:
             return metrics, rejected
-        self.global_values = self.combine(accepted)
+        if not math.isfinite(math.fsum(r.weight for r, _ in accepted)) or any(not r.weight > 0 for r, _ in accepted):
+            # the strategy checks every weight; a direct caller may not: never divide by a bad total
+            return {**metrics, "accepted": 0.0, "aggregate_refused": 1.0}, rejected + [
+                (r.node_id, f"weight {r.weight!r} is not a positive finite number") for r, _ in accepted]
+        new = self.combine(accepted)
+        if not bool(torch.isfinite(new).all()) or not bool((new.abs() <= 65504).all()):
+            # an aggregate no client can receive in fp16: keep the current state
+            metrics["aggregate_refused"] = 1.0
+            return metrics, rejected
+        self.global_values = new
         self._version += 1
         return metrics, rejected
 

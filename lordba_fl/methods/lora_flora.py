@@ -49,6 +49,7 @@ from lordba_fl.methods.lora import (
 from lordba_fl.methods.lora_hetero import HeteroRankLoRA
 from lordba_fl.train import train_local
 from lordba_fl.wire.codec import MalformedFrameError, NonFiniteError
+from lordba_fl.wire.replies import Bound
 
 _STACK = 2  # LORA frame kind: stacked groups since a base version
 _GROUP = struct.Struct("<IHHf")  # version, rank, 0, weight (times the LoRA scaling)
@@ -145,6 +146,7 @@ class FLoRA(HeteroRankLoRA):
     """``lora-flora``: stacked heterogeneous LoRA, merged into the global model every round."""
 
     name = "lora-flora"
+    reply_metrics = {"merged_rank": Bound(0, 2.0**32, integer=True)}
 
     def __init__(self, cfg):
         super().__init__(cfg)

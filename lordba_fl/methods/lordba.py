@@ -57,6 +57,7 @@ from lordba_fl.wire.codec import (
     encode_update,
     read_header,
 )
+from lordba_fl.wire.replies import Bound
 from lordba_fl.wire.layout import (
     AdapterSpec,
     AdapterState,
@@ -219,6 +220,7 @@ class LoRDBASettings(MethodSettings):
 
 class LoRDBAMethod(Method):
     name = "lordba"
+    reply_metrics = {"flip_rate": Bound(0, 1), "device_fit_error": Bound(0, 1e6)}
     settings_type = LoRDBASettings
     nested_ranks = True
 
@@ -351,7 +353,12 @@ class LoRDBAMethod(Method):
             return metrics, reasons
         old = self.server.state
         warmup = server_round <= cfg.warmup_rounds
-        candidate = self._round_aggregator(server_round, warmup)(self.server, accepted)
+        try:
+            candidate = self._round_aggregator(server_round, warmup)(self.server, accepted)
+        except FloatingPointError as e:
+            log.warning("round %d: aggregate refused, %s; keeping version %d", server_round, e, old.version)
+            metrics["aggregate_refused"] = 1.0
+            return metrics, reasons
         if warmup and cfg.scale_init == "normalized":
             # a warm-up's fits leave the gauge arbitrary (an SVD restart gives s_mid the singular
             # values): broadcast it in a fresh adapter's gauge, so the next rounds train conditioned

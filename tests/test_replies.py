@@ -1,0 +1,115 @@
+"""One validation layer for client replies: every metric checked, weights bounded and capped, duplicate
+frames refused; hostile replies are rejected with a reason and the round goes on."""
+
+import math
+
+import pytest
+import torch
+from flwr.app import Message, MetricRecord, RecordDict
+from localgrid import LocalGrid
+
+from clients.app import make_client_app
+from lordba_fl.aggregation import LatentVote, ServerState
+from lordba_fl.federation.strategy import frame_record, read_frame
+from lordba_fl.wire.codec import Update
+from lordba_fl.wire.layout import AdapterState
+from lordba_fl.wire.replies import MAX_METRICS, MAX_WEIGHT, Bound, ReplyError, cap_weights, validate_metrics
+
+HONEST = {"num-examples": 12.0, "held-version": 0.0, "train_loss": 3.5, "partition-id": 1.0}
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("held-version", math.inf, "finite"),
+    ("held-version", 2.0**40, "outside"),
+    ("held-version", 1.5, "whole number"),
+    ("train_loss", [1.0, 2.0], "must be a number"),
+    ("train_loss", math.nan, "finite"),
+    ("train_loss", "low", "must be a number"),
+    ("train_loss", True, "must be a number"),
+    ("rank", math.inf, "finite"),
+    ("rank", 0.0, "outside"),
+    ("num-examples", 0.0, "outside"),
+    ("num-examples", -1.0, "outside"),
+    ("num-examples", 1e39, "outside"),
+    ("num-examples", 10**400, "finite"),
+    ("worker-pid", -3.0, "outside"),
+    ("no-such-metric", 1.0, "unknown metric"),
+])
+def test_each_bad_value_is_refused_naming_the_field(key, value, message):
+    with pytest.raises(ReplyError, match=message) as e:
+        validate_metrics({**HONEST, key: value})
+    assert key in str(e.value)
+
+
+def test_honest_metrics_pass_as_floats_and_methods_add_their_own_keys():
+    assert validate_metrics(HONEST) == HONEST
+    assert validate_metrics({**HONEST, "flip_rate": 0.25}, extra={"flip_rate": Bound(0, 1)})["flip_rate"] == 0.25
+    with pytest.raises(ReplyError, match="flip_rate"):
+        validate_metrics({**HONEST, "flip_rate": 2.0}, extra={"flip_rate": Bound(0, 1)})
+    with pytest.raises(ReplyError, match="lacks"):
+        validate_metrics({"train_loss": 1.0}, required=("num-examples",))
+    with pytest.raises(ReplyError, match=f"at most {MAX_METRICS}"):
+        validate_metrics({f"k{i}": 1.0 for i in range(MAX_METRICS + 1)})
+    assert MAX_WEIGHT * 1e6 < 2.0**63  # bounded weights times flip counts stay exact-ish and finite in float64
+
+
+def test_weights_are_capped_at_a_multiple_of_the_median_by_hand():
+    assert cap_weights([10.0, 20.0, 1e9], 4.0) == [10.0, 20.0, 80.0]  # median 20
+    assert cap_weights([10.0, 20.0, 1e9], 0.0) == [10.0, 20.0, 1e9]
+    assert cap_weights([5.0, 7.0], 10.0) == [5.0, 7.0]
+
+
+def test_a_huge_weight_no_longer_poisons_the_vote():
+    n = 64
+    state = AdapterState(0, torch.zeros(n, dtype=torch.bool), torch.ones(8))
+    server = ServerState.initial(state)
+    flips = torch.zeros(n, dtype=torch.bool)
+    flips[:5] = True
+    ups = [(Update(1, 0, flips, torch.zeros(8)), 1e39), (Update(1, 0, torch.zeros(n, dtype=torch.bool), torch.zeros(8)), 1.0)]
+    new = LatentVote()(server, ups)
+    assert bool(torch.isfinite(new.latent).all())  # float32 sums overflowed to inf / NaN here
+    assert new.state.negative[:5].all() and not new.state.negative[5:].any()
+
+
+def _hostile(metrics=None, frame_of=None):
+    def fault(msg, reply):
+        if msg.metadata.message_type != "train":
+            return reply
+        m = dict(reply.content["metrics"])
+        m.update(metrics or {})
+        frame = read_frame(reply.content) if frame_of is None else frame_of()
+        return Message(RecordDict({"adapter": frame_record(frame), "metrics": MetricRecord(m)}), reply_to=msg)
+    return fault
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("method", ["lordba", "lora-fedavg", "lora-flora"])
+def test_hostile_replies_are_rejected_and_the_round_goes_on(tmp_path, method):
+    from test_federation import _run
+
+    grid = LocalGrid(make_client_app(), 4, {})
+    first_frame = lambda: read_frame(grid.replies[-1].content)  # noqa: E731 - replays the previous node's frame
+    grid.faults = {
+        101: _hostile({"held-version": math.inf, "train_loss": [1.0, 2.0]}),
+        102: _hostile({"num-examples": -1.0}),
+        103: _hostile(frame_of=first_frame),
+    }
+    # the run must not raise: 101 and 102 are refused by the metric check, 103 as a duplicate of 102's frame
+    _, _, rows = _run(tmp_path, grid=grid, method=method)
+    for rnd in (1, 2):
+        assert rows[rnd]["clients_failed"] == 3 and rows[rnd]["accepted"] == 1
+    assert math.isfinite(rows[2]["eval_loss"]) and rows[2]["round"] == 2
+
+
+@pytest.mark.real_model
+def test_a_query_reply_with_an_infinite_partition_is_ignored(tmp_path):
+    from test_federation import _run
+
+    def bad_query(msg, reply):
+        if msg.metadata.message_type == "query":
+            return Message(RecordDict({"metrics": MetricRecord({"partition-id": math.inf})}), reply_to=msg)
+        return reply
+
+    grid = LocalGrid(make_client_app(), 4, {}, {101: bad_query})
+    _, _, rows = _run(tmp_path, grid=grid, method="lora-fedavg", rounds=1, **{"clients-per-round": 3})
+    assert rows[1]["clients_succeeded"] >= 2 and math.isfinite(rows[1]["eval_loss"])
