@@ -45,12 +45,14 @@ class ServerState:
 
 
 def collect_updates(
-    replies: Sequence[tuple[bytes, float]], spec: AdapterSpec, options: CodecOptions | None = None, *, version: int
+    replies: Sequence[tuple[bytes, float]], spec: AdapterSpec, options: CodecOptions | None = None, *, version: int,
+    round: int | None = None,
 ) -> tuple[list[tuple[Update, float]], list[tuple[int, str]]]:
     """Decode every reply ``(frame, num_examples)``; return (accepted, rejected ``(index, reason)``).
 
     A reply is rejected when its frame fails to decode, it trained from another version than
-    ``version``, or its weight is not a positive finite number. Nothing is applied here.
+    ``version``, its frame is of another round than ``round`` (when given: a replayed frame), or its
+    weight is not a positive finite number. Nothing is applied here.
     """
     accepted, rejected = [], []
     for i, (frame, weight) in enumerate(replies):
@@ -61,6 +63,8 @@ def collect_updates(
             continue
         if update.version != version:
             rejected.append((i, f"trained from version {update.version}, the round broadcast version {version}"))
+        elif round is not None and update.round != round:
+            rejected.append((i, f"frame of round {update.round} replayed in round {round}"))
         elif not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
             rejected.append((i, f"num_examples must be a positive finite number; got {weight!r}"))
         else:

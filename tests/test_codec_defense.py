@@ -274,3 +274,108 @@ def test_fuzz_only_codec_errors():
     # the crafted half reaches every layer of checks, not just the CRC
     deep = {"ModelMismatchError", "ShapeMismatchError", "MalformedFrameError", "DecompressionBombError", "NonFiniteError"}
     assert deep <= set(outcomes), outcomes
+
+
+def test_frames_are_strict_trailing_data_second_zstd_frame_reserved_and_flags():
+    frame = encode_update(_update(p=0.5), SPEC)  # packed signs, zstd sections
+    table, signs, scales = _sections(frame)
+    assert decode_update(reframe(frame, [table, signs, scales]), SPEC).flips.shape == (SPEC.n_bits,)
+    with pytest.raises(MalformedFrameError, match="unused data"):  # bytes after the zstd frame
+        decode_update(reframe(frame, [table, signs + b"\0\0\0", scales]), SPEC)
+    raw = zstandard.ZstdDecompressor().decompress(signs)
+    with pytest.raises(MalformedFrameError, match="unused data"):  # a second zstd frame after the first
+        decode_update(reframe(frame, [table, signs + _z(raw), scales]), SPEC)
+    with pytest.raises(MalformedFrameError, match="reserved field 7"):
+        decode_update(reframe(frame, reserved=7), SPEC)
+    with pytest.raises(MalformedFrameError, match="flags 0x4"):
+        decode_update(reframe(frame, flags=4), SPEC)
+
+
+def test_a_replayed_lordba_frame_of_another_round_is_rejected():
+    from lordba_fl.aggregation import collect_updates
+
+    frame = encode_update(_update(), SPEC)  # round 2, version 1
+    got, bad = collect_updates([(frame, 1.0)], SPEC, version=1, round=2)
+    assert len(got) == 1 and not bad
+    got, bad = collect_updates([(frame, 1.0)], SPEC, version=1, round=3)
+    assert not got and "round 2 replayed in round 3" in bad[0][1]
+
+
+def _lora_frame(kind=0, bits=0, rnd=1, version=0, reserved=0, payload=None, segments=None, compress=False):
+    from lordba_fl.methods.lora import encode_lora
+
+    segments = np.array([3, 3, 5, 5]) if segments is None else segments
+    payload = np.zeros(int(segments.sum()), np.float16).tobytes() if payload is None else payload
+    return encode_lora(kind, bits, rnd, version, payload, compress=compress, reserved=reserved), segments
+
+
+def test_lora_frames_are_strict():
+    from lordba_fl.methods.lora import decode_lora
+
+    frame, seg = _lora_frame()
+    assert decode_lora(frame, seg, (0,))[3] == 0
+    for bad, match in [(_lora_frame(reserved=9)[0], "reserved field is 9"), (_lora_frame(bits=2)[0], "2 bits"),
+                       (_lora_frame(kind=5)[0], "kind 5")]:
+        with pytest.raises(MalformedFrameError, match=match):
+            decode_lora(bad, seg, (0,))
+    # a compressed payload with bytes after its zstd frame (valid CRC and lengths)
+    body = _z(np.zeros(16, np.float16).tobytes()) + b"\0"
+    from lordba_fl.methods.lora import LORA_CONTAINER
+
+    crafted = LORA_CONTAINER.seal((0, 0, 1, 0, 0, 32, len(body)), [body])
+    with pytest.raises(MalformedFrameError, match="unused data"):
+        decode_lora(crafted, seg, (0,))
+
+
+def test_fuzz_lora_and_flora_frames_only_codec_errors():
+    """Mutated LoRA (fp16, 2-bit) and FLoRA stack frames, CRC fixed for half: only CodecErrors, and
+    whatever decodes has the receiver's shapes."""
+    from lordba_fl.methods.lora import LORA_CONTAINER, decode_lora, quantize_channels
+    from lordba_fl.methods.lora_flora import Group, decode_stack, encode_stack
+
+    rng = np.random.default_rng(7)
+    seg = np.array([3, 3, 5, 5])
+    n = int(seg.sum())
+    sizes = lambda rank: n * rank // 2  # noqa: E731 - a rank-2 group holds n values here
+    q = quantize_channels(rng.standard_normal(n).astype(np.float32), seg, 2, rng)
+    seeds = [
+        (_lora_frame(payload=rng.standard_normal(n).astype(np.float16).tobytes())[0], "fp16"),
+        (_lora_frame(kind=1, bits=2, payload=q, compress=True)[0], "q2"),
+        (encode_stack([Group(1, 2, 0.5, rng.standard_normal(n).astype(np.float16)),
+                       Group(2, 2, 0.25, rng.standard_normal(n).astype(np.float16))], 3, 2, 0), "stack"),
+    ]
+    outcomes = {"ok": 0}
+    for i in range(3_000):
+        frame, kind = seeds[i % len(seeds)]
+        buf = bytearray(frame)
+        op = rng.integers(0, 4)
+        if op == 0:
+            buf = bytearray(rng.integers(0, 256, rng.integers(0, 120), dtype=np.uint8).tobytes())
+        elif op == 1:
+            for _ in range(rng.integers(1, 4)):
+                buf[rng.integers(0, len(buf))] ^= int(rng.integers(1, 256))
+        else:  # crafted: mutate a header field or body byte, then a valid CRC
+            fields = list(LORA_CONTAINER.header.unpack_from(frame, 0)[2:-1])
+            body = bytearray(frame[LORA_CONTAINER.header_bytes :])
+            if op == 2:
+                j = int(rng.integers(0, len(fields)))
+                fields[j] = int(rng.integers(0, 2**8 if j < 2 else 2**32))
+            elif len(body):
+                body[rng.integers(0, len(body))] ^= int(rng.integers(1, 256))
+            try:
+                buf = bytearray(LORA_CONTAINER.seal(fields, [bytes(body)]))
+            except Exception:  # noqa: BLE001 - a field past its struct width: not a frame anyone can send
+                continue
+        try:
+            if kind == "stack":
+                _, _, groups = decode_stack(bytes(buf), sizes)
+                assert all(g.values.size == sizes(g.rank) for g in groups)
+            else:
+                values = decode_lora(bytes(buf), seg, (0,) if kind == "fp16" else (1,))[4]
+                assert len(values) in (2 * n, 4 * seg.size + (2 * n + 7) // 8)
+        except CodecError as e:
+            outcomes[type(e).__name__] = outcomes.get(type(e).__name__, 0) + 1
+            continue
+        outcomes["ok"] += 1
+    assert sum(outcomes.values()) >= 2_500 and outcomes["ok"] > 0
+    assert {"ChecksumError", "MalformedFrameError"} <= set(outcomes), outcomes

@@ -44,7 +44,7 @@ def _reply(method, node: int, rank: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     n = method.group_size(rank)
     v = (torch.randn(n, generator=g) * 0.1).half().float()
-    frame = encode_lora(_FP16, 0, 1, method.version, v.numpy().astype(np.float16).tobytes(), compress=False)
+    frame = encode_lora(_FP16, 0, method.version + 1, method.version, v.numpy().astype(np.float16).tobytes(), compress=False)
     return v, Reply(node, frame, float(seed + 1))
 
 
@@ -144,7 +144,10 @@ def test_bad_stacks_are_refused_with_what_was_wrong():
         (_sealed([(1, 2, 0, float("nan"))], ok, 1), MalformedFrameError, "weights finite"),
         (_sealed([(1, 0, 0, 0.5)], b"", 1), MalformedFrameError, "ranks are >= 1"),
         (_sealed([(3, 2, 0, 0.5)], ok, 1), MalformedFrameError, "covers 1..1"),
-        (_sealed([(1, 2, 0, 0.5)], ok, 2), MalformedFrameError, "lacks a group"),
+        (_sealed([(1, 2, 0, 0.5)], ok, 2), MalformedFrameError, "versions 1..2 with only 1 groups"),
+        (_sealed([(1, 2, 0, 0.5), (1, 2, 0, 0.5)], ok + ok, 2), MalformedFrameError, "lacks a group"),
+        # a version far past the table (valid CRC) is refused before any range is built from it
+        (_sealed([(1, 2, 0, 0.5)], ok, 0xFFFFFFFF), MalformedFrameError, "with only 1 groups"),
         (_sealed([], b"", 1, base=2), MalformedFrameError, "past its own version"),
         (_sealed([(1, 2, 0, 0.5)], np.full(size(2), np.nan, np.float16).tobytes(), 1), NonFiniteError, "NaN"),
         (encode_lora(_FP16, 0, 1, 0, ok, compress=False), MalformedFrameError, "not a FLoRA stack"),

@@ -99,9 +99,11 @@ def encode_lora(kind: int, bits: int, round: int, version: int, payload: bytes, 
 
 def decode_lora(frame: bytes, segments: np.ndarray, kinds: tuple[int, ...]) -> tuple[int, int, int, int, bytes]:
     """Validate a LoRA frame against the receiver's layout; returns (kind, bits, round, version, raw payload)."""
-    (kind, bits, rnd, version, _, raw_len, comp_len), _ = LORA_CONTAINER.open(frame)
-    if kind not in kinds or (kind == _QUANT and bits not in (2, 4)):
+    (kind, bits, rnd, version, reserved, raw_len, comp_len), _ = LORA_CONTAINER.open(frame)
+    if kind not in kinds or (kind == _QUANT and bits not in (2, 4)) or (kind != _QUANT and bits):
         raise MalformedFrameError(f"LoRA frame kind {kind} / {bits} bits is not what this method sends")
+    if reserved:
+        raise MalformedFrameError(f"LoRA frame's reserved field is {reserved}; lordba-fl writes 0")
     want = _raw_size(kind, bits, segments)
     if raw_len != want:
         raise (DecompressionBombError if raw_len > want else ShapeMismatchError)(
@@ -160,6 +162,7 @@ class LoRAFedAvg(Method):
         super().__init__(cfg)
         self.global_values: torch.Tensor | None = None
         self._version = 0
+        self._round: int | None = None  # the round being aggregated: its replies must carry it
 
     # ---- layout ---------------------------------------------------------------------------------
     def adapt(self, model: nn.Module) -> nn.Module:
@@ -224,6 +227,7 @@ class LoRAFedAvg(Method):
         return self._full_frame(server_round)
 
     def aggregate(self, server_round: int, replies) -> dict:
+        self._round = server_round  # replies must be frames of this round (a replayed frame is refused)
         accepted, rejected = [], []
         for r in replies:
             try:
@@ -260,15 +264,17 @@ class LoRAFedAvg(Method):
     def _decode_reply(self, frame: bytes, segments: np.ndarray | None = None) -> torch.Tensor:
         segments = self.segments if segments is None else segments
         if self.bits:
-            _, bits, _, version, raw = decode_lora(frame, segments, (_QUANT,))
+            _, bits, rnd, version, raw = decode_lora(frame, segments, (_QUANT,))
             if bits != self.bits:
                 raise MalformedFrameError(f"update quantized to {bits} bits; this run uses {self.bits}")
             values = dequantize_channels(raw, segments, bits)
         else:
-            _, _, _, version, raw = decode_lora(frame, segments, (_FP16,))
+            _, _, rnd, version, raw = decode_lora(frame, segments, (_FP16,))
             values = fp16_values(raw)
         if version != self._version:
             raise ValueError(f"reply trained from version {version}; the server is at {self._version}")
+        if self._round is not None and rnd != self._round:
+            raise ValueError(f"frame of round {rnd} replayed in round {self._round}")
         return torch.from_numpy(values.copy())
 
     def load_global_(self, model) -> None:

@@ -83,8 +83,8 @@ def encode_stack(groups: list[Group], server_round: int, version: int, base: int
 def decode_stack(frame: bytes, sizes) -> tuple[int, int, list[Group]]:
     """(base version, version, groups) of a stack frame; ``sizes(rank)`` is the number of fp16 values
     of a rank-``rank`` group in the receiver's layout. Every size, rank, weight and value is checked."""
-    (kind, _, _, version, base, raw_len, comp_len), _ = LORA_CONTAINER.open(frame)
-    if kind != _STACK or comp_len:
+    (kind, bits, _, version, base, raw_len, comp_len), _ = LORA_CONTAINER.open(frame)
+    if kind != _STACK or comp_len or bits:
         raise MalformedFrameError(f"LoRA frame kind {kind} is not a FLoRA stack (lora-flora sends kind {_STACK})")
     body = memoryview(frame)[LORA_CONTAINER.header_bytes :]
     if raw_len < 4:
@@ -94,6 +94,8 @@ def decode_stack(frame: bytes, sizes) -> tuple[int, int, list[Group]]:
         raise MalformedFrameError(f"FLoRA stack declares {n} groups; its {raw_len} bytes cannot hold their table")
     if base > version:
         raise MalformedFrameError(f"FLoRA stack builds on version {base}, past its own version {version}")
+    if version - base > n:  # each version has a group: bounds the version range by the table's size
+        raise MalformedFrameError(f"FLoRA stack covers versions {base + 1}..{version} with only {n} groups")
     groups, pos = [], 4 + n * _GROUP.size
     for i in range(n):
         v, rank, pad, weight = _GROUP.unpack_from(body, 4 + i * _GROUP.size)

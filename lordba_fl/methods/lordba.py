@@ -335,7 +335,7 @@ class LoRDBAMethod(Method):
             members = [i for i, r in enumerate(replies) if self.node_ranks.get(r.node_id, cfg.rank) == rank]
             got, bad = collect_updates(  # under dp every client weighs the same: num_examples is data
                 [(replies[i].frame, 1.0 if dp else replies[i].weight) for i in members], spec, self.options,
-                version=self.version)
+                version=self.version, round=server_round)
             rejected += [(members[j], why) for j, why in bad]
             dropped = {j for j, _ in bad}
             kept_idx = [members[j] for j in range(len(members)) if j not in dropped]

@@ -486,6 +486,9 @@ def _parse(
             f"frame was made for model fingerprint {h.fingerprint.hex()}, this adapter is "
             f"{spec.fingerprint.hex()}: load the same base model and LoRDBA alpha/rank on both sides"
         )
+    if h.flags & ~_FLAG_DICTIONARY or h.reserved:
+        raise MalformedFrameError(f"frame has flags {h.flags:#x} and reserved field {h.reserved}; this lordba-fl knows "
+                                  f"flag {_FLAG_DICTIONARY:#x} only and writes reserved 0: run the same release everywhere")
     if h.dict_id != options.dict_id or bool(h.flags & _FLAG_DICTIONARY) != bool(options.dictionary):
         raise ModelMismatchError(
             f"frame was compressed with zstd dictionary id {h.dict_id}, this decoder uses {options.dict_id}: "

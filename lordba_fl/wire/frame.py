@@ -99,7 +99,8 @@ def bounded_inflate(section: bytes, raw_len: int, cap: int, what: str, dictionar
     if content != raw_len:
         raise MalformedFrameError(f"{what}'s zstd frame declares {content} bytes; the header says {raw_len}")
     try:
-        out = _decompressor(dictionary).decompress(section, max_output_size=cap)
+        # one zstd frame and nothing after it: trailing bytes or a second frame are refused
+        out = _decompressor(dictionary).decompress(section, max_output_size=cap, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise MalformedFrameError(f"{what} failed to decompress ({e})") from None
     if len(out) != raw_len:
