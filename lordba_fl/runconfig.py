@@ -44,6 +44,10 @@ class FaultConfig:
         reversed update), ``flip-all`` (LoRA: every value negated), ``explode-scales`` (deltas x 1e4),
         ``replay`` (their first update again in later rounds). NaN / inf scales cannot be sent: the
         codec refuses to encode and to decode them (``tests/test_codec_defense.py``).
+    min_clients, max_failed_rounds : int
+        Not injected faults but the server's guard against them: a training round in which fewer than
+        ``min_clients`` replies are aggregated is a failed round, and ``max_failed_rounds`` of them in a
+        row stop the run with an error saying what the clients died of (0: never stop).
     """
 
     fail_prob: float = option(0.0, "faults.fail-prob", "simulated faults (off): client raises")
@@ -52,6 +56,10 @@ class FaultConfig:
     corrupt_prob: float = option(0.0, "faults.corrupt-prob", "uplink replaced by random bytes / truncated")
     byzantine_fraction: float = option(0.0, "faults.byzantine-fraction", "fixed seeded set of attacking partitions")
     attack: str = option("invert-flips", "faults.attack", "invert-flips | flip-all | explode-scales | replay")
+    min_clients: int = option(1, "faults.min-clients",
+        "a training round aggregating fewer replies than this is a failed round")
+    max_failed_rounds: int = option(2, "faults.max-failed-rounds",
+        "stop the run after this many failed rounds in a row, saying why the clients failed (0: never)")
 
     def __post_init__(self):
         for name in ("fail_prob", "slow_prob", "corrupt_prob", "byzantine_fraction"):
@@ -62,6 +70,9 @@ class FaultConfig:
             raise ValueError(f"faults.slow-s must be >= 0 seconds; got {self.slow_s}")
         if self.attack not in ATTACKS:
             raise ValueError(f"faults.attack must be one of {ATTACKS}; got {self.attack!r}")
+        if self.min_clients < 1 or self.max_failed_rounds < 0:
+            raise ValueError(f"faults.min-clients must be >= 1 and faults.max-failed-rounds >= 0 (0: never stop); got "
+                             f"{self.min_clients} and {self.max_failed_rounds}")
 
 
 @dataclass(frozen=True)
@@ -273,6 +284,9 @@ class RunConfig:
         ):
             if not ok:
                 raise ValueError(f"run config {key!r} must be {accepted}; got {value!r}")
+        if self.faults.min_clients > self.clients_per_round:
+            raise ValueError(f"faults.min-clients ({self.faults.min_clients}) exceeds clients-per-round "
+                             f"({self.clients_per_round}): every round would fail; lower it")
         if self.client_state not in STATE_KINDS:
             raise ValueError(f"client.state must be one of {STATE_KINDS}; got {self.client_state!r}")
         if self.client_state_dtype not in STATE_DTYPES:

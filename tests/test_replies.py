@@ -113,3 +113,32 @@ def test_a_query_reply_with_an_infinite_partition_is_ignored(tmp_path):
     grid = LocalGrid(make_client_app(), 4, {}, {101: bad_query})
     _, _, rows = _run(tmp_path, grid=grid, method="lora-fedavg", rounds=1, **{"clients-per-round": 3})
     assert rows[1]["clients_succeeded"] >= 2 and math.isfinite(rows[1]["eval_loss"])
+
+
+@pytest.mark.real_model
+def test_rounds_where_every_client_dies_stop_the_run_with_the_cause_and_resume_continues(tmp_path):
+    from test_federation import _run
+
+    from lordba_fl.federation.strategy import RunStalledError
+
+    def dying(msg, reply):  # from round 2 on, what the simulation engine reports for a worker its OOM killer took
+        from flwr.app import Error
+
+        if msg.metadata.message_type == "train" and int(msg.content["config"]["server-round"]) >= 2:
+            return Message(Error(code=0, reason="Task was killed due to the node running low on memory"), reply_to=msg)
+        return reply
+
+    grid = LocalGrid(make_client_app(), 4, {}, {n: dying for n in range(100, 104)})
+    with pytest.raises(RunStalledError, match="out of memory") as e:
+        _run(tmp_path, grid=grid, method="lora-fedavg", rounds=4)
+    assert "round 2: 0 aggregated, round 3: 0 aggregated" in str(e.value) and "resume=true" in str(e.value)
+    # a healthy federation resumes from the last good round (1) and finishes
+    _, _, rows = _run(tmp_path, method="lora-fedavg", rounds=4, resume=True)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4] and rows[4]["clients_succeeded"] == 4
+
+
+def test_a_guard_that_can_never_pass_is_refused():
+    from lordba_fl.runconfig import parse_run_config
+
+    with pytest.raises(ValueError, match="faults.min-clients"):
+        parse_run_config({"clients-per-round": 2, "faults.min-clients": 3})

@@ -250,7 +250,8 @@ def run_server(grid, run_config: dict) -> dict:
             log.info("resuming %s from round %d", run_dir, offset)
     recorder = RunRecorder(run_dir, rows)
     strategy = AdapterStrategy(method, cfg.clients_per_round, cfg.seed, offset, ledger, cfg.client_eval,
-                               weight_cap=cfg.weight_cap)
+                               weight_cap=cfg.weight_cap, min_clients=cfg.faults.min_clients,
+                               max_failed_rounds=cfg.faults.max_failed_rounds)
     # nodes that live on across a server restart are not asked for their partition again
     strategy.partitions = {int(k): float(v) for k, v in extra.get("partitions", {}).items()}
     eval_sets = _server_eval_sets(task, cfg)

@@ -25,6 +25,30 @@ from lordba_fl.wire.metering import ByteLedger, MessageBytes
 from lordba_fl.wire.replies import ReplyError, cap_weights, validate_metrics
 
 log = logging.getLogger("lordba_fl")
+# substrings of a failed client's reason that mean it ran out of memory (Ray's OOM killer, torch, the kernel)
+_OOM_SIGNS = ("outofmemory", "out of memory", "oom", "memory", "killed", "sigkill")
+
+
+class RunStalledError(RuntimeError):
+    """Too many training rounds in a row aggregated too few replies; the message says why they failed."""
+
+
+def stalled_message(streak: list[tuple[int, int, list[str]]], min_clients: int) -> str:
+    """What to tell the user when ``streak`` (``[(round, accepted, reasons)]``) stops the run."""
+    reasons = [r for _, _, rs in streak for r in rs]
+    counts: dict[str, int] = {}
+    for r in reasons:
+        key = r.splitlines()[0][:160] if r else "no reason given"
+        counts[key] = counts.get(key, 0) + 1
+    top = "; ".join(f"{n} x {why}" for why, n in sorted(counts.items(), key=lambda kv: -kv[1])[:3]) or "no replies at all"
+    rounds = ", ".join(f"round {rnd}: {acc} aggregated" for rnd, acc, _ in streak)
+    oom = any(any(s in r.lower() for s in _OOM_SIGNS) for r in reasons)
+    fix = ("the clients ran out of memory: lower train.batch-size or rank, turn on train.gradient-checkpointing, "
+           "or give each client more memory (fewer clients per machine: --cpus-per-client)") if oom else (
+           "fix what the clients report above (their logs have the tracebacks), or lower faults.min-clients")
+    return (f"stopped: {len(streak)} training rounds in a row aggregated fewer than faults.min-clients = {min_clients} "
+            f"replies ({rounds}); clients failed with: {top}. {fix}. The last good round is checkpointed: rerun "
+            "with resume=true to continue from it.")
 FRAME_RECORD = "adapter"
 FRAME_KEY = "frame"
 FRAME_STYPE = "lordba-fl/frame"
@@ -61,10 +85,14 @@ class AdapterStrategy(FedAvg):
         Rounds already done (resume): Flower's round ``i`` is run round ``i + round_offset``.
     weight_cap : float
         A reply's weight (its ``num-examples``) is capped at this times the round's median (0: off).
+    min_clients, max_failed_rounds : int
+        A training round aggregating fewer than ``min_clients`` replies is failed; ``max_failed_rounds``
+        failed rounds in a row raise :class:`RunStalledError` (0: never).
     """
 
     def __init__(self, method: Method, clients_per_round: int, seed: int = 0, round_offset: int = 0,
-                 ledger: ByteLedger | None = None, client_eval: bool = True, weight_cap: float = 0.0):
+                 ledger: ByteLedger | None = None, client_eval: bool = True, weight_cap: float = 0.0,
+                 min_clients: int = 1, max_failed_rounds: int = 0):
         super().__init__(
             fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=clients_per_round,
             min_evaluate_nodes=clients_per_round, min_available_nodes=clients_per_round,
@@ -81,6 +109,8 @@ class AdapterStrategy(FedAvg):
         self.client_eval = client_eval  # False: no federated evaluation round trip (eval.client-side)
         self.partitions: dict[int, float] = {}  # node id -> its partition id (asked once per node)
         self.weight_cap = weight_cap
+        self.min_clients, self.max_failed_rounds = min_clients, max_failed_rounds
+        self.failed_streak: list[tuple[int, int, list[str]]] = []  # consecutive failed rounds
 
     # ---- sampling -------------------------------------------------------------------------------
     def _sample(self, grid, run_round: int, phase: str) -> list[int]:
@@ -229,6 +259,15 @@ class AdapterStrategy(FedAvg):
         if states:
             out["client_state_bytes_max"] = max(states)
         self.round_metrics.setdefault(run_round, {}).update(out)
+        accepted = int(out.get("accepted", 0))
+        if accepted < self.min_clients:
+            self.failed_streak.append((run_round, accepted, [why for _, why in failed + rejected]))
+            log.error("round %d: only %d of %d sampled clients aggregated (faults.min-clients = %d)", run_round,
+                      accepted, self.clients_per_round, self.min_clients)
+            if self.max_failed_rounds and len(self.failed_streak) >= self.max_failed_rounds:
+                raise RunStalledError(stalled_message(self.failed_streak, self.min_clients))
+        else:
+            self.failed_streak = []
         return ArrayRecord(), MetricRecord({k: float(v) for k, v in out.items()})
 
     # ---- evaluate -------------------------------------------------------------------------------
