@@ -270,6 +270,8 @@ class RunConfig:
     def __post_init__(self):
         if self.rounds < 1 or self.clients_per_round < 1:
             raise ValueError("rounds and clients-per-round must be >= 1")
+        if self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ValueError(f"name is the run's folder under out-dir: one folder name, no path; got {self.name!r}")
         for key, value, ok, accepted in (
             ("alpha", self.alpha, self.alpha > 0, "> 0"),
             ("server.history", self.history, self.history >= 1, ">= 1 (sign versions kept)"),

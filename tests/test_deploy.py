@@ -47,6 +47,25 @@ def test_credentials_match_what_flower_reads(tmp_path):
         init_deployment(tmp_path / "x", ["http://bad/"], nodes=1)
 
 
+def test_keys_are_private_from_the_first_byte_and_planted_links_are_not_followed(tmp_path):
+    out = tmp_path / "deploy"
+    out.mkdir(mode=0o755)
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    (out / "ca.key.tmp").symlink_to(victim)  # the old predictable temporary name
+    dep = init_deployment(out, ["127.0.0.1"], nodes=1)
+    assert victim.read_text() == "untouched"
+    assert out.stat().st_mode & 0o777 == 0o700 and (out / "nodes").stat().st_mode & 0o777 == 0o700
+    for key in (out / "ca.key", out / "server.key", dep.node_key(0)):
+        assert key.stat().st_mode & 0o777 == 0o600 and not key.is_symlink()
+    assert (out / "ca.crt").stat().st_mode & 0o777 == 0o644
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    # the SuperLink listens where SuperNodes on other machines can reach it (its own default is 127.0.0.1)
+    cmd = dep.superlink_cmd()
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert "deploy/" in (ROOT / ".gitignore").read_text().split()
+
+
 class Procs:
     """Started processes, each with its log; :meth:`end` kills them all by PID."""
 

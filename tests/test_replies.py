@@ -142,3 +142,24 @@ def test_a_guard_that_can_never_pass_is_refused():
 
     with pytest.raises(ValueError, match="faults.min-clients"):
         parse_run_config({"clients-per-round": 2, "faults.min-clients": 3})
+
+
+def test_a_run_name_cannot_leave_out_dir():
+    from lordba_fl.runconfig import parse_run_config
+
+    for name in ("../x", "a/b", "..", "."):
+        with pytest.raises(ValueError, match="one folder name"):
+            parse_run_config({"name": name})
+
+
+@pytest.mark.real_model
+def test_a_new_run_clears_old_checkpoints_and_a_resume_with_other_shapes_is_refused(tmp_path):
+    from test_federation import _run
+
+    _, run_dir, _ = _run(tmp_path, method="lora-fedavg", rounds=2)
+    assert (run_dir / "latest.json").is_file()
+    with pytest.raises(ValueError, match="another rank"):  # rank 8 cannot resume a rank-4 checkpoint
+        _run(tmp_path, method="lora-fedavg", rounds=3, resume=True, rank=8, alpha=16.0)
+    _, _, rows = _run(tmp_path, method="lora-fedavg", rounds=1)  # resume=false: starts afresh, old ckpts gone
+    assert [r["round"] for r in rows] == [0, 1] and sorted(p.name for p in run_dir.glob("ckpt-*")) == [
+        "ckpt-0.json", "ckpt-0.safetensors", "ckpt-1.json", "ckpt-1.safetensors"]

@@ -329,3 +329,18 @@ def test_peft_import_errors(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"x")
     with pytest.raises(LoRDBAFileError, match="only PEFT LoRA"):
         lordba_from_peft_lora(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("r, a_shape, b_shape, match", [
+    (0, (0, 8), (8, 0), "r = 0"),
+    (2, (3, 8), (8, 3), r"rank 2 needs \(2, in\)"),
+    (1, (1, 400_000), (400_000, 1), "past the"),  # a 3 MB file asking for a 160 GB update
+])
+def test_peft_import_checks_shapes_before_multiplying(tmp_path, r, a_shape, b_shape, match):
+    from safetensors.torch import save_file
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2}))
+    save_file({"base_model.model.l.lora_A.weight": torch.zeros(a_shape),
+               "base_model.model.l.lora_B.weight": torch.zeros(b_shape)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(LoRDBAFileError, match=match):
+        lordba_from_peft_lora(tiny_llama(), tmp_path)

@@ -334,6 +334,9 @@ def lordba_from_peft_lora(
     return attach_lordba_(model, LoRDBAConfig.from_dict(base), delta_weights=deltas)
 
 
+MAX_DELTA_ELEMENTS = 2**28  # one layer's (out, in): 1 GiB in fp32, past any model this library adapts on a device
+
+
 def read_peft_lora_deltas(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int, float]:
     """``({module_name: dW (out, in)}, r, lora_alpha)`` of a PEFT LoRA adapter directory."""
     from safetensors.torch import load_file
@@ -346,7 +349,13 @@ def read_peft_lora_deltas(directory: str | os.PathLike) -> tuple[dict[str, torch
     lora = json.loads(cfg_path.read_text())
     if lora.get("peft_type") != "LORA":
         raise LoRDBAFileError(f"{cfg_path} is a {lora.get('peft_type')!r} adapter; only PEFT LoRA can be converted")
-    r, lora_alpha = int(lora["r"]), float(lora["lora_alpha"])
+    try:
+        r, lora_alpha = int(lora["r"]), float(lora["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise LoRDBAFileError(f"{cfg_path} lacks a whole 'r' and a numeric 'lora_alpha' ({e})") from None
+    if r < 1 or not math.isfinite(lora_alpha) or lora_alpha == 0:
+        raise LoRDBAFileError(f"{cfg_path} has r = {r} and lora_alpha = {lora_alpha}; a LoRA has r >= 1 and a finite, "
+                              "nonzero alpha")
     lora_scaling = lora_alpha / (math.sqrt(r) if lora.get("use_rslora") else r)
     try:
         weights = load_file(str(weights_path))
@@ -360,6 +369,13 @@ def read_peft_lora_deltas(directory: str | os.PathLike) -> tuple[dict[str, torch
         b = weights.get(key.replace(".lora_A.weight", ".lora_B.weight"))
         if b is None:
             raise LoRDBAFileError(f"{weights_path} has {key} but no matching lora_B")
+        # shapes before the product: a small file must not ask for a huge (out, in) matrix
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise LoRDBAFileError(f"{weights_path}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                                  f"the config's rank {r} needs ({r}, in) and (out, {r})")
+        if b.shape[0] * a.shape[1] > MAX_DELTA_ELEMENTS:
+            raise LoRDBAFileError(f"{weights_path}: {name}'s update would be {b.shape[0]} x {a.shape[1]}, past the "
+                                  f"{MAX_DELTA_ELEMENTS} weights of any layer lordba-fl adapts")
         deltas[name] = (b.float() @ a.float()) * lora_scaling  # (out, r) @ (r, in) -> (out, in)
     if not deltas:
         raise LoRDBAFileError(f"{weights_path} holds no lora_A/lora_B weights")

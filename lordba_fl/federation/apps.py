@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from lordba_fl.base.models import load_model
 from lordba_fl.data import ClientData, load_client_data, load_task
 from lordba_fl.federation import faults
-from lordba_fl.federation.checkpoint import load_checkpoint, save_checkpoint
+from lordba_fl.federation.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
 from lordba_fl.federation.report import RunRecorder, round_row
 from lordba_fl.federation.strategy import AdapterStrategy, frame_record, read_frame
 from lordba_fl.hetero import node_profile, parse_tiers
@@ -243,6 +243,8 @@ def run_server(grid, run_config: dict) -> dict:
     method.init_server(model)
     ledger = ByteLedger()
     offset, rows, extra = 0, [], {}
+    if not cfg.resume and clear_checkpoints(run_dir):
+        log.info("%s: removed an earlier run's checkpoints (resume=false starts afresh)", run_dir)
     if cfg.resume:
         restored = load_checkpoint(run_dir, method, ledger)
         if restored is not None:

@@ -19,9 +19,29 @@ from lordba_fl.wire.metering import ByteLedger, MessageBytes
 
 
 def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)``, then the file's bytes and its new name flushed to disk: a power loss leaves the
+    old file or the new one, never a torn one."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clear_checkpoints(run_dir: Path) -> int:
+    """Remove an earlier run's checkpoints from ``run_dir`` (a new run that does not resume must never
+    leave them for a later resume to pick up); returns how many files went."""
+    gone = 0
+    for old in [*Path(run_dir).glob("ckpt-*"), Path(run_dir) / "latest.json"]:
+        if old.is_file():
+            old.unlink()
+            gone += 1
+    return gone
 
 
 def save_checkpoint(run_dir: Path, run_round: int, method, ledger: ByteLedger, rows: list[dict], extra: dict | None = None) -> None:
@@ -54,6 +74,14 @@ def load_checkpoint(run_dir: Path, method, ledger: ByteLedger) -> tuple[int, lis
         raise ValueError(
             f"{run_dir} holds a checkpoint of method {doc['method']!r}, not {method.name!r}; use another out-dir"
         )
-    method.load_server_state(load_file(str(run_dir / f"ckpt-{run_round}.safetensors")), doc["method_state"])
+    tensors = load_file(str(run_dir / f"ckpt-{run_round}.safetensors"))
+    fresh, _ = method.server_state()  # this run's shapes: a checkpoint of other settings is refused
+    for key, t in fresh.items():
+        if key not in tensors or tuple(tensors[key].shape) != tuple(t.shape):
+            got = tuple(tensors[key].shape) if key in tensors else "nothing"
+            raise ValueError(f"{run_dir}'s checkpoint holds {got} for {key!r}; this run's {method.name} needs "
+                             f"{tuple(t.shape)} (another rank, model or scale set): resume with the settings it was "
+                             "made with, or start afresh in another out-dir or name")
+    method.load_server_state(tensors, doc["method_state"])
     ledger.records[:] = [MessageBytes(**r) for r in doc["ledger"]]
     return run_round, doc["rows"], doc.get("extra", {})

@@ -25,6 +25,7 @@ import datetime
 import ipaddress
 import os
 import shlex
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +38,32 @@ DEFAULT_PORT = 8000  # flower-superlink's HTTP port (Fleet, Control)
 ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
+def _private_dir(folder: Path) -> None:
+    """``folder`` (and missing parents) created, and the folder itself made owner-only (0700): it holds keys."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
+
+
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    """``data`` to ``path`` through a fresh, randomly named file in the same folder (``mkstemp``:
+    ``O_CREAT | O_EXCL``, mode 0600 from the first byte, so a planted file or symlink is never written
+    through), then renamed over ``path``; a public file is made 0644 before the rename."""
     if private:
-        tmp.chmod(0o600)
-    tmp.replace(path)
+        _private_dir(path.parent)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if not private:
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _name(cn: str) -> x509.Name:
@@ -118,6 +138,7 @@ class Deployment:
     port: int
     nodes: int
     name: str = "lordba"
+    bind: str = "0.0.0.0"  # the SuperLink's listening address (flower-superlink --host; its default is 127.0.0.1)
 
     @property
     def address(self) -> str:
@@ -129,7 +150,8 @@ class Deployment:
     def superlink_cmd(self) -> list[str]:
         r = self.root
         return ["flower-superlink", "--ssl-ca-certfile", str(r / "ca.crt"), "--ssl-certfile", str(r / "server.pem"),
-                "--ssl-keyfile", str(r / "server.key"), "--enable-supernode-auth", "--port", str(self.port),
+                "--ssl-keyfile", str(r / "server.key"), "--enable-supernode-auth", "--host", self.bind,
+                "--port", str(self.port),
                 "--disable-runtime-dependency-installation"]
 
     def register_cmd(self, i: int) -> list[str]:
@@ -177,7 +199,7 @@ class Deployment:
 
 
 def init_deployment(out: Path, hosts: list[str], nodes: int, port: int = DEFAULT_PORT, name: str = "lordba",
-                    days: int = 365, force: bool = False) -> Deployment:
+                    days: int = 365, force: bool = False, bind: str = "0.0.0.0") -> Deployment:
     """Create the CA, the SuperLink certificate (SANs: ``hosts`` + localhost) and ``nodes`` node keys."""
     if nodes < 1:
         raise ValueError(f"--nodes must be >= 1; got {nodes}")
@@ -195,7 +217,8 @@ def init_deployment(out: Path, hosts: list[str], nodes: int, port: int = DEFAULT
     _write(out / "ca.crt", ca.public_bytes(serialization.Encoding.PEM))
     _write(out / "server.key", _pem_key(server_key), private=True)
     _write(out / "server.pem", server.public_bytes(serialization.Encoding.PEM))
-    dep = Deployment(out, hosts[0], port, nodes, name)
+    _private_dir(out)
+    dep = Deployment(out, hosts[0], port, nodes, name, _check_host(bind))
     for i in range(nodes):
         make_node_key(dep.node_key(i))
     _write(out / "commands.sh", dep.script().encode())
@@ -225,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--host", action="append", required=True, help="address SuperNodes dial (repeat for more SANs)")
     i.add_argument("--nodes", type=int, default=2)
     i.add_argument("--port", type=int, default=DEFAULT_PORT)
+    i.add_argument("--bind", default="0.0.0.0", help="address the SuperLink listens on (flower-superlink --host; "
+                   "0.0.0.0: every interface, so SuperNodes on other machines can connect)")
     i.add_argument("--name", default="lordba", help="connection name in $FLWR_HOME/config.toml")
     i.add_argument("--days", type=int, default=365)
     i.add_argument("--force", action="store_true")
@@ -238,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         key = make_node_key(nodes / f"node-{max(taken, default=-1) + 1}")
         print(f"wrote {key} and {key}.pub; register it: flwr supernode register {key}.pub <connection>")
         return
-    dep = init_deployment(args.out, args.host, args.nodes, args.port, args.name, args.days, args.force)
+    dep = init_deployment(args.out, args.host, args.nodes, args.port, args.name, args.days, args.force, args.bind)
     if args.write_flwr_config:
         print(f"wrote [superlink.{dep.name}] to {write_connection(dep)}")
     print(dep.script())
