@@ -29,6 +29,10 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# the simulated SuperNodes are this user's own processes: they may import the user's plug-ins and read
+# the user's files named in the run config (a deployed SuperNode allows neither unless its node config does)
+os.environ.setdefault("LORDBA_FL_ALLOW_IMPORTS", "*")
+os.environ.setdefault("LORDBA_FL_ALLOW_DATA", "/")
 
 PROJECT = Path(__file__).resolve().parents[1]
 QUICK = {"model": "tiny-llama", "rounds": 2, "train.local-steps": 2, "train.batch-size": 2, "train.seq-len": 64,

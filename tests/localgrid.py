@@ -21,7 +21,8 @@ class LocalGrid(Grid):
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
         self.client_app = client_app
         self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
+            100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": num_nodes,
+                                                               "allow-imports": "*", "allow-data": "/"},
                              state=RecordDict(), run_config=dict(run_config))
             for i in range(num_nodes)
         }

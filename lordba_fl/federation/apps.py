@@ -155,11 +155,56 @@ def _method_for(cfg: RunConfig, context=None):
     return model, tok, method
 
 
+# run-config keys whose value may name code by import path ('pkg.module:attr'), and the one that names a file
+IMPORT_KEYS = ("task", "method", "server.aggregator")
+DATA_KEYS = ("data.files.path",)
+ALLOW_IMPORTS_ENV, ALLOW_DATA_ENV = "LORDBA_FL_ALLOW_IMPORTS", "LORDBA_FL_ALLOW_DATA"
+
+
+def _allow_list(node_config, key: str, env: str) -> list[str]:
+    raw = node_config.get(key) if node_config is not None else None
+    raw = os.environ.get(env, "") if raw is None else str(raw)
+    return [x.strip() for x in raw.split(",") if x.strip()]
+
+
+def check_node_allows(run_config: dict, node_config) -> None:
+    """Refuse a run config that would make this node import code or read a file it was not told to.
+
+    Whoever sets the run config picks ``task``, ``method`` and ``server.aggregator``; as import paths
+    they run code on every SuperNode, and ``data.files.path`` reads a file there. A node honours them
+    only when its node config (``allow-imports``: comma list of top-level packages, ``*`` for any;
+    ``allow-data``: comma list of folders) or its environment (``LORDBA_FL_ALLOW_IMPORTS``,
+    ``LORDBA_FL_ALLOW_DATA``) allows them; registered names need no permission. The local simulation
+    launcher allows everything (one user's own machine).
+    """
+    imports = _allow_list(node_config, "allow-imports", ALLOW_IMPORTS_ENV)
+    for key in IMPORT_KEYS:
+        value = run_config.get(key)
+        if isinstance(value, str) and ":" in value:
+            package = value.split(":", 1)[0].split(".", 1)[0]
+            if "*" not in imports and package not in imports:
+                raise PermissionError(
+                    f"run config {key}={value!r} would import and run code of package {package!r} on this node, which "
+                    f"does not allow it: start the SuperNode with --node-config \"allow-imports='{package}'\" (or set "
+                    f"{ALLOW_IMPORTS_ENV}={package}) if you trust it")
+    folders = [Path(f).resolve() for f in _allow_list(node_config, "allow-data", ALLOW_DATA_ENV)]
+    for key in DATA_KEYS:
+        value = run_config.get(key)
+        if isinstance(value, str) and value:
+            path = Path(value).resolve()
+            if not any(path == f or f in path.parents for f in folders):
+                raise PermissionError(
+                    f"run config {key}={value!r} would read a file this node does not allow: start the SuperNode with "
+                    f"--node-config \"allow-data='{path.parent}'\" (or set {ALLOW_DATA_ENV}) to allow that folder")
+
+
 def _config(context, fallback: dict | None) -> RunConfig:
     import torch
 
     torch.set_num_threads(1)  # simulated clients share the machine's cores; one thread each
-    cfg = parse_run_config(dict(context.run_config) or fallback or {})
+    raw = dict(context.run_config) or fallback or {}
+    check_node_allows(raw, getattr(context, "node_config", None))  # before parsing imports anything
+    cfg = parse_run_config(raw)
     if cfg.train.return_memory:
         return_freed_memory()  # before this process loads the model (a deployed client: a fresh process)
     return cfg
@@ -202,7 +247,9 @@ def client_query(msg: Message, context, fallback_config: dict | None = None) -> 
     random node ids a simulation assigns, so a seeded run samples the same data every time) and, for
     LoRDBA, the adapter rank it trains (heterogeneous devices: the server sends it its nested tier)."""
     metrics = {"partition-id": float(int(context.node_config["partition-id"]))}
-    run = parse_run_config(dict(context.run_config) or fallback_config or {})
+    raw = dict(context.run_config) or fallback_config or {}
+    check_node_allows(raw, context.node_config)
+    run = parse_run_config(raw)
     if _nested(run):
         metrics["rank"] = float(tier_config(run, context).rank)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
