@@ -44,6 +44,10 @@ class FaultConfig:
         reversed update), ``flip-all`` (LoRA: every value negated), ``explode-scales`` (deltas x 1e4),
         ``replay`` (their first update again in later rounds). NaN / inf scales cannot be sent: the
         codec refuses to encode and to decode them (``tests/test_codec_defense.py``).
+    hostile_fraction : float
+        Probability a sampled client sends a hostile reply instead of its honest one (a random kind
+        of :data:`lordba_fl.federation.faults.HOSTILE_KINDS`: garbage metrics or weights, a mutated,
+        missing or replayed frame).
     min_clients, max_failed_rounds : int
         Not injected faults but the server's guard against them: a training round in which fewer than
         ``min_clients`` replies are aggregated is a failed round, and ``max_failed_rounds`` of them in a
@@ -56,13 +60,15 @@ class FaultConfig:
     corrupt_prob: float = option(0.0, "faults.corrupt-prob", "uplink replaced by random bytes / truncated")
     byzantine_fraction: float = option(0.0, "faults.byzantine-fraction", "fixed seeded set of attacking partitions")
     attack: str = option("invert-flips", "faults.attack", "invert-flips | flip-all | explode-scales | replay")
+    hostile_fraction: float = option(0.0, "faults.hostile-fraction",
+        "probability a client's reply is hostile: garbage metrics / weights, a mutated, missing or replayed frame")
     min_clients: int = option(1, "faults.min-clients",
         "a training round aggregating fewer replies than this is a failed round")
     max_failed_rounds: int = option(2, "faults.max-failed-rounds",
         "stop the run after this many failed rounds in a row, saying why the clients failed (0: never)")
 
     def __post_init__(self):
-        for name in ("fail_prob", "slow_prob", "corrupt_prob", "byzantine_fraction"):
+        for name in ("fail_prob", "slow_prob", "corrupt_prob", "byzantine_fraction", "hostile_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"faults.{name.replace('_', '-')} must be a probability in [0, 1]; got {v}")

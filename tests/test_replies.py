@@ -163,3 +163,18 @@ def test_a_new_run_clears_old_checkpoints_and_a_resume_with_other_shapes_is_refu
     _, _, rows = _run(tmp_path, method="lora-fedavg", rounds=1)  # resume=false: starts afresh, old ckpts gone
     assert [r["round"] for r in rows] == [0, 1] and sorted(p.name for p in run_dir.glob("ckpt-*")) == [
         "ckpt-0.json", "ckpt-0.safetensors", "ckpt-1.json", "ckpt-1.safetensors"]
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("method", ["lordba", "lora-fedavg", "lora-flora", "fed-sb"])
+def test_hundreds_of_hostile_replies_of_every_kind_never_crash_the_server(method):
+    from lordba_fl.federation.faults import HOSTILE_KINDS
+    from simulations.bench_chaos import stress
+
+    rec = stress(method, hostile=4 * len(HOSTILE_KINDS) * 3, per_round=len(HOSTILE_KINDS) * 3)
+    assert rec["server_exceptions"] == 0 and rec["hostile_accepted"] == 0 and rec["state_finite"]
+    assert rec["honest_accepted"] == rec["honest_sent"] and rec["version"] == rec["rounds"]  # every round learned
+    assert sum(rec["refused"].values()) == rec["hostile_sent"]
+    for reason in ("metric 'held-version' must be finite", "unknown metric 'evil'", "the reply carries N metrics",
+                   "duplicate frame", "message has no 'adapter/frame' frame"):
+        assert rec["refused"].get(reason, 0) > 0, rec["refused"]

@@ -29,7 +29,7 @@ from lordba_fl.data import ClientData, load_client_data, load_task
 from lordba_fl.federation import faults
 from lordba_fl.federation.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
 from lordba_fl.federation.report import RunRecorder, round_row
-from lordba_fl.federation.strategy import AdapterStrategy, frame_record, read_frame
+from lordba_fl.federation.strategy import AdapterStrategy, frame_record, read_frame, reason_class
 from lordba_fl.hetero import node_profile, parse_tiers
 from lordba_fl.methods import make_method, settings_for
 from lordba_fl.registry import METHODS
@@ -239,7 +239,10 @@ def client_train(msg: Message, context, fallback_config: dict | None = None) -> 
         metrics["rank"] = float(method.cfg.rank)  # the nested rank this node trains (heterogeneous devices)
     metrics.update(_worker_metrics())
     metrics = _reply_metrics(cfg, metrics)
-    return Message(RecordDict({"adapter": frame_record(frame), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    frame, metrics = faults.hostile(cfg, frame, metrics, context.state, server_round, pid)
+    content = {"metrics": MetricRecord(metrics)} if frame is None else {"adapter": frame_record(frame),
+                                                                         "metrics": MetricRecord(metrics)}
+    return Message(RecordDict(content), reply_to=msg)
 
 
 def client_query(msg: Message, context, fallback_config: dict | None = None) -> Message:
@@ -323,6 +326,11 @@ def run_server(grid, run_config: dict) -> dict:
             row["tier_mix"] = ",".join(f"{r}:{t['clients']}" for r, t in tiers.items())
             for r, t in tiers.items():
                 row.update({f"tier{r}_{k}": v for k, v in t.items()})
+        if strategy.round_failures.get(run_round):  # why replies were refused, by kind
+            counts: dict[str, int] = {}
+            for _, why in strategy.round_failures[run_round]:
+                counts[reason_class(why)] = counts.get(reason_class(why), 0) + 1
+            row["refused"] = counts
         if run_round in strategy.round_workers:
             row["workers"] = strategy.round_workers[run_round]  # {pid: {base_loads, clients_served}}
         recorder.log(row)

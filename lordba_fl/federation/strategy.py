@@ -29,6 +29,19 @@ log = logging.getLogger("lordba_fl")
 _OOM_SIGNS = ("outofmemory", "out of memory", "oom", "memory", "killed", "sigkill")
 
 
+def reason_class(reason: str) -> str:
+    """A refusal reason without its numbers and node ids, so reasons of one kind count together
+    (``"metric 'held-version' must be finite"``, ``"ChecksumError"``, ``"duplicate frame"``)."""
+    import re
+
+    text = reason.removeprefix("malformed reply: ")
+    m = re.match(r"^(\w+Error):", text)
+    if m:
+        return m.group(1)
+    text = re.split(r"[;(]|: node|, got|; got", text, maxsplit=1)[0]
+    return re.sub(r"-?\d[\d.e+-]*", "N", text).strip()[:80]
+
+
 class RunStalledError(RuntimeError):
     """Too many training rounds in a row aggregated too few replies; the message says why they failed."""
 
@@ -111,6 +124,7 @@ class AdapterStrategy(FedAvg):
         self.weight_cap = weight_cap
         self.min_clients, self.max_failed_rounds = min_clients, max_failed_rounds
         self.failed_streak: list[tuple[int, int, list[str]]] = []  # consecutive failed rounds
+        self.round_failures: dict[int, list[tuple[int, str]]] = {}  # run round -> (node, reason) of every refusal
 
     # ---- sampling -------------------------------------------------------------------------------
     def _sample(self, grid, run_round: int, phase: str) -> list[int]:
@@ -251,6 +265,7 @@ class AdapterStrategy(FedAvg):
         agg, rejected = self.method.aggregate(run_round, good) if good else ({"accepted": 0.0, "rejected": 0.0}, [])
         for node, why in rejected:
             log.warning("round %d: rejected update from node %d: %s", run_round, node, why)
+        self.round_failures[run_round] = failed + list(rejected)
         out = {"clients_sampled": float(self.clients_per_round), "clients_failed": float(len(failed)),
                "clients_silent": float(sum(why.startswith("no reply") for _, why in failed))}
         out.update(agg)
