@@ -124,15 +124,22 @@ def stress(method: str, hostile: int, per_round: int = 48, honest: int = 2, seed
             "refused": dict(refused.most_common()), "wall_s": round(time.time() - t0, 1)}
 
 
-def _kill_a_worker_every(seconds: float, stop: threading.Event) -> None:
+MARK = "LORDBA_CHAOS_RUN"  # set in the environment of the run whose workers may be killed (only its own)
+
+
+def _kill_a_worker_every(seconds: float, stop: threading.Event, token: str) -> None:
     import psutil
 
     while not stop.wait(seconds):
         for p in psutil.process_iter(["name", "cmdline"]):
-            if "ClientAppActor" in " ".join(p.info.get("cmdline") or []) or "ClientAppActor" in (p.info.get("name") or ""):
-                p.kill()
-                print(f"[chaos] killed Ray worker {p.pid}", file=sys.stderr)
-                break
+            try:
+                is_worker = "ClientAppActor" in " ".join(p.info.get("cmdline") or []) + (p.info.get("name") or "")
+                if is_worker and p.environ().get(MARK) == token:
+                    p.kill()
+                    print(f"[chaos] killed Ray worker {p.pid}", file=sys.stderr)
+                    break
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
 
 
 def _server_killed_and_resumed(over: dict, kill_after_round: int) -> tuple[list[dict], int, float]:
@@ -176,13 +183,15 @@ def federation(model: str, out_dir: Path, hostile_fraction: float, kill_every: f
     for name, extra in scenarios.items():
         over = {**base, **extra, "name": f"chaos-{name}-s{seed}"}
         if name == "workers-killed":
-            stop = threading.Event()
-            killer = threading.Thread(target=_kill_a_worker_every, args=(kill_every, stop), daemon=True)
+            stop, token = threading.Event(), f"{os.getpid()}-{time.time()}"
+            os.environ[MARK] = token  # inherited by this run's processes, Ray workers included
+            killer = threading.Thread(target=_kill_a_worker_every, args=(kill_every, stop, token), daemon=True)
             killer.start()
             try:
                 rows, code, wall = launch(over, supernodes=SUPERNODES)
             finally:
                 stop.set()
+                os.environ.pop(MARK, None)
         elif name == "server-killed-resumed":
             rows, code, wall = _server_killed_and_resumed(over, kill_after_round=2)
         else:
