@@ -176,7 +176,7 @@ def federation(model: str, out_dir: Path, hostile_fraction: float, kill_every: f
     scenarios = {
         "clean": {},
         f"hostile-{hostile_fraction:g}": {"faults.hostile-fraction": hostile_fraction},
-        "workers-killed": {"faults.max-failed-rounds": 0},
+        "workers-killed": {"faults.max-failed-rounds": 0, "server.round-timeout": 600.0},
         "server-killed-resumed": {},
     }
     clean = None
