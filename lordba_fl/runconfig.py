@@ -202,7 +202,10 @@ class RunConfig:
     beta: float = option(0.0, "server.beta", "latent momentum")
     tau: float = option(0.0, "server.tau", "hysteresis")
     eta: float = option(1.0, "server.eta", "server lr on scales (1 = FedAvg)")
-    scale_encoding: str = option("q8", "codec.scale-encoding", "q8 | fp16")
+    scale_encoding: str = option("q8", "codec.scale-encoding",
+        "uplink scale deltas: q8 | q4 | q2 (codes in [-127,127] / [-7,7] / [-1,1], one fp16 step per layer, unbiased) | fp16")
+    scale_error_feedback: bool = option(False, "codec.scale-error-feedback",
+        "each client keeps what quantizing its scale delta lost and adds it to its next one (state: 4 bytes a scale)")
     codec_level: int = option(3, "codec.level", "zstd level of every frame (1..22).")
     history: int = option(4, "server.history", "sign versions kept for downlink deltas")
     round_timeout: float = option(3600.0, "server.round-timeout",
@@ -282,7 +285,8 @@ class RunConfig:
             ("alpha", self.alpha, self.alpha > 0, "> 0"),
             ("server.history", self.history, self.history >= 1, ">= 1 (sign versions kept)"),
             ("codec.level", self.codec_level, 1 <= self.codec_level <= 22, "1..22 (zstd)"),
-            ("codec.scale-encoding", self.scale_encoding, self.scale_encoding in ("q8", "fp16"), "q8 or fp16"),
+            ("codec.scale-encoding", self.scale_encoding, self.scale_encoding in ("q8", "q4", "q2", "fp16"),
+             "q8, q4, q2 or fp16"),
             ("eval.examples", self.eval_examples, self.eval_examples >= 0, ">= 0"),
             ("eval.generate", self.generate_examples, self.generate_examples >= 0, ">= 0"),
             ("seed", self.seed, self.seed >= 0, ">= 0"),
@@ -295,6 +299,9 @@ class RunConfig:
         if self.faults.min_clients > self.clients_per_round:
             raise ValueError(f"faults.min-clients ({self.faults.min_clients}) exceeds clients-per-round "
                              f"({self.clients_per_round}): every round would fail; lower it")
+        if self.scale_error_feedback and self.dp.on:
+            raise ValueError("codec.scale-error-feedback carries a client's past deltas into the next, which "
+                             "dp.mode's per-round noise does not account for: turn one of them off")
         if self.client_state not in STATE_KINDS:
             raise ValueError(f"client.state must be one of {STATE_KINDS}; got {self.client_state!r}")
         if self.client_state_dtype not in STATE_DTYPES:

@@ -75,6 +75,13 @@ LORDBA_VARIANTS: dict[str, dict] = {
     # early rounds flip more (the signs have most to learn there): budgets halve each round to the lean ones
     "lordba-lean-ef-hot": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
                            "server.flip-budget-start": 0.04},  # = the defaults (pyproject.toml)
+    # cheaper uplink scales: 4 / 2-bit deltas (unbiased rounding), alone and with client error feedback
+    "lordba-q4": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08, "server.flip-budget-start": 0.04,
+                  "codec.scale-encoding": "q4"},
+    "lordba-q4-sef": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
+                      "server.flip-budget-start": 0.04, "codec.scale-encoding": "q4", "codec.scale-error-feedback": True},
+    "lordba-q2-sef": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
+                      "server.flip-budget-start": 0.04, "codec.scale-encoding": "q2", "codec.scale-error-feedback": True},
     "lordba-lean-3s": {**_LEAN, "scales": "in,mid,out", "server.error-feedback": False},
     "lordba-lean-warmup": {**_LEAN, "init.warmup-rounds": 2, "server.error-feedback": False},
     "lordba-lean-ef-warmup": {**_LEAN, "init.warmup-rounds": 1, "server.error-feedback": True},

@@ -12,6 +12,7 @@ from lordba_fl.wire.codec import (
     CodecError,
     CodecOptions,
     FrameKind,
+    MalformedFrameError,
     ModelMismatchError,
     ScaleEncoding,
     SignEncoding,
@@ -26,6 +27,7 @@ from lordba_fl.wire.codec import (
     pack_signs,
     packed_row_bytes,
     read_header,
+    scale_roundtrip,
     train_dictionary,
     unpack_bits,
     unpack_signs,
@@ -138,7 +140,7 @@ def test_run_length_sign_coding_by_hand():
 @given(
     shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 40), st.integers(1, 9)), min_size=1, max_size=4),
     p=st.floats(0, 1),
-    encoding=st.sampled_from(["fp16", "q8"]),
+    encoding=st.sampled_from(["fp16", "q8", "q4", "q2"]),
     scales=st.sampled_from([("in", "mid", "out"), ("mid", "out"), ("in",)]),
     seed=st.integers(0, 2**31 - 1),
 )
@@ -153,11 +155,14 @@ def test_update_round_trip(shapes, p, encoding, scales, seed):
     if encoding == "fp16":
         assert torch.equal(out.scale_delta, update.scale_delta.half().float())
     else:
-        # every value on its segment's grid q * step, |q| <= 127, within one step of the truth
+        # every value on its segment's grid q * step, |q| <= L, within one step of the truth
+        levels = {"q8": 127, "q4": 7, "q2": 1}[encoding]
         steps = torch.from_numpy(np.repeat(np.frombuffer(_q8_steps(frame, spec, opts), np.float16).astype(np.float32), spec.scale_segments))
         q = torch.where(steps > 0, out.scale_delta / steps, torch.zeros_like(steps))
-        assert torch.equal(q, q.round()) and q.abs().max() <= 127
+        assert torch.equal(q, q.round()) and q.abs().max() <= levels
         assert bool(((out.scale_delta - update.scale_delta).abs() <= steps).all())
+        # what the client computes for error feedback is exactly what the server decodes
+        assert np.array_equal(scale_roundtrip(update.scale_delta, spec, opts, seed), out.scale_delta.numpy())
 
 
 def _q8_steps(frame, spec, opts):
@@ -186,6 +191,39 @@ def test_q8_step_and_stochastic_rounding_by_hand():
     assert set(torch.unique(outs[:, 1] / step).round().tolist()) <= {-50.0, -49.0}
     assert abs(float(outs[:, 1].mean()) + 0.5) < 4 * step / 2 / np.sqrt(2000)
     assert abs(float(outs[:, 0].mean()) - 1.27) < 4 * step / 2 / np.sqrt(2000)
+
+
+@pytest.mark.parametrize("encoding, bits", [("q4", 4), ("q2", 2)])
+def test_low_bit_scale_codes_by_hand(encoding, bits):
+    spec = _spec(((3, 1, 1),), ("in",))  # one segment of 3 values
+    delta = torch.tensor([0.7, -0.35, 0.0])
+    opts = CodecOptions(scale_encoding=encoding)
+    flips = torch.zeros(spec.n_bits, dtype=torch.bool)
+    outs = torch.stack([decode_update(encode_update(Update(0, 0, flips, delta), spec, opts, rng=s), spec, opts).scale_delta
+                        for s in range(2000)])
+    levels = (1 << (bits - 1)) - 1
+    step = float(np.float16(0.7 / levels)) if np.float16(0.7 / levels) >= 0.7 / levels else float(
+        np.nextafter(np.float16(0.7 / levels), np.float16(1)))  # 0.7 / L rounded up to fp16
+    assert torch.equal(outs[:, 2], torch.zeros(2000))  # a zero delta is sent as exactly zero
+    grid = set(torch.unique(outs[:, 1] / step).round().tolist())
+    lo = np.floor(-0.35 / step)
+    assert grid <= {lo, lo + 1}  # one of its two neighbouring grid points
+    for i, v in enumerate(delta.tolist()):  # unbiased: within 4 sigma of the mean
+        assert abs(float(outs[:, i].mean()) - v) < 4 * step / 2 / np.sqrt(2000) + 1e-7
+    frame = encode_update(Update(0, 0, flips, delta), spec, opts, rng=0)
+    assert len(_q8_steps(frame, spec, opts)) == 2  # one fp16 step, then ceil(3 * bits / 8) code bytes
+
+
+def test_low_bit_scale_sections_with_bad_codes_are_refused():
+    from lordba_fl.wire.codec import _decode_q, pack_codes
+
+    seg = np.array([3])
+    step = np.float16(0.1).tobytes()
+    assert np.allclose(_decode_q(step + pack_codes(np.array([0, 7, 14]), 4).tobytes(), seg, 4), [-0.7, 0.0, 0.7], atol=1e-3)
+    with pytest.raises(MalformedFrameError, match="outside"):
+        _decode_q(step + pack_codes(np.array([0, 15, 14]), 4).tobytes(), seg, 4)  # 15: code 8, past 7
+    with pytest.raises(MalformedFrameError, match="padding"):
+        _decode_q(step + bytes([0b11_01_01_01]), seg, 2)  # the 4th 2-bit field is padding and must be 0
 
 
 def test_sparse_updates_are_run_length_coded_and_small():

@@ -70,3 +70,28 @@ def test_refit_of_one_client_reproduces_its_product():
     got = product(new.state.negative, new.state.scales)
     # a rank-3 sign factorization of a rank-3 sign product: the refit is close (not exact: scales are rank-1 fits)
     assert float((got - target).norm() / target.norm()) < 0.5
+
+
+def test_scale_error_feedback_sends_the_sum_of_the_deltas_over_rounds():
+    """Error feedback: what a node sends over rounds adds up to what it trained, less one residual."""
+    import numpy as np
+    import torch
+
+    from lordba_fl.federation.apps import _adapted_model
+    from lordba_fl.methods.lordba import RESIDUAL_KEY
+    from lordba_fl.runconfig import parse_run_config
+    from lordba_fl.wire.codec import scale_roundtrip
+
+    _, _, method = _adapted_model(parse_run_config({"model": "tiny-llama", "rank": 4, "alpha": 8.0,
+                                                    "codec.scale-encoding": "q2", "codec.scale-error-feedback": True}))
+    state, sent, trained = {}, [], []
+    g = torch.Generator().manual_seed(0)
+    for rnd in range(5):
+        delta = torch.randn(method.spec.n_scales, generator=g) * 1e-3
+        trained.append(delta)
+        carried = method._with_feedback_(delta, state, seed=rnd)  # delta + the previous residual
+        sent.append(scale_roundtrip(carried, method.spec, method.options, rnd))
+    residual = np.frombuffer(state[RESIDUAL_KEY]["values"], np.float32)
+    np.testing.assert_allclose(np.sum(sent, axis=0) + residual, torch.stack(trained).sum(0).numpy(), rtol=0, atol=1e-7)
+    # the residual is one rounding error of the last round: below one step, the segment's max |carried| (q2)
+    assert np.abs(residual).max() <= float(carried.abs().max()) * (1 + 2**-10)

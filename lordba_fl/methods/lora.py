@@ -31,6 +31,8 @@ from lordba_fl.wire.codec import (
     NonFiniteError,
     ShapeMismatchError,
     fp16_round,
+    pack_codes,
+    unpack_codes,
 )
 from lordba_fl.wire.frame import Container, bounded_inflate
 
@@ -41,20 +43,6 @@ _FP16, _QUANT = 0, 1
 
 
 # ---- frames ---------------------------------------------------------------------------------------
-
-
-def _pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
-    per = 8 // bits
-    pad = (-q.size) % per
-    q = np.concatenate([q, np.zeros(pad, np.uint8)]).reshape(-1, per)  # (bytes, per)
-    shifts = (np.arange(per, dtype=np.uint8) * bits)[None, :]
-    return np.bitwise_or.reduce(q << shifts, axis=1).astype(np.uint8)
-
-
-def _unpack_codes(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
-    per = 8 // bits
-    shifts = (np.arange(per, dtype=np.uint8) * bits)[None, :]
-    return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
 
 
 def quantize_channels(values: np.ndarray, segments: np.ndarray, bits: int, rng: np.random.Generator) -> bytes:
@@ -70,7 +58,7 @@ def quantize_channels(values: np.ndarray, segments: np.ndarray, bits: int, rng: 
     step_full = np.repeat(step.astype(np.float32), segments)
     x = np.divide(values - lo_full, step_full, out=np.zeros_like(values), where=step_full > 0)
     q = np.clip(np.floor(x + rng.random(values.size, dtype=np.float32)), 0, levels).astype(np.uint8)
-    return lo.tobytes() + step.tobytes() + _pack_codes(q, bits).tobytes()
+    return lo.tobytes() + step.tobytes() + pack_codes(q, bits).tobytes()
 
 
 def dequantize_channels(raw: bytes, segments: np.ndarray, bits: int) -> np.ndarray:
@@ -80,7 +68,7 @@ def dequantize_channels(raw: bytes, segments: np.ndarray, bits: int) -> np.ndarr
     step = np.frombuffer(raw[2 * s : 4 * s], np.float16).astype(np.float32)
     if not (np.isfinite(lo).all() and np.isfinite(step).all()) or (step < 0).any():
         raise NonFiniteError("LoRA update has a non-finite or negative channel offset/step")
-    q = _unpack_codes(np.frombuffer(raw[4 * s :], np.uint8), bits, n).astype(np.float32)
+    q = unpack_codes(np.frombuffer(raw[4 * s :], np.uint8), bits, n).astype(np.float32)
     return np.repeat(lo, segments) + q * np.repeat(step, segments)
 
 

@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,8 +57,8 @@ from lordba_fl.wire.codec import (
     encode_state,
     encode_update,
     read_header,
+    scale_roundtrip,
 )
-from lordba_fl.wire.replies import Bound
 from lordba_fl.wire.layout import (
     AdapterSpec,
     AdapterState,
@@ -74,10 +75,12 @@ from lordba_fl.wire.layout import (
     write_latents_,
     write_state_,
 )
+from lordba_fl.wire.replies import Bound
 
 HELD_KEY = "lordba.held"  # context.state: the full-state frame this node holds
 LATENT_KEY = "lordba.latent"  # context.state: a stateful node's latent magnitudes (compact)
 OPTIMIZER_KEY = "lordba.optimizer"  # context.state: its AdamW moments (client.state=latent+optimizer)
+RESIDUAL_KEY = "lordba.scale-residual"  # context.state: what quantizing its scale deltas lost (fp32)
 log = logging.getLogger("lordba_fl")
 
 
@@ -191,6 +194,7 @@ class LoRDBASettings(MethodSettings):
     seeded_base: bool
     state_mantissa_bits: int
     scale_encoding: str
+    scale_error_feedback: bool
     codec_level: int
     history: int
     enforce_budget: bool
@@ -559,6 +563,8 @@ class LoRDBAMethod(Method):
         metrics["flip_rate"] = float(flips.float().mean())
         if cfg.dp.on:
             flips, delta = privacy.privatize(flips, delta, cfg.dp, self.dp_noise_multiplier())
+        if cfg.scale_error_feedback:
+            delta = self._with_feedback_(delta, state, seed)
         update = Update(server_round, glob.version, flips, delta)
         if keep is not None:
             self._keep_(keep, latent, opt)
@@ -579,6 +585,22 @@ class LoRDBAMethod(Method):
         else:
             raise ValueError(f"unknown attack {attack!r}")
         return encode_update(Update(u.round, u.version, flips, delta), self.spec, self.options, rng=0)
+
+    def _with_feedback_(self, delta: torch.Tensor, state, seed: int) -> torch.Tensor:
+        """``delta`` plus this node's stored quantization residual; stores the new residual (what the
+        server will not receive of it, with the same stochastic rounding the encoder uses)."""
+        n = self.spec.n_scales
+        if state is not None and RESIDUAL_KEY in state:
+            kept = np.frombuffer(state[RESIDUAL_KEY]["values"], np.float32)
+            if kept.size == n and np.isfinite(kept).all():
+                delta = delta + torch.from_numpy(kept.copy())
+        sent = scale_roundtrip(delta, self.spec, self.options, seed)
+        if state is not None:
+            from flwr.app import ConfigRecord
+
+            residual = (delta.numpy().astype(np.float32) - sent).astype(np.float32)
+            state[RESIDUAL_KEY] = ConfigRecord({"values": residual.tobytes()})
+        return delta
 
     def _keep_(self, state, latent: torch.Tensor, opt: torch.optim.Optimizer) -> None:
         """Store this node's latent magnitudes (and AdamW moments) compactly in ``context.state``."""

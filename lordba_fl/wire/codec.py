@@ -94,9 +94,12 @@ class ScaleEncoding(enum.IntEnum):
     FP16 = 0
     Q8 = 1
     FP16_XOR = 2  # state deltas: the fp16 bit patterns XOR those of the base version's scales
+    Q4 = 3  # like Q8 with 4-bit codes in [-7, 7], two per byte
+    Q2 = 4  # like Q8 with 2-bit codes in [-1, 1], four per byte
 
 
-_SCALE_ENCODINGS = {"fp16": ScaleEncoding.FP16, "q8": ScaleEncoding.Q8}
+_SCALE_ENCODINGS = {"fp16": ScaleEncoding.FP16, "q8": ScaleEncoding.Q8, "q4": ScaleEncoding.Q4, "q2": ScaleEncoding.Q2}
+_QUANT_BITS = {ScaleEncoding.Q8: 8, ScaleEncoding.Q4: 4, ScaleEncoding.Q2: 2}
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,9 @@ class CodecOptions:
     level : int
         zstd compression level (-7 fastest ... 22 smallest); 3 is zstd's default.
     scale_encoding : str
-        Uplink scale deltas as ``"fp16"`` or ``"q8"`` (8-bit, one fp16 step per layer and scale
-        kind, stochastic rounding, so the decoded delta is unbiased). Broadcast scales are always fp16.
+        Uplink scale deltas as ``"fp16"``, ``"q8"``, ``"q4"`` or ``"q2"`` (8 / 4 / 2-bit codes in
+        ``[-L, L]``, ``L = 2^(bits-1) - 1``, one fp16 step per layer and scale kind, stochastic
+        rounding, so the decoded delta is unbiased). Broadcast scales are always fp16.
     dictionary : bytes, optional
         A zstd dictionary (:func:`train_dictionary`) used for every section.
     state_mantissa_bits : int
@@ -380,37 +384,73 @@ def fp16_round(x32: np.ndarray, up: bool) -> np.ndarray:
     return np.where(wrong, np.nextafter(h, np.float16(np.inf if up else -np.inf)), h)
 
 
-def _encode_q8(values: np.ndarray, segments: np.ndarray, rng: np.random.Generator) -> bytes:
+def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned ``bits``-bit codes (1, 2, 4 or 8 bits) packed little-end first into bytes (the last padded)."""
+    per = 8 // bits
+    pad = (-q.size) % per
+    q = np.concatenate([q.astype(np.uint8), np.zeros(pad, np.uint8)]).reshape(-1, per)  # (bytes, per)
+    shifts = (np.arange(per, dtype=np.uint8) * bits)[None, :]
+    return np.bitwise_or.reduce(q << shifts, axis=1).astype(np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: the first ``n`` codes."""
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits)[None, :]
+    return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
+
+
+def _encode_q(values: np.ndarray, segments: np.ndarray, rng: np.random.Generator, bits: int) -> bytes:
+    levels = (1 << (bits - 1)) - 1  # 127, 7, 1: symmetric codes, so a zero delta is exactly 0
     starts = np.concatenate([[0], np.cumsum(segments)[:-1]])  # (S,)
     amax = np.maximum.reduceat(np.abs(values), starts)  # (S,)
-    step = fp16_round(amax / 127.0, up=True)  # rounded up: |x| / step <= 127, nothing clips
+    step = fp16_round(amax / levels, up=True)  # rounded up: |x| / step <= levels, nothing clips
     if not np.isfinite(step).all():
-        raise ValueError("a scale delta exceeds 127 * 65504 and cannot be sent as q8; use scale_encoding='fp16'")
+        raise ValueError(f"a scale delta exceeds {levels} * 65504 and cannot be sent as q{bits}; use scale_encoding='fp16'")
     full = np.repeat(step.astype(np.float32), segments)  # (n,)
     x = np.divide(values, full, out=np.zeros_like(values), where=full > 0)
     q = np.floor(x + rng.random(values.size, dtype=np.float32))  # stochastic rounding: E[q] = x
-    q = np.clip(q, -127, 127).astype(np.int8)
-    return step.tobytes() + q.tobytes()
+    q = np.clip(q, -levels, levels)
+    codes = q.astype(np.int8).tobytes() if bits == 8 else pack_codes((q + levels).astype(np.uint8), bits).tobytes()
+    return step.tobytes() + codes
 
 
-def _decode_q8(raw: bytes, segments: np.ndarray) -> np.ndarray:
-    s = segments.size
+def _decode_q(raw: bytes, segments: np.ndarray, bits: int) -> np.ndarray:
+    s, n, levels = segments.size, int(segments.sum()), (1 << (bits - 1)) - 1
     step = np.frombuffer(raw[: 2 * s], dtype=np.float16)
     if not np.isfinite(step).all():
-        raise NonFiniteError("q8 scale section has a NaN or infinite quantization step")
+        raise NonFiniteError(f"q{bits} scale section has a NaN or infinite quantization step")
     if (step < 0).any():
-        raise MalformedFrameError("q8 scale section has a negative quantization step")
-    q = np.frombuffer(raw[2 * s :], dtype=np.int8)
-    if (q == -128).any():
-        raise MalformedFrameError("q8 scale section has the value -128, outside the coded range [-127, 127]")
+        raise MalformedFrameError(f"q{bits} scale section has a negative quantization step")
+    if bits == 8:
+        q = np.frombuffer(raw[2 * s :], dtype=np.int8)
+        if (q == -128).any():
+            raise MalformedFrameError("q8 scale section has the value -128, outside the coded range [-127, 127]")
+    else:
+        packed = np.frombuffer(raw[2 * s :], dtype=np.uint8)
+        codes = unpack_codes(packed, bits, n)
+        if (codes > 2 * levels).any() or (n % (8 // bits) and packed[-1] >> (bits * (n % (8 // bits)))):
+            raise MalformedFrameError(f"q{bits} scale section has a code outside [-{levels}, {levels}] or padding set")
+        q = codes.astype(np.int16) - levels
     return q.astype(np.float32) * np.repeat(step.astype(np.float32), segments)
+
+
+def scale_roundtrip(delta, spec: AdapterSpec, options: CodecOptions, rng) -> np.ndarray:
+    """The scale delta a receiver decodes from :func:`encode_update` with the same ``rng`` (its
+    stochastic rounding included): what a client keeps the difference of for error feedback."""
+    values = _as_numpy_f32(delta, spec.n_scales, "scale delta")
+    enc = _SCALE_ENCODINGS[options.scale_encoding]
+    if enc in _QUANT_BITS:
+        return _decode_q(_encode_q(values, spec.scale_segments, np.random.default_rng(rng), _QUANT_BITS[enc]),
+                         spec.scale_segments, _QUANT_BITS[enc])
+    return values.astype(np.float16).astype(np.float32)
 
 
 def _scale_raw_bytes(spec: AdapterSpec, encoding: int) -> int:
     if encoding in (ScaleEncoding.FP16, ScaleEncoding.FP16_XOR):
         return 2 * spec.n_scales
-    if encoding == ScaleEncoding.Q8:
-        return 2 * spec.scale_segments.size + spec.n_scales
+    if encoding in _QUANT_BITS:
+        return 2 * spec.scale_segments.size + (spec.n_scales * _QUANT_BITS[encoding] + 7) // 8
     raise MalformedFrameError(f"unknown scale encoding {encoding}; known: {[e.name for e in ScaleEncoding]}")
 
 
@@ -543,8 +583,8 @@ def encode_update(
     bits = _as_numpy_bits(update.flips, spec.n_bits, "update.flips")
     delta = _as_numpy_f32(update.scale_delta, spec.n_scales, "update.scale_delta")
     enc = _SCALE_ENCODINGS[options.scale_encoding]
-    if enc == ScaleEncoding.Q8:
-        raw = _encode_q8(delta, spec.scale_segments, np.random.default_rng(rng))
+    if enc in _QUANT_BITS:
+        raw = _encode_q(delta, spec.scale_segments, np.random.default_rng(rng), _QUANT_BITS[enc])
     else:
         raw = _encode_fp16(delta, "update.scale_delta")
     return _build(
@@ -564,8 +604,8 @@ def decode_update(buf: bytes, spec: AdapterSpec, options: CodecOptions | None = 
     """Decode and fully validate an update frame; raises a :class:`CodecError` subclass on any defect."""
     options = options or CodecOptions()
     h, bits, scale_raw = _parse(buf, spec, options, (FrameKind.UPDATE,))
-    if h.scale_encoding == ScaleEncoding.Q8:
-        delta = _decode_q8(scale_raw, spec.scale_segments)
+    if h.scale_encoding in _QUANT_BITS:
+        delta = _decode_q(scale_raw, spec.scale_segments, _QUANT_BITS[h.scale_encoding])
     else:
         delta = _decode_fp16(scale_raw, spec.n_scales)
     return Update(h.round, h.version, torch.from_numpy(bits), torch.from_numpy(delta))
