@@ -156,7 +156,9 @@ LEARNING_RATES: dict[str, float] = {"lordba": 1e-3, "lora-fedavg": 1e-3, "lora-q
                                     "lora-flora": 1e-3, "fed-sb": 1e-3}  # the last three: simulations.hetero
 # names in a chosen_lr line -> the methods they set
 LR_FILE_NAMES: dict[str, tuple[str, ...]] = {
-    "lora": (*(over["method"] for over, _ in BASELINES.values()), "lora-hetlora", "lora-flexlora", "lora-flora"),
+    # Fed-SB trains an r x r core between orthonormal factors: LoRA's tuned lr does not carry over
+    "lora": (*(over["method"] for over, _ in BASELINES.values() if over["method"] != "fed-sb"), "lora-hetlora",
+             "lora-flexlora", "lora-flora"),
     "lordba-scratch": ("lordba",),
 }
 
