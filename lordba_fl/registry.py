@@ -102,6 +102,7 @@ METHODS = Registry("method", "method", {
     "lora-flexlora": "lordba_fl.methods.lora_hetero:FlexLoRA",
     "lora-flora": "lordba_fl.methods.lora_flora:FLoRA",
     "fed-sb": "lordba_fl.methods.fed_sb:FedSB",
+    "fedkseed": "lordba_fl.methods.fedkseed:FedKSeed",
 })
 TASKS = Registry("task", "task", {
     "shakespeare": "lordba_fl.data.shakespeare:load",

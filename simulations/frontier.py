@@ -107,6 +107,8 @@ BASELINES: dict[str, tuple[dict, tuple[int, ...]]] = {
     # Fed-SB: its core costs 2 r^2 bytes a layer each way (r = 12 / 16 / 24: 60 / 107 / 242 KB per
     # client-round on SmolLM2-135M), plus the basis (fp16 LoRA size) on each node's first downlink
     "fed-sb": ({"method": "fed-sb"}, (12, 16, 24)),
+    # FedKSeed: zeroth-order steps on 4,096 shared seeds over the LoRA values; tens of bytes up a round
+    "fedkseed": ({"method": "fedkseed"}, (16,)),
 }
 REFERENCE = ("lora-fedavg", 16)  # ratios are to this run (same task and seed); it runs first
 TASKS = ("shakespeare", "gsm", "skills")
@@ -153,11 +155,13 @@ SUPERNODES = 8  # one virtual SuperNode per client partition above (8 of each ta
 # Learning rate per method (a run-config ``lr``); --lr-file replaces them with centrally tuned ones.
 LEARNING_RATES: dict[str, float] = {"lordba": 1e-3, "lora-fedavg": 1e-3, "lora-q2": 1e-3, "ffa-lora": 1e-3,
                                     "lora-hetlora": 1e-3, "lora-flexlora": 1e-3,
-                                    "lora-flora": 1e-3, "fed-sb": 1e-3}  # the last three: simulations.hetero
+                                    "lora-flora": 1e-3, "fed-sb": 1e-3,
+                                    "fedkseed": 1e-4}  # a zeroth-order step: MeZO's LoRA setting  # the last three: simulations.hetero
 # names in a chosen_lr line -> the methods they set
 LR_FILE_NAMES: dict[str, tuple[str, ...]] = {
     # Fed-SB trains an r x r core between orthonormal factors: LoRA's tuned lr does not carry over
-    "lora": (*(over["method"] for over, _ in BASELINES.values() if over["method"] != "fed-sb"), "lora-hetlora",
+    "lora": (*(over["method"] for over, _ in BASELINES.values() if over["method"] not in ("fed-sb", "fedkseed")),
+             "lora-hetlora",
              "lora-flexlora", "lora-flora"),
     "lordba-scratch": ("lordba",),
 }
@@ -166,7 +170,7 @@ LR_FILE_NAMES: dict[str, tuple[str, ...]] = {
 QUICK_RUNS = ((DEFAULT_VARIANTS[0], 16), ("lora-fedavg", 16), ("lora-fedavg", 2))
 QUICK_SETTINGS = {**QUICK, "eval.generate": 0}
 
-MARKERS = {"lordba": "o", "lora-fedavg": "s", "lora-q2": "^", "ffa-lora": "D", "fed-sb": "v"}
+MARKERS = {"lordba": "o", "lora-fedavg": "s", "lora-q2": "^", "ffa-lora": "D", "fed-sb": "v", "fedkseed": "x"}
 
 
 # ---- planning -------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Fed-SB (``fed-sb``): the server's gradient basis, exact averaging of the r x r cores, the basis sent
 once per node, and an export PEFT reproduces."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,15 @@ def test_the_export_is_a_peft_lora_with_the_same_logits(tmp_path):
     x = torch.randint(0, 1000, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(peft(input_ids=x).logits, server(input_ids=x).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.real_model
+def test_a_federation_sends_the_basis_once_per_node_then_cores(tmp_path):
+    from test_federation import _run
+
+    _, _, rows = _run(tmp_path, method="fed-sb")  # 4 nodes, all sampled in both rounds
+    assert rows[1]["accepted"] == rows[2]["accepted"] == 4
+    assert rows[1]["down_wire_mean"] > rows[1]["fp16_lora_bytes"]  # first contact: basis + core
+    assert rows[2]["down_wire_mean"] < rows[1]["fp16_lora_bytes"] / 4  # then the core alone
+    assert rows[2]["up_wire_mean"] == rows[1]["up_wire_mean"] < rows[1]["fp16_lora_bytes"] / 4
+    assert math.isfinite(rows[2]["eval_loss"])
