@@ -98,6 +98,7 @@ METHODS = Registry("method", "method", {
     "lora-q2": "lordba_fl.methods.lora:LoRAQ2",
     "ffa-lora": "lordba_fl.methods.lora:FFALoRA",
     "lora-q4": "lordba_fl.methods.lora:LoRAQ4",
+    "lora-q2-both": "lordba_fl.methods.lora:LoRAQ2Both",
     "lora-hetlora": "lordba_fl.methods.lora_hetero:HetLoRA",
     "lora-flexlora": "lordba_fl.methods.lora_hetero:FlexLoRA",
     "lora-flora": "lordba_fl.methods.lora_flora:FLoRA",

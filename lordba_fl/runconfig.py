@@ -153,7 +153,7 @@ class RunConfig:
     """Everything a run needs; see ``pyproject.toml``'s ``[tool.flwr.app.config]`` for the keys."""
 
     method: str = option("lordba", "method",
-        "lordba | lora-fedavg | ffa-lora | lora-q2 | lora-q4 | fed-sb | fedkseed, or a Method subclass by import path 'pkg.module:Class'")
+        "lordba | lora-fedavg | ffa-lora | lora-q2 | lora-q4 | lora-q2-both | fed-sb | fedkseed, or a Method subclass by import path 'pkg.module:Class'")
     model: str = option("smollm2-135m", "model", "smollm2-135m (embedded) | tiny-llama (tests, --quick)")
     quant: str = option("q4_1", "quant", "frozen base: q4_1 | nf4 | int8 | none")
     task: str = option("shakespeare", "task",

@@ -103,6 +103,7 @@ LORDBA_RANKS = (16, 32)
 BASELINES: dict[str, tuple[dict, tuple[int, ...]]] = {
     "lora-fedavg": ({"method": "lora-fedavg"}, (1, 2, 4, 16)),
     "lora-q2": ({"method": "lora-q2"}, (4, 16)),
+    "lora-q2-both": ({"method": "lora-q2-both"}, (4, 16)),  # the downlink in 2-bit deltas too
     "ffa-lora": ({"method": "ffa-lora"}, (16,)),
     # Fed-SB: its core costs 2 r^2 bytes a layer each way (r = 12 / 16 / 24: 60 / 107 / 242 KB per
     # client-round on SmolLM2-135M), plus the basis (fp16 LoRA size) on each node's first downlink
@@ -153,7 +154,8 @@ TASK_SETTINGS: dict[str, dict] = {
 SUPERNODES = 8  # one virtual SuperNode per client partition above (8 of each task)
 
 # Learning rate per method (a run-config ``lr``); --lr-file replaces them with centrally tuned ones.
-LEARNING_RATES: dict[str, float] = {"lordba": 1e-3, "lora-fedavg": 1e-3, "lora-q2": 1e-3, "ffa-lora": 1e-3,
+LEARNING_RATES: dict[str, float] = {"lordba": 1e-3, "lora-fedavg": 1e-3, "lora-q2": 1e-3, "lora-q2-both": 1e-3,
+                                    "ffa-lora": 1e-3,
                                     "lora-hetlora": 1e-3, "lora-flexlora": 1e-3,
                                     "lora-flora": 1e-3, "fed-sb": 1e-3,
                                     "fedkseed": 1e-4}  # a zeroth-order step: MeZO's LoRA setting  # the last three: simulations.hetero
@@ -170,7 +172,7 @@ LR_FILE_NAMES: dict[str, tuple[str, ...]] = {
 QUICK_RUNS = ((DEFAULT_VARIANTS[0], 16), ("lora-fedavg", 16), ("lora-fedavg", 2))
 QUICK_SETTINGS = {**QUICK, "eval.generate": 0}
 
-MARKERS = {"lordba": "o", "lora-fedavg": "s", "lora-q2": "^", "ffa-lora": "D", "fed-sb": "v", "fedkseed": "x"}
+MARKERS = {"lordba": "o", "lora-fedavg": "s", "lora-q2": "^", "lora-q2-both": "<", "ffa-lora": "D", "fed-sb": "v", "fedkseed": "x"}
 
 
 # ---- planning -------------------------------------------------------------------------------------

@@ -164,16 +164,18 @@ def test_lr_file_takes_the_last_chosen_lr_line_of_the_task_and_maps_names(tmp_pa
     lrs = map_lrs(chosen)
     # a method's own name wins over its group's
     assert lrs == {"lordba": 1e-4, "lora-fedavg": 3e-4, "ffa-lora": 3e-4, "lora-q2": 2e-4, "lora-hetlora": 3e-4,
-                   "lora-flexlora": 3e-4, "lora-flora": 3e-4, "fed-sb": 1e-3, "fedkseed": 1e-4}
+                   "lora-flexlora": 3e-4, "lora-flora": 3e-4, "fed-sb": 1e-3, "fedkseed": 1e-4,
+                   "lora-q2-both": 3e-4}
     assert map_lrs(read_chosen_lrs(f, "gsm"))["lordba"] == 6e-4
     assert read_chosen_lrs(tmp_path / "missing.jsonl", "gsm") is None
     assert map_lrs(None) == {**{m: 1e-3 for m in ("lordba", "lora-fedavg", "lora-q2", "ffa-lora", "lora-hetlora",
-                                                  "lora-flexlora", "lora-flora", "fed-sb")}, "fedkseed": 1e-4}
+                                                  "lora-flexlora", "lora-flora", "fed-sb", "lora-q2-both")},
+                             "fedkseed": 1e-4}
     assert read_chosen_lrs(f, "shakespeare", model="tiny-llama") == {"lora": 9.0}
     # a sweep where every lr diverged (None) keeps the default; methods the frontier does not run are ignored
     assert map_lrs({"lora": None, "lordba-scratch": 2e-4, "frozen-signs": 1e-2}) == {
         "lordba": 2e-4, "lora-fedavg": 1e-3, "lora-q2": 1e-3, "ffa-lora": 1e-3, "lora-hetlora": 1e-3,
-        "lora-flexlora": 1e-3, "lora-flora": 1e-3, "fed-sb": 1e-3, "fedkseed": 1e-4}
+        "lora-flexlora": 1e-3, "lora-flora": 1e-3, "fed-sb": 1e-3, "fedkseed": 1e-4, "lora-q2-both": 1e-3}
 
 
 def test_plan_and_run_config():

@@ -95,3 +95,45 @@ def test_scale_error_feedback_sends_the_sum_of_the_deltas_over_rounds():
     np.testing.assert_allclose(np.sum(sent, axis=0) + residual, torch.stack(trained).sum(0).numpy(), rtol=0, atol=1e-7)
     # the residual is one rounding error of the last round: below one step, the segment's max |carried| (q2)
     assert np.abs(residual).max() <= float(carried.abs().max()) * (1 + 2**-10)
+
+
+def test_lora_q2_both_nodes_rebuild_the_global_state_from_2_bit_deltas():
+    """lora-q2-both: the state moves by 2-bit deltas nodes rebuild exactly; the server keeps what
+    quantization lost (error feedback); a node it does not know starts from the seeded version 0."""
+    import numpy as np
+    import torch
+
+    from lordba_fl.federation.apps import _adapted_model
+    from lordba_fl.methods import Reply
+    from lordba_fl.methods.lora import dequantize_channels, encode_lora, quantize_channels
+    from lordba_fl.runconfig import parse_run_config
+
+    run = parse_run_config({"model": "tiny-llama", "rank": 4, "alpha": 8.0, "method": "lora-q2-both"})
+    server, _, m = _adapted_model(run)
+    m.init_server(server)
+    start = m.global_values.clone()
+    client, _, cm = _adapted_model(run)
+    state = {}
+    assert cm.client_load_(client, m.downlink(1, 1), state) == 0  # first contact: nothing to add to version 0
+    assert torch.equal(cm.read_values(client), start)
+    g = torch.Generator().manual_seed(0)
+    sent = []
+    for rnd in (1, 2, 3):
+        update = torch.randn(int(m.segments.sum()), generator=g) * 1e-2
+        raw = quantize_channels(update.numpy(), m.segments, 2, np.random.default_rng(rnd))
+        sent.append(torch.from_numpy(dequantize_channels(raw, m.segments, 2)))
+        metrics, rejected = m.aggregate(rnd, [Reply(7, encode_lora(1, 2, rnd, m.version, raw, compress=True), 1.0)])
+        assert metrics["accepted"] == 1 and not rejected
+    assert cm.client_load_(client, m.downlink(1, 4), state) == 3  # node 1 holds version 0: three deltas
+    assert torch.equal(cm.read_values(client), m.global_values)  # bit-exact
+    m.note_held(1, 3)
+    assert len(m.downlink(1, 4)) < 100  # up to date: an empty delta list
+    # error feedback: the state plus what is still owed is the start plus every update the server took
+    torch.testing.assert_close(m.global_values + m.residual, start + sum(sent), rtol=0, atol=1e-6)
+    m.note_held(2, 2)
+    with pytest.raises(ValueError, match="holds none"):  # a node that lost its state
+        cm.client_load_(client, m.downlink(2, 4), {})
+    full = m._full_frame(4)
+    assert len(m.downlink(1, 4)) < len(full) / 4
+    m.history.pop(1)  # older deltas dropped: a node at version 0 now gets the fp16 state
+    assert m.downlink(5, 4) == full

@@ -166,7 +166,7 @@ def test_a_new_run_clears_old_checkpoints_and_a_resume_with_other_shapes_is_refu
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("method", ["lordba", "lora-fedavg", "lora-flora", "fed-sb", "fedkseed"])
+@pytest.mark.parametrize("method", ["lordba", "lora-fedavg", "lora-q2-both", "lora-flora", "fed-sb", "fedkseed"])
 def test_hundreds_of_hostile_replies_of_every_kind_never_crash_the_server(method):
     from lordba_fl.federation.faults import HOSTILE_KINDS
     from simulations.bench_chaos import stress

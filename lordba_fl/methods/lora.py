@@ -15,6 +15,7 @@ output vectors are contiguous *channels*.
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from lordba_fl.wire.frame import Container, bounded_inflate
 LORA_CONTAINER = Container("LoRA", b"LORA", 1, "<4sHBBIIQIII",
                            total_length=lambda f: LORA_CONTAINER.header_bytes + (f[6] or f[5]))
 _FP16, _QUANT = 0, 1
+STATE_KEY = "lora.held"  # context.state: the values and version a lora-q2-both node holds
 
 
 # ---- frames ---------------------------------------------------------------------------------------
@@ -340,3 +342,121 @@ class LoRAQ2(LoRAFedAvg):
 class LoRAQ4(LoRAFedAvg):
     name = "lora-q4"
     bits = 4
+
+
+_DELTAS = 6  # LORA frame kind: the quantized global deltas of versions base+1..version (lora-q2-both)
+_DELTA_HEAD = struct.Struct("<II")  # version, payload bytes
+
+
+class LoRAQ2Both(LoRAQ2):
+    """``lora-q2`` with its downlink quantized too: the global state moves only by 2-bit deltas.
+
+    Each round the server quantizes the mean update plus what earlier rounds' quantization lost
+    (server-side error feedback, stochastic rounding) and adds the dequantized delta to the global
+    values, so the state is exactly what a node rebuilds from the deltas. A node that holds version
+    ``v`` downloads the deltas of ``v+1..t`` (one zstd-compressed frame); a node the server knows
+    nothing of starts from the seeded version 0 every party builds (its deltas are the whole
+    history); one more than :attr:`max_catchup` versions behind gets the fp16 state once (then it
+    holds the state to fp16 precision, as ``lora-fedavg`` nodes do).
+    """
+
+    name = "lora-q2-both"
+    max_catchup = 16  # versions of deltas kept; a node further behind gets the full state
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.history: dict[int, bytes] = {}
+        self.node_versions: dict[int, int] = {}
+        self.residual: torch.Tensor | None = None
+
+    def adapt(self, model: nn.Module) -> nn.Module:
+        model = super().adapt(model)
+        self.init_values = self.read_values(model)  # version 0: the seeded init, the same on every party
+        return model
+
+    def init_server(self, model) -> None:
+        super().init_server(model)
+        self.history, self.node_versions = {}, {}
+        self.residual = torch.zeros_like(self.global_values)
+
+    def note_held(self, node_id: int, version: int | None) -> None:
+        if version is None or version > self._version:
+            self.node_versions.pop(node_id, None)
+        else:
+            self.node_versions[node_id] = version
+
+    def _delta_size(self) -> int:
+        return _raw_size(_QUANT, self.bits, self.segments)
+
+    def downlink(self, node_id: int, server_round: int) -> bytes:
+        base = self.node_versions.get(node_id, 0)  # a node the server does not know holds version 0
+        versions = range(base + 1, self._version + 1)
+        if any(v not in self.history for v in versions):  # further behind than the deltas kept
+            return self._full_frame(server_round)
+        payload = b"".join(_DELTA_HEAD.pack(v, len(self.history[v])) + self.history[v] for v in versions)
+        return encode_lora(_DELTAS, self.bits, server_round, self._version, payload, compress=True, reserved=base)
+
+    def combine(self, accepted: list) -> torch.Tensor:
+        total = sum(r.weight for r, _ in accepted)
+        target = sum(r.weight * v for r, v in accepted) / total + self.residual
+        rng = np.random.default_rng([self.cfg.seed, self._version + 1])
+        raw = quantize_channels(target.numpy().astype(np.float32), self.segments, self.bits, rng)
+        delta = torch.from_numpy(dequantize_channels(raw, self.segments, self.bits))
+        self.residual = target - delta  # what this round's broadcast could not carry: next round's
+        self.history[self._version + 1] = raw
+        for v in [v for v in self.history if v <= self._version + 1 - self.max_catchup]:
+            del self.history[v]
+        return self.global_values + delta
+
+    def server_state(self):
+        tensors, meta = super().server_state()
+        tensors["residual"] = self.residual
+        for v, raw in self.history.items():
+            tensors[f"delta_{v}"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        return tensors, {**meta, "node_versions": {str(k): v for k, v in self.node_versions.items()}}
+
+    def load_server_state(self, tensors, meta) -> None:
+        super().load_server_state(tensors, meta)
+        self.residual = tensors["residual"].clone()
+        self.history = {int(k.split("_")[1]): bytes(t.numpy().tobytes()) for k, t in tensors.items()
+                        if k.startswith("delta_")}
+        self.node_versions = {int(k): int(v) for k, v in meta.get("node_versions", {}).items()}
+
+    def client_load_(self, model, frame: bytes, state) -> int:
+        (kind, bits, _, version, base, raw_len, comp_len), _ = LORA_CONTAINER.open(frame)
+        if kind == _FP16:
+            version = super().client_load_(model, frame, state)
+            values = self.read_values(model)
+        elif kind == _DELTAS and bits == self.bits:
+            size = self._delta_size()
+            count = version - base
+            if not 0 <= count <= self.max_catchup or raw_len != count * (_DELTA_HEAD.size + size):
+                raise MalformedFrameError(f"lora-q2-both downlink from version {base} to {version} declares {raw_len} "
+                                          f"bytes; {count} deltas take {count * (_DELTA_HEAD.size + size)}")
+            if base == 0:
+                values = self.init_values.clone()
+            elif state is None or STATE_KEY not in state or int(state[STATE_KEY]["version"]) != base:
+                held = "none" if state is None or STATE_KEY not in state else int(state[STATE_KEY]["version"])
+                raise ValueError(f"the lora-q2-both deltas build on version {base}; this node holds {held}: the server "
+                                 "sends the full state after this error")
+            else:
+                values = torch.from_numpy(np.frombuffer(state[STATE_KEY]["values"], np.float32).copy())
+            body = frame[LORA_CONTAINER.header_bytes :]
+            raw = bounded_inflate(body, raw_len, raw_len, "lora-q2-both deltas") if comp_len else body
+            pos = 0
+            for j in range(count):
+                v, n = _DELTA_HEAD.unpack_from(raw, pos)
+                if v != base + 1 + j or n != size:
+                    raise MalformedFrameError(f"lora-q2-both delta {j} is of version {v} and {n} bytes; expected "
+                                              f"{base + 1 + j} and {size}")
+                values = values + torch.from_numpy(dequantize_channels(raw[pos + _DELTA_HEAD.size : pos + _DELTA_HEAD.size + n],
+                                                                       self.segments, self.bits))
+                pos += _DELTA_HEAD.size + n
+            self.write_values_(model, values)
+        else:
+            raise MalformedFrameError(f"LoRA frame kind {kind} / {bits} bits is not what lora-q2-both broadcasts")
+        if state is not None:
+            from flwr.app import ConfigRecord
+
+            state[STATE_KEY] = ConfigRecord({"values": values.numpy().astype(np.float32).tobytes(), "version": version})
+        return version
