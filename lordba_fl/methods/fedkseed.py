@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lordba_fl.methods.lora import LORA_CONTAINER, LoRAFedAvg, encode_lora
+from lordba_fl.methods.lora import LORA_CONTAINER, LoRAFedAvg, encode_lora, note_version
 from lordba_fl.train import _pad_id, _to, collate, encode_examples, micro_batches, model_device
 from lordba_fl.wire.codec import MalformedFrameError, NonFiniteError
 
@@ -149,10 +149,7 @@ class FedKSeed(LoRAFedAvg):
         self.history, self.node_versions = [], {}
 
     def note_held(self, node_id: int, version: int | None) -> None:
-        if version is None or version > self._version:
-            self.node_versions.pop(node_id, None)
-        else:
-            self.node_versions[node_id] = version
+        note_version(self.node_versions, node_id, version, self._version)
 
     def downlink(self, node_id: int, server_round: int) -> bytes:
         base = self.node_versions.get(node_id, 0)

@@ -122,6 +122,15 @@ def save_peft_factors(out, names: list[str], factors: list[tuple[torch.Tensor, t
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
+def note_version(node_versions: dict[int, int], node_id: int, version: int | None, current: int) -> None:
+    """Record that ``node_id`` holds ``version`` (forgotten when unknown or newer than the server's
+    ``current``: the node then gets what a node holding nothing gets)."""
+    if version is None or version > current:
+        node_versions.pop(node_id, None)
+    else:
+        node_versions[node_id] = version
+
+
 def fp16_values(raw: bytes) -> np.ndarray:
     values = np.frombuffer(raw, np.float16).astype(np.float32)
     if not np.isfinite(values).all():
@@ -380,10 +389,7 @@ class LoRAQ2Both(LoRAQ2):
         self.residual = torch.zeros_like(self.global_values)
 
     def note_held(self, node_id: int, version: int | None) -> None:
-        if version is None or version > self._version:
-            self.node_versions.pop(node_id, None)
-        else:
-            self.node_versions[node_id] = version
+        note_version(self.node_versions, node_id, version, self._version)
 
     def _delta_size(self) -> int:
         return _raw_size(_QUANT, self.bits, self.segments)

@@ -44,6 +44,7 @@ from lordba_fl.methods.lora import (
     encode_lora,
     lora_layers,
     lora_modules,
+    note_version,
     save_peft_factors,
 )
 from lordba_fl.methods.lora_hetero import HeteroRankLoRA
@@ -187,10 +188,7 @@ class FLoRA(HeteroRankLoRA):
         self.groups, self.node_versions = [], {}
 
     def note_held(self, node_id: int, version: int | None) -> None:
-        if version is None or version > self._version:
-            self.node_versions.pop(node_id, None)
-        else:
-            self.node_versions[node_id] = version
+        note_version(self.node_versions, node_id, version, self._version)
 
     def downlink(self, node_id: int, server_round: int) -> bytes:
         base = self.node_versions.get(node_id, 0)
