@@ -112,7 +112,6 @@ def test_bad_frames_are_refused():
 def test_a_fedkseed_federation_moves_tens_of_bytes_up(tmp_path):
     from test_federation import _run
 
-    _, _, rows = _run(tmp_path, method="fedkseed", lr=1e-4)
-    assert rows[1]["accepted"] == rows[2]["accepted"] == 4
-    assert rows[1]["up_payload_mean"] < 100 and rows[2]["down_payload_mean"] < 300
-    assert np.isfinite(rows[2]["eval_loss"])
+    _, _, rows = _run(tmp_path, method="fedkseed", lr=1e-4, rounds=1)
+    assert rows[1]["accepted"] == 4 and rows[1]["up_payload_mean"] < 100 and rows[1]["down_payload_mean"] < 100
+    assert np.isfinite(rows[1]["eval_loss"])

@@ -83,7 +83,7 @@ def _hostile(metrics=None, frame_of=None):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("method", ["lordba", "lora-fedavg", "lora-flora"])
+@pytest.mark.parametrize("method", ["lordba", "lora-fedavg"])
 def test_hostile_replies_are_rejected_and_the_round_goes_on(tmp_path, method):
     from test_federation import _run
 
@@ -166,12 +166,14 @@ def test_a_new_run_clears_old_checkpoints_and_a_resume_with_other_shapes_is_refu
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("method", ["lordba", "lora-fedavg", "lora-q2-both", "lora-flora", "fed-sb", "fedkseed"])
+# one method per frame family (LoRDBA; LoRA quantized with versioned deltas; FLoRA stacks; Fed-SB's
+# basis; FedKSeed's seed pairs); simulations/bench_chaos.py sends 10,400 a method
+@pytest.mark.parametrize("method", ["lordba", "lora-q2-both", "lora-flora", "fed-sb", "fedkseed"])
 def test_hundreds_of_hostile_replies_of_every_kind_never_crash_the_server(method):
     from lordba_fl.federation.faults import HOSTILE_KINDS
     from simulations.bench_chaos import stress
 
-    rec = stress(method, hostile=4 * len(HOSTILE_KINDS) * 3, per_round=len(HOSTILE_KINDS) * 3)
+    rec = stress(method, hostile=2 * len(HOSTILE_KINDS) * 6, per_round=len(HOSTILE_KINDS) * 6)
     assert rec["server_exceptions"] == 0 and rec["hostile_accepted"] == 0 and rec["state_finite"]
     assert rec["honest_accepted"] == rec["honest_sent"] and rec["version"] == rec["rounds"]  # every round learned
     assert sum(rec["refused"].values()) == rec["hostile_sent"]
