@@ -368,7 +368,8 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
 
 def frontier_points(records: list[dict]) -> tuple[dict[str, dict], list[str]]:
     """``<variant>-r<rank>`` -> {family, rank, final_eval_loss, total_bytes_per_client, seeds} (means
-    over seeds) for the runs that finished with a loss, and the names left out (failed runs)."""
+    over seeds; ``loss_min`` / ``loss_max``: the spread over seeds) for the runs that finished with a
+    loss, and the names left out (failed runs)."""
     groups: dict[str, list[dict]] = {}
     for r in records:
         groups.setdefault(f"{r['variant']}-r{r['rank']}", []).append(r)
@@ -382,6 +383,7 @@ def frontier_points(records: list[dict]) -> tuple[dict[str, dict], list[str]]:
             points[name] = {
                 "variant": ok[0]["variant"], "family": ok[0]["family"], "rank": ok[0]["rank"],
                 "final_eval_loss": sum(r["final_eval_loss"] for r in ok) / len(ok),
+                "loss_min": min(r["final_eval_loss"] for r in ok), "loss_max": max(r["final_eval_loss"] for r in ok),
                 "total_bytes_per_client": sum(r["total_bytes_per_client"] for r in ok) / len(ok),
                 "seeds": sorted(r["seed"] for r in ok),
             }
@@ -465,8 +467,13 @@ def plot_frontier(records: list[dict], out_dir: Path) -> list[Path]:
             ax.plot([p["total_bytes_per_client"] for p in pts], [p["final_eval_loss"] for p in pts],
                     marker=MARKERS.get(fam, "x"), color=color[variant], linewidth=0.8, label=variant)
             for p in pts:
-                ax.annotate(f"r{p['rank']}", (p["total_bytes_per_client"], p["final_eval_loss"]),
+                ax.annotate(f"r{p['rank']}" + (f" ({len(p['seeds'])} seeds)" if len(p["seeds"]) > 1 else ""),
+                            (p["total_bytes_per_client"], p["final_eval_loss"]),
                             textcoords="offset points", xytext=(4, 4), fontsize=7)
+                if len(p["seeds"]) > 1:  # the spread over seeds: min to max
+                    ax.errorbar([p["total_bytes_per_client"]], [p["final_eval_loss"]], color=color[variant],
+                                yerr=[[p["final_eval_loss"] - p["loss_min"]], [p["loss_max"] - p["final_eval_loss"]]],
+                                capsize=3, linewidth=0.8)
         front = pareto_front({n: (p["final_eval_loss"], p["total_bytes_per_client"]) for n, p in points.items()})
         if len(front) > 1:
             ax.step([points[n]["total_bytes_per_client"] for n in front], [points[n]["final_eval_loss"] for n in front],
