@@ -13,7 +13,15 @@ from lordba_fl.aggregation import LatentVote, ServerState
 from lordba_fl.federation.strategy import frame_record, read_frame
 from lordba_fl.wire.codec import Update
 from lordba_fl.wire.layout import AdapterState
-from lordba_fl.wire.replies import MAX_METRICS, MAX_WEIGHT, Bound, ReplyError, cap_weights, validate_metrics
+from lordba_fl.wire.replies import (
+    MAX_METRICS,
+    MAX_WEIGHT,
+    REPLY_METRICS,
+    Bound,
+    ReplyError,
+    cap_weights,
+    validate_metrics,
+)
 
 HONEST = {"num-examples": 12.0, "held-version": 0.0, "train_loss": 3.5, "partition-id": 1.0}
 
@@ -180,3 +188,23 @@ def test_hundreds_of_hostile_replies_of_every_kind_never_crash_the_server(method
     for reason in ("metric 'held-version' must be finite", "unknown metric 'evil'", "the reply carries N metrics",
                    "duplicate frame", "message has no 'adapter/frame' frame"):
         assert rec["refused"].get(reason, 0) > 0, rec["refused"]
+
+
+def test_fuzzed_metric_records_only_ever_give_checked_floats_or_a_reply_error():
+    import random
+
+    rng = random.Random(0)
+    keys = [*REPLY_METRICS, "evil", "", "x" * 300]
+    values = [0, 1, -1, 7.5, 2**40, 2**63, 10**400, math.inf, -math.inf, math.nan, True, None, "3", b"3", [1.0],
+              [1, 2], {"a": 1}, 1e-300, -0.0, 2.0**32 - 1]
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(3000):
+        record = {rng.choice(keys): rng.choice(values) for _ in range(rng.randint(0, 6))}
+        try:
+            out = validate_metrics(record)
+        except ReplyError:
+            outcomes["refused"] += 1
+            continue
+        assert all(isinstance(v, float) and math.isfinite(v) for v in out.values())
+        outcomes["ok"] += 1
+    assert outcomes["ok"] > 0 and outcomes["refused"] > 0
