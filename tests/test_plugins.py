@@ -146,8 +146,9 @@ def test_user_task_and_method_on_the_simulation_engine(tmp_path, user_package):
 @pytest.mark.parametrize(
     "override, match",
     [
-        ({"method": "lordbaa"}, r"unknown method 'lordbaa': run config 'method' must be one of \['ffa-lora', 'lora-fedavg'"),
-        ({"task": "shakespear"}, r"unknown task 'shakespear': run config 'task' must be one of \['files', 'gsm', 'shakespeare'\]"),
+        ({"method": "lordbaa"}, r"unknown method 'lordbaa': run config 'method' must be one of \['fed-sb', 'fedkseed', 'ffa-lora', "
+                                 r"'lora-fedavg'"),
+        ({"task": "shakespear"}, r"unknown task 'shakespear': run config 'task' must be one of \['files', 'gsm', 'shakespeare', 'skills'\]"),
         ({"server.aggregator": "mean"}, r"must be one of \['refit', 'vote'\] or an import path"),
         ({"task": "no_such_pkg.tasks:load"}, "cannot import module 'no_such_pkg.tasks'"),
         ({"method": "lordba_fl.methods.lora:NoSuchMethod"}, "has no attribute 'NoSuchMethod'"),

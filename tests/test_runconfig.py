@@ -45,7 +45,7 @@ def test_overrides_are_typed_and_nested():
         ({"alpha": 0.0}, "'alpha' must be > 0"),
         ({"server.history": 0}, "'server.history' must be >= 1"),
         ({"codec.level": 30}, "'codec.level' must be 1..22"),
-        ({"codec.scale-encoding": "fp8"}, "'codec.scale-encoding' must be q8 or fp16"),
+        ({"codec.scale-encoding": "fp8"}, "'codec.scale-encoding' must be q8, q4, q2 or fp16"),
         ({"eval.examples": -1}, "'eval.examples' must be >= 0"),
         ({"seed": -3}, "'seed' must be >= 0"),
         ({"scales": "in,top"}, "'scales' must be a non-empty comma list"),
