@@ -502,7 +502,7 @@ def run_task(task: str, args: argparse.Namespace, out: Path | None) -> dict[str,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """CLI arguments; ``--quick`` fills in tiny-llama smoke settings wherever a flag was not given."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--task", help="comma list of shakespeare, gsm (default: both)")
+    p.add_argument("--task", help="comma list of shakespeare, gsm, skills, ... (default: shakespeare,gsm)")
     p.add_argument("--model", help="smollm2-135m (default) | tiny-llama")
     for flag, typ in (("--steps", int), ("--eval-every", int), ("--batch-size", int), ("--seq-len", int),
                       ("--rank", int), ("--alpha", float), ("--eval-examples", int), ("--warmup-frac", float),
