@@ -170,17 +170,23 @@ def _server_killed_and_resumed(over: dict, kill_after_round: int) -> tuple[list[
     return rows, code, time.time() - t0
 
 
-def federation(model: str, out_dir: Path, hostile_fraction: float, kill_every: float, seed: int):
+def federation(model: str, out_dir: Path, hostile_fraction: float, kill_every: float, seed: int,
+               only: list[str] | None = None, clean_loss: float | None = None):
     """The federation part's records, one per scenario (a generator: each is emitted when its run ends)."""
     base = {**FEDERATION, "model": model, "seed": seed, "out-dir": str(out_dir)}
+    stopped_at = None
     scenarios = {
         "clean": {},
         f"hostile-{hostile_fraction:g}": {"faults.hostile-fraction": hostile_fraction},
-        "workers-killed": {"faults.max-failed-rounds": 0, "server.round-timeout": 600.0},
+        # Flower's simulation engine does not restart a killed worker: the run's guard stops it (the
+        # default faults.max-failed-rounds), then the same run resumes with fresh workers, unharmed
+        "workers-killed": {"server.round-timeout": 600.0},
         "server-killed-resumed": {},
     }
-    clean = None
+    clean = clean_loss
     for name, extra in scenarios.items():
+        if only and name not in only and not (name.startswith("hostile") and "hostile" in only):
+            continue
         over = {**base, **extra, "name": f"chaos-{name}-s{seed}"}
         if name == "workers-killed":
             stop, token = threading.Event(), f"{os.getpid()}-{time.time()}"
@@ -192,6 +198,10 @@ def federation(model: str, out_dir: Path, hostile_fraction: float, kill_every: f
             finally:
                 stop.set()
                 os.environ.pop(MARK, None)
+            stopped_at = max((r["round"] for r in rows), default=0)
+            if code != 0:  # stopped by the guard: resume with fresh workers
+                rows, code, more = launch({**over, "resume": True}, supernodes=SUPERNODES)
+                wall += more
         elif name == "server-killed-resumed":
             rows, code, wall = _server_killed_and_resumed(over, kill_after_round=2)
         else:
@@ -203,6 +213,7 @@ def federation(model: str, out_dir: Path, hostile_fraction: float, kill_every: f
             refused.update(r.get("refused", {}))
         final = trained[-1]["eval_loss"] if trained else None
         rec = {"bench": "chaos", "part": "federation", "scenario": name, "model": model, "seed": seed,
+               "first_attempt_last_round": stopped_at if name == "workers-killed" else None,
                "rounds": base["rounds"], "rounds_completed": len(trained), "exit_code": code,
                "final_eval_loss": final, "clients_failed": sum(r.get("clients_failed", 0) for r in trained),
                "accepted": sum(r.get("accepted", 0) for r in trained), "refused": dict(refused.most_common()),
@@ -223,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hostile-fraction", type=float, default=0.2)
     p.add_argument("--kill-every", type=float, default=45.0, help="federation: seconds between worker kills")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenarios", nargs="+", help="federation: only these (clean, hostile, workers-killed, "
+                   "server-killed-resumed)")
+    p.add_argument("--clean-loss", type=float, help="federation: the clean run's final loss, when it is not rerun")
     p.add_argument("--out", type=Path, default=Path("results/bench_chaos.jsonl"))
     args = p.parse_args(argv)
     if args.part in ("stress", "both"):
@@ -230,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
             rec = stress(method, args.hostile, args.per_round, seed=args.seed)
             emit(rec, args.out)
     if args.part in ("federation", "both"):
-        for rec in federation(args.model, args.out.parent / "chaos", args.hostile_fraction, args.kill_every, args.seed):
+        for rec in federation(args.model, args.out.parent / "chaos", args.hostile_fraction, args.kill_every, args.seed,
+                              args.scenarios, args.clean_loss):
             emit(rec, args.out)
 
 

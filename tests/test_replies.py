@@ -208,3 +208,15 @@ def test_fuzzed_metric_records_only_ever_give_checked_floats_or_a_reply_error():
         assert all(isinstance(v, float) and math.isfinite(v) for v in out.values())
         outcomes["ok"] += 1
     assert outcomes["ok"] > 0 and outcomes["refused"] > 0
+
+
+def test_a_stall_from_dead_workers_says_so_and_reasons_count_by_kind():
+    from lordba_fl.federation.strategy import reason_class, stalled_message
+
+    ray = "<class 'ray.exceptions.ActorDiedError'>:<'The actor died unexpectedly before finishing this task.'>"
+    msg = stalled_message([(3, 0, [ray, ray]), (4, 0, [ray])], 1)
+    assert "round 3: 0 aggregated, round 4: 0 aggregated" in msg and "3 x <class 'ray.exceptions.ActorDiedError'>" in msg
+    assert "workers died" in msg and "resume=true" in msg
+    assert reason_class(ray) == "ActorDiedError"
+    assert reason_class("malformed reply: metric 'rank' = 0.0 is outside [1, 65536]") == "metric 'rank' = N is outside"
+    assert reason_class("ChecksumError: LoRDBA frame CRC-32 is 0x1") == "ChecksumError"

@@ -35,7 +35,7 @@ def reason_class(reason: str) -> str:
     import re
 
     text = reason.removeprefix("malformed reply: ")
-    m = re.match(r"^(\w+Error):", text)
+    m = re.match(r"^(\w+Error):", text) or re.match(r"^<class '(?:[\w.]+\.)?(\w+)'>", text)  # ours, or Ray's
     if m:
         return m.group(1)
     text = re.split(r"[;(]|: node|, got|; got", text, maxsplit=1)[0]
@@ -56,9 +56,16 @@ def stalled_message(streak: list[tuple[int, int, list[str]]], min_clients: int) 
     top = "; ".join(f"{n} x {why}" for why, n in sorted(counts.items(), key=lambda kv: -kv[1])[:3]) or "no replies at all"
     rounds = ", ".join(f"round {rnd}: {acc} aggregated" for rnd, acc, _ in streak)
     oom = any(any(s in r.lower() for s in _OOM_SIGNS) for r in reasons)
-    fix = ("the clients ran out of memory: lower train.batch-size or rank, turn on train.gradient-checkpointing, "
-           "or give each client more memory (fewer clients per machine: --cpus-per-client)") if oom else (
-           "fix what the clients report above (their logs have the tracebacks), or lower faults.min-clients")
+    died = any("ActorDiedError" in r for r in reasons)
+    if died:
+        fix = ("the simulation engine's workers died (killed by a signal or for memory) and are not restarted "
+               "within a run; a resumed run starts fresh ones. If memory killed them, lower train.batch-size or "
+               "rank, turn on train.gradient-checkpointing, or run fewer clients at once (--cpus-per-client)")
+    elif oom:
+        fix = ("the clients ran out of memory: lower train.batch-size or rank, turn on train.gradient-checkpointing, "
+               "or give each client more memory (fewer clients per machine: --cpus-per-client)")
+    else:
+        fix = "fix what the clients report above (their logs have the tracebacks), or lower faults.min-clients"
     return (f"stopped: {len(streak)} training rounds in a row aggregated fewer than faults.min-clients = {min_clients} "
             f"replies ({rounds}); clients failed with: {top}. {fix}. The last good round is checkpointed: rerun "
             "with resume=true to continue from it.")
