@@ -38,7 +38,7 @@ def reason_class(reason: str) -> str:
     m = re.match(r"^(\w+Error):", text) or re.match(r"^<class '(?:[\w.]+\.)?(\w+)'>", text)  # ours, or Ray's
     if m:
         return m.group(1)
-    text = re.split(r"[;(]|: node|, got|; got", text, maxsplit=1)[0]
+    text = re.split(r"[;([]|: node|, got|; got", text, maxsplit=1)[0]
     return re.sub(r"-?\d[\d.e+-]*", "N", text).strip()[:80]
 
 
