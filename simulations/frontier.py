@@ -116,15 +116,13 @@ TASKS = ("shakespeare", "gsm", "skills")
 
 # ---- shared settings ------------------------------------------------------------------------------
 # Every run of a task uses these, so only the method, rank and lr differ. Why these values: the
-# frontier needs >= 10 rounds (LoRDBA starts slower than LoRA and catches up over rounds, DESIGN.md
-# §3's 8-round table), yet one task's 11 runs must fit in about an hour on 2 CPU cores with
-# SmolLM2-135M. Two clients per round keep both cores busy (Ray runs one client per core) without a
-# second wave; 4 local steps of 4 x 64 tokens is the budget per client-round. Estimate (not measured
-# here) from bench_faults' timings (~2 min per LoRA run, ~4 min per LoRDBA run, for 4 rounds of 5
-# clients x 2 steps x 2 x 64 tokens): ~4-5 min per LoRA run, ~8-10 min per LoRDBA run, ~60-70 min
-# per task; each record's ``wall_s`` gives the real figure. Only server-side evaluation (32 held-out
-# examples, every round): the clients' evaluation round trip would cost time and bytes and measure
-# nothing the frontier uses; no generation (sampled text is not a metric here).
+# frontier must separate methods by more than the seed spread (on 32 held-out examples LoRA r16's
+# own spread was 1.6%, more than the 1% target), so 128 held-out examples, 15 rounds (LoRDBA starts
+# slower and catches up over rounds) and 3 clients a round (on 2 cores a second wave of Ray: measured
+# ~17 min a LoRA run, ~35 min a LoRDBA run with other jobs on the cores; idle, about half). 4 local
+# steps of 4 x 64 tokens is the budget per client-round. Only server-side evaluation: the clients'
+# evaluation round trip would cost time and bytes and measure nothing the frontier uses; no
+# generation on shakespeare (sampled text is not a metric there).
 SETTINGS: dict = {
     "rounds": 15,
     "clients-per-round": 3,
