@@ -222,7 +222,10 @@ class RunConfig:
     dp: DPConfig = DPConfig()
     eval_examples: int = option(64, "eval.examples", "Held-out examples per server-side eval set.")
     generate_examples: int = option(8, "eval.generate",
-        "Examples scored by generation (exact-match) / label likelihood at the end, and samples printed.")
+        "Examples per eval set scored by generation (exact-match); > 0 also prints sample generations at the end.")
+    metric_every: int = option(1, "eval.metric-every",
+        "Score the task's metric every this many rounds and after the last (0: after the last only): exact match on "
+        "eval.generate examples per set, label accuracy (no generation) on every eval example")
     client_eval: bool = option(True, "eval.client-side", "also evaluate the sampled clients on their own held-out data each round")
     client_state: str = option("none", "client.state", "none | latent | latent+optimizer: kept per client in context.state")
     client_state_dtype: str = option("q8", "client.state-dtype", "fp32 | fp16 | q8 (log-coded bytes) for stored latents / moments")
@@ -289,6 +292,7 @@ class RunConfig:
              "q8, q4, q2 or fp16"),
             ("eval.examples", self.eval_examples, self.eval_examples >= 0, ">= 0"),
             ("eval.generate", self.generate_examples, self.generate_examples >= 0, ">= 0"),
+            ("eval.metric-every", self.metric_every, self.metric_every >= 0, ">= 0 (0: after the last round only)"),
             ("seed", self.seed, self.seed >= 0, ">= 0"),
             ("client.memory-mb", self.memory_mb, self.memory_mb >= 0, ">= 0 MB (0: off)"),
             ("scales", self.scales, bool(self.scales) and set(self.scales) <= {"in", "mid", "out"},

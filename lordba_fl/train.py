@@ -85,20 +85,60 @@ OPTIMIZERS = {
 }
 
 
-def encode_examples(tok, examples: Sequence[Example], seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """Token ids and labels per example (prompt masked), truncated to ``seq_len``."""
-    out = []
+class TargetTooLongError(ValueError):
+    """An example whose target (with EOS) does not fit ``train.seq-len`` and must not be cut."""
+
+
+def encode_example(tok, ex: Example, seq_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one example (prompt tokens labelled -100), at most ``seq_len`` long.
+
+    The target is what is learned and scored, so it is kept whole: a prompt that does not fit beside
+    it loses its *first* tokens (at least one prompt token stays, so the first target token is
+    predicted from context). A target that does not fit on its own is cut from the right (plain
+    language modelling: the text's first ``seq_len`` tokens), except for an example marked
+    ``whole_target`` (a scored answer or label), which raises :class:`TargetTooLongError`.
+    """
+    p = tok(ex.prompt, add_special_tokens=False)["input_ids"]
     eos = tok.eos_token_id
+    t = tok(ex.target, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+    room = seq_len - len(t)  # prompt tokens that fit beside the whole target
+    if room >= len(p):
+        pass
+    elif room >= 1:
+        p = p[len(p) - room :]
+    elif ex.whole_target:
+        need = len(t) + (1 if p else 0)
+        raise TargetTooLongError(f"a target of {len(t)} tokens (with EOS) does not fit train.seq-len={seq_len} "
+                                 f"({ex.target[:60]!r}...): raise train.seq-len to >= {need} or shorten the targets")
+    else:
+        return (p + t)[:seq_len], ([IGNORE] * len(p) + t)[:seq_len]
+    return p + t, [IGNORE] * len(p) + t
+
+
+def encode_examples(tok, examples: Sequence[Example], seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_example` of each example that keeps a target token within ``seq_len``."""
+    out = []
     for ex in examples:
-        p = tok(ex.prompt, add_special_tokens=False)["input_ids"]
-        t = tok(ex.target, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        ids = (p + t)[:seq_len]
-        labels = ([IGNORE] * len(p) + t)[:seq_len]
+        ids, labels = encode_example(tok, ex, seq_len)
         if any(lab != IGNORE for lab in labels):
             out.append((ids, labels))
     if not out:
         raise ValueError(f"no example keeps a target token within seq_len={seq_len}; raise seq_len")
     return out
+
+
+def check_targets_fit(tok, examples: Sequence[Example], seq_len: int) -> None:
+    """Raise :class:`TargetTooLongError` naming how many ``whole_target`` examples do not fit ``seq_len``
+    and the ``train.seq-len`` they need (what a launcher checks before any process starts)."""
+    eos = 1 if tok.eos_token_id is not None else 0
+    long = [(len(tok(ex.target, add_special_tokens=False)["input_ids"]) + eos + (1 if ex.prompt else 0), ex)
+            for ex in examples if ex.whole_target]
+    bad = [(n, ex) for n, ex in long if n > seq_len]
+    if bad:
+        n, ex = max(bad, key=lambda b: b[0])
+        raise TargetTooLongError(f"{len(bad)} of {len(examples)} examples have a target that does not fit "
+                                 f"train.seq-len={seq_len} even with the prompt cut to one token (longest needs {n}: "
+                                 f"{ex.target[:60]!r}); raise train.seq-len to >= {n} or shorten those targets")
 
 
 def collate(items: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -147,7 +147,7 @@ TASK_SETTINGS: dict[str, dict] = {
     "gsm": {"data.gsm.num-clients": 8, "data.gsm.per-template": 8, "train.seq-len": 192, "train.batch-size": 2},
     # skills: 4 families x 2 clients (the task's defaults); every problem fits 96 tokens (longest: 79);
     # exact match on all 200 held-out problems (50 per family) at the end of each run
-    "skills": {"train.seq-len": 96, "eval.examples": 200, "eval.generate": 200},
+    "skills": {"train.seq-len": 96, "eval.examples": 200, "eval.generate": 200, "eval.metric-every": 5},
 }
 SUPERNODES = 8  # one virtual SuperNode per client partition above (8 of each task)
 

@@ -96,6 +96,10 @@ def _check_nodes(run_config: dict, supernodes: int | None) -> int:
     nodes = supernodes or cfg.clients_per_round
     if nodes < cfg.clients_per_round:
         raise ValueError(f"--supernodes {nodes} < clients-per-round {cfg.clients_per_round}: the run would wait forever")
+    if cfg.task == "files":  # the data's every check (file, columns, split, target lengths) before any process
+        from lordba_fl.data.files import check
+
+        check(cfg.train.seq_len, cfg.model, nodes, **cfg.task_kwargs())
     return nodes
 
 

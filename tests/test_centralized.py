@@ -29,7 +29,8 @@ def _parts(kind: str, clients: int, n: int) -> list[list[Example]]:
 
 def test_validation_split_is_disjoint_from_training_pool_and_eval_set():
     train, test = _parts("train", 3, 20), _parts("test", 3, 5)
-    long = Example("w " * 40, "never fits")  # no target token within seq_len: train_local would drop it
+    # a target longer than seq_len behind a longer prompt: no target token fits, train_local would drop it
+    long = Example("w " * 40, "x " * 20)
     train[1].append(long)
     split = C.pooled_split(train, test, WordTok(), seq_len=16, eval_examples=7)
     ids = lambda xs: {id(x) for x in xs}  # noqa: E731

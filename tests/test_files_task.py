@@ -2,6 +2,7 @@
 and the errors that name the fix."""
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -155,3 +156,89 @@ def test_a_task_returning_something_else_is_refused(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ValueError, match="returned list, not a lordba_fl.data.FederatedTask"):
         load_task("badtask:load")
+
+
+class WordTok:
+    """One id per whitespace-separated word (ids from 10), EOS = 2: lengths are countable by eye."""
+
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [10 + len(w) for w in text.split()]}
+
+
+def test_a_long_prompt_loses_its_first_tokens_and_the_target_stays_whole():
+    from lordba_fl.train import IGNORE, encode_example
+
+    tok = WordTok()
+    ex = Example("a bb ccc dddd eeeee ffffff", "x yy", whole_target=True)  # 6 prompt + 2 target + EOS
+    ids, labels = encode_example(tok, ex, seq_len=5)
+    assert ids == [15, 16, 11, 12, 2]  # the prompt's last 2 words, the whole target and EOS
+    assert labels == [IGNORE, IGNORE, 11, 12, 2]
+    assert encode_example(tok, ex, seq_len=9) == ([11, 12, 13, 14, 15, 16, 11, 12, 2], [IGNORE] * 6 + [11, 12, 2])
+
+
+def test_a_target_that_cannot_fit_is_an_error_when_scored_and_cut_when_language_modelling():
+    from lordba_fl.train import IGNORE, TargetTooLongError, check_targets_fit, encode_example
+
+    tok = WordTok()
+    scored = Example("p q", "a b c d", whole_target=True)  # 4 target + EOS, plus >= 1 prompt token: needs 6
+    with pytest.raises(TargetTooLongError, match="raise train.seq-len to >= 6"):
+        encode_example(tok, scored, seq_len=5)
+    assert encode_example(tok, scored, seq_len=6)[0] == [10 + 1, 11, 11, 11, 11, 2]
+    with pytest.raises(TargetTooLongError, match=r"1 of 2 examples .* \(longest needs 6"):
+        check_targets_fit(tok, [scored, Example("p", "a", whole_target=True)], seq_len=5)
+    check_targets_fit(tok, [scored], seq_len=6)
+    lm = Example("", "a b c d e f")  # plain text: its first seq_len tokens are learned
+    assert encode_example(tok, lm, seq_len=4) == ([11] * 4, [11] * 4)
+    cue = Example("ROLE:", "a b c d e f")  # a cue and a long speech: the cue and the speech's head
+    assert encode_example(tok, cue, seq_len=4) == ([15, 11, 11, 11], [IGNORE, 11, 11, 11])
+
+
+def test_label_accuracy_scores_labels_as_they_are_trained(tmp_path):
+    rows = [{"text": f"headline {i}", "topic": [" business", " sports"][i % 2]} for i in range(12)]
+    task = load(path=_write(tmp_path, rows, "jsonl"), prompt_column="text", target_column="topic", num_clients=2,
+                metric="label-accuracy")
+    assert task.labels == [" business", " sports"]  # not stripped: the tokens training teaches
+    assert all(e.answer == e.target and e.whole_target for part in task.train + task.test for e in part)
+
+
+@pytest.mark.real_model
+def test_the_launcher_runs_every_files_check_before_any_process(tmp_path):
+    from simulations.run import _check_nodes
+
+    rows = [{"q": "w " * 200, "a": "short", "u": f"u{i % 3}"} for i in range(9)]
+    rows[4]["a"] = "long " * 150
+    path = _write(tmp_path, rows, "jsonl")
+    cfg = {"task": "files", "data.files.path": path, "data.files.prompt-column": "q", "data.files.target-column": "a",
+           "data.files.partition-by": "u", "data.files.num-clients": 0, "train.seq-len": 64, "clients-per-round": 2}
+    with pytest.raises(ValueError, match=r"1 of 9 examples have a target .* raise train.seq-len to >= 15\d"):
+        _check_nodes(cfg, 3)
+    rows[4]["a"] = "short"
+    _write(tmp_path, rows, "jsonl")
+    assert _check_nodes(cfg, 3) == 3  # 200-token prompts beside a 64-token window are fine: cut from the left
+    with pytest.raises(ValueError, match="4 SuperNodes but the data gives 3 clients"):
+        _check_nodes(cfg, 4)
+    with pytest.raises(ValueError, match="does not exist"):
+        _check_nodes({**cfg, "data.files.path": str(tmp_path / "gone.jsonl")}, 3)
+
+
+@pytest.mark.real_model
+def test_a_files_run_with_prompts_longer_than_seq_len_trains_and_scores_every_round(tmp_path, monkeypatch):
+    from test_federation import _run
+
+    monkeypatch.setenv("LORDBA_FL_CACHE", str(tmp_path / "cache"))
+    words = "the market rallied as shares of the team rose after the match".split()
+    rows = [{"text": " ".join(words[(i + j) % len(words)] for j in range(90)), "topic": [" business", " sports"][i % 2],
+             "src": f"s{i % 4}"} for i in range(24)]
+    path = _write(tmp_path, rows, "jsonl")
+    _, run_dir, rows_out = _run(tmp_path, method="lora-fedavg", task="files", **{
+        "data.files.path": path, "data.files.prompt-column": "text", "data.files.target-column": "topic",
+        "data.files.partition-by": "src", "data.files.num-clients": 4, "data.files.metric": "label-accuracy",
+        "train.seq-len": 32, "eval.examples": 8, "eval.generate": 0})
+    assert [r["round"] for r in rows_out] == [0, 1, 2]
+    n_eval = 4  # 1 held-out row of each of the 4 clients (test-fraction 0.1 of 6 rows)
+    for r in rows_out:  # the metric in every round's record, without generation
+        assert r["accuracy_pooled"] * n_eval == pytest.approx(round(r["accuracy_pooled"] * n_eval))
+        assert math.isfinite(r["eval_loss"])
+    assert rows_out[-1]["metric"] == "label-accuracy"

@@ -215,6 +215,12 @@ def _tiny_llama(quant: str = "q4_1", compute_dtype: torch.dtype = torch.float32)
 MODELS = {"smollm2-135m": load_default_model, "tiny-llama": _tiny_llama}
 
 
+def model_tokenizer(name: str):
+    """The tokenizer of a registered model without loading the model (every one shares SmolLM2's), or
+    None for a model registered by a user."""
+    return load_tokenizer(default_model_dir()) if name in ("smollm2-135m", "tiny-llama") else None
+
+
 def load_model(name: str = "smollm2-135m", quant: str = "q4_1", compute_dtype: torch.dtype = torch.float32):
     """A registered model (frozen, quantized base) and its tokenizer."""
     if name not in MODELS:

@@ -14,7 +14,12 @@ with a Dirichlet prior (``data.files.label-column`` + ``data.files.dirichlet-alp
 ``data.files.test-fraction`` of each client's rows are held out (at least one); the server
 evaluates the pooled held-out rows. ``data.files.metric``: ``perplexity`` (the loss, always
 reported), ``exact-match`` (the first generated line against the target) or ``label-accuracy`` (the
-target is a class label; each label seen in the data is scored by its likelihood, no generation).
+target is a class label; each distinct target in the data, exactly as written and tokenized for
+training, is scored by its likelihood, no generation).
+
+A target is learned and scored whole: a prompt longer than ``train.seq-len`` allows beside its
+target loses its first tokens; a target that does not fit on its own is an error, raised by the
+launcher (:func:`check`) before any process starts.
 """
 
 from __future__ import annotations
@@ -158,7 +163,10 @@ def load(path: str = "", prompt_column: str = "", target_column: str = "", text_
         targets = [_text(v) for v in _column(table, "target_column", target_column)]
         prompts = ([_text(v) for v in _column(table, "prompt_column", prompt_column)] if prompt_column
                    else [""] * len(targets))
-        examples = [Example(p, t, answer=t.strip()) for p, t in zip(prompts, targets)]
+        # label-accuracy scores each label exactly as training writes it (" business" stays " business");
+        # exact-match compares the first generated line, stripped, with the stripped target
+        examples = [Example(p, t, answer=t if metric == "label-accuracy" else t.strip(), whole_target=True)
+                    for p, t in zip(prompts, targets)]
     empty = [i for i, ex in enumerate(examples) if not ex.target.strip()]
     if empty:
         col = text_column or target_column
@@ -180,6 +188,23 @@ def load(path: str = "", prompt_column: str = "", target_column: str = "", text_
                          f"found {labels}")
     return FederatedTask("files", names, train, test, metric=metric, labels=labels, max_new_tokens=max_new_tokens,
                          info={"path": str(path), "rows": len(examples), "split": partition_by or label_column or "iid"})
+
+
+def check(seq_len: int, model: str = "smollm2-135m", supernodes: int | None = None, **options) -> FederatedTask:
+    """Every check of a ``files`` run, for a launcher to call before any process starts: the file, its
+    columns and split (:func:`load`), every target within ``seq_len`` tokens of ``model``'s tokenizer
+    (:func:`lordba_fl.train.check_targets_fit`) and no more SuperNodes than clients."""
+    from lordba_fl.base.models import model_tokenizer
+    from lordba_fl.train import check_targets_fit
+
+    task = load(**options)
+    tok = model_tokenizer(model)
+    if tok is not None:  # a plug-in model's tokenizer is checked when its clients encode
+        check_targets_fit(tok, [ex for part in task.train + task.test for ex in part], seq_len)
+    if supernodes is not None and supernodes > task.num_partitions:
+        raise ValueError(f"{supernodes} SuperNodes but the data gives {task.num_partitions} clients; run with "
+                         f"--supernodes <= {task.num_partitions} or raise data.files.num-clients")
+    return task
 
 
 def cache_key(path: str = "", **_options) -> str:

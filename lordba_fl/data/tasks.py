@@ -29,6 +29,7 @@ class Example:
     prompt: str
     target: str
     answer: str | None = None  # gsm: the final number
+    whole_target: bool = False  # the target is scored as a whole: never cut to fit train.seq-len (an error)
 
 
 @dataclass
@@ -130,7 +131,7 @@ class ClientData:
     test: list[Example]
 
 
-CLIENT_CACHE_FORMAT = 1
+CLIENT_CACHE_FORMAT = 2  # 2: Example.whole_target
 _CLIENT_DATA: dict[tuple, ClientData] = {}
 
 

@@ -318,6 +318,9 @@ def run_server(grid, run_config: dict) -> dict:
             r = evaluate_loss(model, tok, ex, cfg.train.seq_len)
             prefix = "" if i == 0 else f"{name}_"  # the task's first set is the headline eval_loss
             res[f"{prefix}eval_loss"], res[f"{prefix}perplexity"] = r["eval_loss"], r["perplexity"]
+        every = cfg.metric_every
+        if run_round == cfg.rounds or (every and run_round % every == 0):
+            res.update(score_metric(model, tok, task, eval_sets, cfg))
         started = strategy.round_started.get(run_round, t0)
         row = round_row(run_round, run_name(cfg), ledger.round_summary(run_round), strategy.round_metrics.get(run_round, {}),
                         res, time.time() - started)
@@ -344,21 +347,31 @@ def run_server(grid, run_config: dict) -> dict:
     return finish(cfg, model, tok, method, task, recorder, run_dir)
 
 
+def score_metric(model, tok, task, eval_sets: dict, cfg: RunConfig) -> dict:
+    """``accuracy_<set>`` of the task's metric on each server eval set: label accuracy on every example
+    (no generation), exact match on the first ``eval.generate`` (none when 0); {} for perplexity."""
+    if task.metric == "perplexity" or (task.metric == "exact-match" and cfg.generate_examples == 0):
+        return {}
+    n = cfg.generate_examples if task.metric == "exact-match" else None
+    return {f"accuracy_{name}": score(model, tok, task, ex[:n], cfg.train.seq_len) for name, ex in eval_sets.items()}
+
+
 def finish(cfg, model, tok, method, task, recorder, run_dir: Path) -> dict:
-    """Final adapter (packed + PEFT), accuracy / sample generations, table, CSV and plots."""
+    """Final adapter (packed + PEFT), the task's metric (scored with the last round) and sample
+    generations, table, CSV and plots."""
     method.load_global_(model)
     final = dict(recorder.rows[-1]) if recorder.rows else {}
     method.export(model, run_dir)
     samples = []
-    if task.metric != "perplexity" and cfg.generate_examples > 0:
-        eval_sets = {name: ex[: cfg.generate_examples] for name, ex in _server_eval_sets(task, cfg).items()}
+    if task.metric != "perplexity":
         final["metric"] = task.metric
-        for name, exs in eval_sets.items():
-            final[f"accuracy_{name}"] = score(model, tok, task, exs, cfg.train.seq_len)
-        ex = next(iter(eval_sets.values()))[0]
+        if not any(k.startswith("accuracy_") for k in final):  # e.g. a resumed run whose last round was done
+            final.update(score_metric(model, tok, task, _server_eval_sets(task, cfg), cfg))
+    if task.metric == "exact-match" and cfg.generate_examples > 0:
+        ex = next(iter(_server_eval_sets(task, cfg).values()))[0]
         out = generate(model, tok, ex.prompt, max_new_tokens=task.max_new_tokens)
         samples.append(f"{ex.prompt}{out}\n(expected {ex.answer})")
-    elif cfg.generate_examples > 0:
+    elif task.metric == "perplexity" and cfg.generate_examples > 0:
         for name, exs in list(zip(task.clients, task.test))[: min(3, cfg.generate_examples)]:
             samples.append(f"[{name}] {exs[0].prompt}{generate(model, tok, exs[0].prompt, max_new_tokens=40)}")
     if recorder.rows:

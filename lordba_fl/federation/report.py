@@ -14,7 +14,7 @@ from pathlib import Path
 COLUMNS = [
     "round", "method", "clients_sampled", "clients_succeeded", "tier_mix", "up_payload_mean", "up_wire_mean", "up_wire_max",
     "down_payload_mean", "down_wire_mean", "fp16_lora_bytes", "total_up_wire", "total_down_wire",
-    "train_loss", "eval_loss", "perplexity", "accuracy_unseen", "accuracy_seen", "accuracy_heldout", "client_flip_rate",
+    "train_loss", "eval_loss", "perplexity", "accuracy_unseen", "accuracy_seen", "accuracy_heldout", "accuracy_pooled", "client_flip_rate",
     "global_flip_rate", "flip_agreement", "fit_error_median", "wall_s",
 ]
 
