@@ -206,9 +206,9 @@ def train_local(
     device = model_device(model)
     if cfg.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         # non-reentrant: the frozen base's inputs need no grad for the adapters' gradients to flow
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(model, "is_activation_checkpointing", False):  # (transformers' name since v5)
+        model.activation_checkpointing_disable()
     model.train()
     losses, seen = [], 0
     pad = _pad_id(tok)

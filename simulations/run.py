@@ -142,6 +142,7 @@ def flwr_run(run_config: dict, supernodes: int | None = None, cpus_per_client: f
     import urllib.request
 
     from lordba_fl.federation.apps import run_name
+    from lordba_fl.federation.quiet import is_noise, verbose
     from lordba_fl.runconfig import parse_run_config
     from simulations.common import toml_value
 
@@ -193,7 +194,13 @@ def flwr_run(run_config: dict, supernodes: int | None = None, cpus_per_client: f
                "--federation-config", " ".join(f"{k}={v}" for k, v in federation.items())]
         if overrides:
             cmd += ["--run-config", overrides]
-        proc = subprocess.run(cmd, env=env, cwd=PROJECT)
+        proc = subprocess.Popen(cmd, env=env, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1)
+        for line in proc.stdout:  # Flower's and Ray's own chatter dropped (LORDBA_FL_VERBOSE=1 keeps it)
+            if verbose() or not is_noise(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        proc.wait()
     finally:
         link.terminate()
         try:

@@ -83,7 +83,7 @@ def test_gradient_checkpointing_gives_the_same_training():
         cfg = TrainConfig(steps=2, batch_size=1, seq_len=32, gradient_checkpointing=gc)
         m = train_local(model, groups, tok, examples, cfg, seed=3)
         out.append((m["train_loss"], read_scales(model, method.spec)))
-        assert model.is_gradient_checkpointing == gc
+        assert model.is_activation_checkpointing == gc
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
     torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=1e-6)
 

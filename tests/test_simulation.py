@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,9 @@ def test_simulation_engine_runs_four_clients_two_rounds(tmp_path, method):
     assert workers and all(w["base_loads"] == 1 for w in workers.values())
     assert sum(w["clients_served"] for w in workers.values()) >= 8
     assert "--- sample ---" in proc.stdout and (run_dir / "rounds.csv").is_file()
+    # a quiet run: no warning from a dependency, one line per round, a table that fits 100 columns
+    out = (proc.stdout + proc.stderr).splitlines()
+    assert not [line for line in out if re.search("warn", line, re.IGNORECASE)], "\n".join(out)
+    assert [line.split()[1] for line in out if line.startswith("round ")] == ["0/2", "1/2", "2/2"]
+    head = proc.stdout.split("--- sample ---")[0].splitlines()
+    assert max(len(line) for line in head) <= 100 and sum(" per round" in line for line in head) == 1

@@ -18,6 +18,7 @@ from lordba_fl.adapter.storage import (
     export_peft_lora,
     load_lordba_,
     lordba_from_peft_lora,
+    merge_dense_,
     peft_lora_config,
     save_lordba,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "export_peft_lora",
     "load_lordba_",
     "lordba_from_peft_lora",
+    "merge_dense_",
     "lordba_layers",
     "peft_lora_config",
     "save_lordba",

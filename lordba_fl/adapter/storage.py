@@ -428,3 +428,32 @@ def peft_lora_config(directory: str | os.PathLike | None = None, **kwargs):
     cfg = LoraConfig.from_pretrained(str(directory)) if directory is not None else LoraConfig(**kwargs)
     cfg._register_custom_module(peft_custom_modules())  # PEFT's documented hook for custom layer types
     return cfg
+
+
+@torch.no_grad()
+def merge_dense_(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every LoRDBA layer by a plain ``nn.Linear`` holding its base weight plus its update
+    (``W + dW``), and every other quantized linear by its dequantized ``nn.Linear``, in place: a model
+    that ``save_pretrained`` writes and plain transformers loads, computing what the adapted model does."""
+    from lordba_fl.adapter.layer import effective_weight
+    from lordba_fl.base.quant import quantized_types
+
+    def dense(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+        out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="cpu", dtype=dtype)
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+        return out
+
+    replace_: dict[str, nn.Module] = {}
+    for name, layer in lordba_layers(model).items():
+        base = layer.base_layer
+        replace_[name] = dense(effective_weight(base) + layer.delta_weight().float().cpu(), getattr(base, "bias", None))
+    qtypes = quantized_types()
+    for name, module in model.named_modules():
+        if isinstance(module, qtypes) and not any(name == n or name.startswith(n + ".") for n in replace_):
+            replace_[name] = dense(effective_weight(module), getattr(module, "bias", None))
+    for name, new in replace_.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model

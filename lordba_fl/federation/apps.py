@@ -28,7 +28,7 @@ from lordba_fl.base.models import load_model
 from lordba_fl.data import ClientData, load_client_data, load_task
 from lordba_fl.federation import faults
 from lordba_fl.federation.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
-from lordba_fl.federation.report import RunRecorder, round_row
+from lordba_fl.federation.report import RunRecorder, progress_line, round_row
 from lordba_fl.federation.strategy import AdapterStrategy, frame_record, read_frame, reason_class
 from lordba_fl.hetero import node_profile, parse_tiers
 from lordba_fl.methods import make_method, settings_for
@@ -337,6 +337,7 @@ def run_server(grid, run_config: dict) -> dict:
         if run_round in strategy.round_workers:
             row["workers"] = strategy.round_workers[run_round]  # {pid: {base_loads, clients_served}}
         recorder.log(row)
+        print(progress_line(row, cfg.rounds), flush=True)
         save_checkpoint(run_dir, run_round, method, ledger, recorder.rows,
                         extra={"partitions": {str(k): v for k, v in strategy.partitions.items()}})
         log.info("round %d: %s", run_round, {k: row[k] for k in ("up_wire_mean", "down_wire_mean", "eval_loss") if k in row})

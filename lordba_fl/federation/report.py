@@ -68,17 +68,18 @@ class RunRecorder:
             w.writerows(self.rows)
         return path
 
-    def table(self) -> str:
+    def table(self, width: int = 100) -> str:
+        """The run at a glance, at most ``width`` columns (every field is in ``rounds.jsonl`` / ``rounds.csv``)."""
         from rich.console import Console
         from rich.table import Table
 
-        t = Table(title=f"lordba-fl: {self.rows[0]['method'] if self.rows else ''} per round")
-        cols = [c for c in COLUMNS if any(c in r for r in self.rows)]
-        for c in cols:
-            t.add_column(c.replace("_", " "), justify="right")
+        t = Table(title=f"{self.rows[0]['method'] if self.rows else ''} per round", box=None, padding=(0, 1))
+        cols = [(head, get) for head, key, get in TABLE if any(_getter(key)(r) is not None for r in self.rows)]
+        for head, _ in cols:
+            t.add_column(head, justify="right")
         for r in self.rows:
-            t.add_row(*[_fmt(r.get(c)) for c in cols])
-        console = Console(width=240, record=True, file=open(os.devnull, "w"))
+            t.add_row(*[get(r) for _, get in cols])
+        console = Console(width=width, record=True, file=open(os.devnull, "w"))
         console.print(t)
         return console.export_text()
 
@@ -86,12 +87,47 @@ class RunRecorder:
         return plot_runs(self.run_dir.parent)
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
-    return f"{v:,}" if isinstance(v, int) else str(v)
+def _accuracy(r: dict):
+    return next((v for k, v in r.items() if k.startswith("accuracy_")), None)
+
+
+def _getter(key):
+    return key if callable(key) else (lambda r: r.get(key))
+
+
+def _num(key, scale: float = 1.0, digits: int = 4, kind: str = "g"):
+    get = _getter(key)
+    return lambda r: "" if get(r) is None else f"{get(r) / scale:,.{digits}{kind}}"
+
+
+# (header, field or function giving the value, its text): what the end-of-run table shows
+TABLE = (
+    ("round", "round", lambda r: str(r["round"])),
+    ("clients", "clients_sampled", lambda r: f"{r.get('clients_succeeded', 0)}/{r.get('clients_sampled', 0)}"),
+    ("up KB", "up_wire_mean", _num("up_wire_mean", 1e3)),
+    ("down KB", "down_wire_mean", _num("down_wire_mean", 1e3)),
+    ("total MB", "total_up_wire", lambda r: f"{(r.get('total_up_wire', 0) + r.get('total_down_wire', 0)) / 1e6:,.4g}"),
+    ("train loss", "train_loss", _num("train_loss", kind="f")),
+    ("eval loss", "eval_loss", _num("eval_loss", kind="f")),
+    ("accuracy", _accuracy, _num(_accuracy, digits=3)),
+    ("flips", "global_flip_rate", _num("global_flip_rate", digits=2)),
+    ("s", "wall_s", _num("wall_s", digits=3)),
+)
+
+
+def progress_line(row: dict, rounds: int) -> str:
+    """The one line a round prints: eval loss, the task metric, bytes per client both ways, clients, time."""
+    parts = [f"round {row['round']:>{len(str(rounds))}}/{rounds}"]
+    if row.get("eval_loss") is not None:
+        parts.append(f"eval loss {row['eval_loss']:.4f}")
+    acc = _accuracy(row)
+    if acc is not None:
+        parts.append(f"accuracy {acc:.3f}")
+    if row["round"] > 0:
+        parts += [f"up {row.get('up_wire_mean', 0) / 1e3:,.1f} KB", f"down {row.get('down_wire_mean', 0) / 1e3:,.1f} KB",
+                  f"clients {row.get('clients_succeeded', 0)}/{row.get('clients_sampled', 0)}"]
+    parts.append(f"{row.get('wall_s', 0):.1f} s")
+    return "  ".join(parts)
 
 
 def load_runs(folder: Path) -> dict[str, list[dict]]:
