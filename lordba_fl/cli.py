@@ -62,8 +62,14 @@ def export(adapter: str, peft: str | None, merged: str | None, model: str = "smo
     if not path.is_file():
         raise SystemExit(f"{path} does not exist: give a packed LoRDBA adapter (adapter.lordba.safetensors) or the "
                          "run folder that holds one")
+    from lordba_fl.adapter import LoRDBAFileError
+    from lordba_fl.base.models import MODELS
+
     base, tok = load_model(model)
-    load_lordba_(base, path)
+    try:
+        load_lordba_(base, path)
+    except LoRDBAFileError as e:
+        raise SystemExit(f"{e}\n(--model picks the base the adapter was trained on: one of {sorted(MODELS)})") from None
     if peft:
         return export_peft_lora(base, peft)
     from lordba_fl.adapter import merge_dense_
