@@ -162,6 +162,9 @@ class RunConfig:
     # not a run-config key: set on a node of a lower tier (lordba_fl.federation.apps.tier_config) to the
     # run's rank, whose seeded version 0 the node truncates to its own (0: this node trains the run's rank)
     top_rank: int = 0
+    # not a run-config key: the values of the keys the selected method declares itself (on its
+    # Method.settings_type), by attribute path; settings_for() hands them to the method
+    method_options: dict = field(default_factory=dict)
     rounds: int = option(3, "rounds", "Federated rounds.")
     clients_per_round: int = option(4, "clients-per-round", "Clients sampled per round (at most the simulated / connected nodes).")
     rank: int = option(16, "rank", "Adapter rank r.")
@@ -390,6 +393,7 @@ def parse_run_config(run_config: dict) -> RunConfig:
     top: dict = {}
     nested: dict[str, dict] = {"train": {}, "flip": {}, "faults": {}, "dp": {}}
     task_options: dict = {}
+    method_options: dict = {}
     for key, value in run_config.items():
         if key.startswith(_TASK_PREFIX):
             task, _, option = key[len(_TASK_PREFIX):].rpartition(".")  # a task may be an import path
@@ -398,7 +402,13 @@ def parse_run_config(run_config: dict) -> RunConfig:
             task_options.setdefault(task, {})[option.replace("-", "_")] = value
             continue
         if key not in _KEYS:
-            raise ValueError(f"unknown run config key {key!r}; known keys: {sorted(_KEYS)} and data.<task>.<option>")
+            own = method_keys(run_config.get("method", RunConfig.method))
+            if key not in own:
+                raise ValueError(f"unknown run config key {key!r}; known keys: {sorted(_KEYS)}, data.<task>.<option>"
+                                 + (f" and the method's own {sorted(own)}" if own else ""))
+            path, typ, _ = own[key]
+            method_options[path] = _coerce(key, value, typ)
+            continue
         path, typ = _KEYS[key]
         value = _coerce(key, value, typ)
         if path == "scales":
@@ -415,6 +425,7 @@ def parse_run_config(run_config: dict) -> RunConfig:
         cfg = RunConfig(
             **top,
             task_options=merged,
+            method_options=method_options,
             train=TrainConfig(**nested["train"]),
             flip=FlipControl(**nested["flip"]),
             faults=FaultConfig(**nested["faults"]),
@@ -423,7 +434,47 @@ def parse_run_config(run_config: dict) -> RunConfig:
     except TypeError as e:  # pragma: no cover - keys are mapped above
         raise ValueError(str(e)) from None
     cfg.check_names()
+    settings_type = getattr(METHODS.get(cfg.method), "settings_type", None)
+    if settings_type is not None:
+        settings_for(settings_type, cfg)  # the method's own checks (its settings' __post_init__), at start
     return cfg
+
+
+def method_keys(method: str) -> dict[str, tuple[str, type, str]]:
+    """``{key: (attribute path, type, help)}`` of the run-config keys method ``method`` declares on its
+    ``settings_type`` (option fields that are not core keys): its own settings, parsed, checked and
+    documented like the core's."""
+    settings_type = getattr(METHODS.get(method), "settings_type", None)
+    if settings_type is None or not dataclasses.is_dataclass(settings_type):
+        return {}
+    return {k: v for k, v in declared_keys(settings_type).items() if k not in _KEYS}
+
+
+def settings_for(settings_type: type, run: RunConfig):
+    """An instance of the dataclass ``settings_type``: a field the method declares as its own key
+    (an ``option``) from the run's value of that key (its default when the run does not set it),
+    any other field from ``run``'s same-named attribute."""
+    own: dict[str, dict] = {}
+    for key, (path, _, _) in declared_keys(settings_type).items():
+        if key not in _KEYS:
+            head, _, rest = path.partition(".")
+            own.setdefault(head, {})[rest or head] = run.method_options.get(path)
+    values, missing = {}, []
+    for f in dataclasses.fields(settings_type):
+        if f.name in own:
+            given = {k: v for k, v in own[f.name].items() if v is not None}
+            if dataclasses.is_dataclass(f.default) and not isinstance(f.default, type):  # a nested group
+                values[f.name] = dataclasses.replace(f.default, **given)
+            elif f.name in given:
+                values[f.name] = given[f.name]
+        elif hasattr(run, f.name):
+            values[f.name] = getattr(run, f.name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            missing.append(f.name)
+    if missing:
+        raise ValueError(f"{settings_type.__name__} asks for {missing}, which the run config does not have; "
+                         "declare them as its own keys with lordba_fl.options.option(default, 'key', 'help')")
+    return settings_type(**values)
 
 
 def run_config_dict(cfg: RunConfig) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lordba_fl.options import declared_keys
 from lordba_fl.registry import AGGREGATORS, METHODS, TASKS
-from lordba_fl.runconfig import DEFAULTS, TASK_DEFAULTS, RunConfig
+from lordba_fl.runconfig import DEFAULTS, TASK_DEFAULTS, RunConfig, method_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_PAGE = ROOT / "docs" / "configuration.md"
@@ -27,7 +27,28 @@ def _value(v) -> str:
     return repr(v)
 
 
-def configuration_page() -> str:
+def method_section(method: str) -> list[str]:
+    """The rows of the keys ``method`` (a registered name or an import path) declares itself."""
+    import dataclasses
+
+    own = method_keys(method)
+    if not own:
+        return []
+    settings = METHODS.get(method).settings_type
+    defaults = {f.name: f.default for f in dataclasses.fields(settings)}
+
+    def default(path: str):
+        head, _, rest = path.partition(".")
+        return getattr(defaults[head], rest) if rest else defaults[head]
+
+    lines = [f"### `{method}`", "", "| key | default | what it does |", "|---|---|---|"]
+    lines += [f"| `{k}` | `{_value(default(path))}` | {help_.replace('|', '&#124;')} |" for k, (path, _, help_) in own.items()]
+    return lines + [""]
+
+
+def configuration_page(methods: tuple[str, ...] = ()) -> str:
+    """The page: every core key, each method's own keys (the registered ones and ``methods``, e.g. a
+    user's ``pkg.module:Class``), and the task options."""
     keys = declared_keys(RunConfig)
     groups: dict[str, list[str]] = {}
     for key in keys:
@@ -56,6 +77,11 @@ def configuration_page() -> str:
         for key in groups[group]:
             lines.append(f"| `{key}` | `{_value(DEFAULTS[key])}` | {keys[key][2].replace('|', '&#124;')} |")
         lines.append("")
+    own = [line for m in (*METHODS.names(), *methods) for line in method_section(m)]
+    lines += ["## Keys of a method's own", "",
+              "A method may declare run-config keys of its own on its settings type ([extending](extending.md));",
+              "they are accepted when `method` selects it." + ("" if own else " No built-in method declares any."), ""]
+    lines += own
     lines += ["## Task options", "",
               "Options of the selected task are keyed `data.<task>.<option>` (for a task named by import path,",
               "`data.<package.module:load>.<option>`); they are the loader's keyword arguments.", "",
@@ -68,16 +94,19 @@ def configuration_page() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if docs/configuration.md is stale")
+    p.add_argument("--check", action="store_true", help="exit 1 if the page is stale")
+    p.add_argument("--method", action="append", default=[], metavar="PKG.MODULE:CLASS",
+                   help="also document this method's own keys (your own method by import path)")
+    p.add_argument("--out", type=Path, default=CONFIG_PAGE, help="the page to write (default: docs/configuration.md)")
     args = p.parse_args(argv)
-    text = configuration_page()
+    text = configuration_page(tuple(args.method))
     if args.check:
-        stale = not CONFIG_PAGE.is_file() or CONFIG_PAGE.read_text() != text
-        print(f"{CONFIG_PAGE}: {'stale: run lordba-fl docs' if stale else 'up to date'}")
+        stale = not args.out.is_file() or args.out.read_text() != text
+        print(f"{args.out}: {'stale: run lordba-fl docs' if stale else 'up to date'}")
         return int(stale)
-    CONFIG_PAGE.parent.mkdir(exist_ok=True)
-    CONFIG_PAGE.write_text(text)
-    print(f"wrote {CONFIG_PAGE}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
     return 0
 
 

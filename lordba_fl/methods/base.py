@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from lordba_fl.registry import METHODS
-from lordba_fl.runconfig import RunConfig
+from lordba_fl.runconfig import RunConfig, settings_for
 from lordba_fl.train import TrainConfig
 
 
@@ -34,21 +34,16 @@ class MethodSettings:
     """What every method reads from a run: the adapter's rank and scaling (``alpha / rank``), the
     learning rate, the seed of its initial adapter and the local training loop. A method declares
     its own settings type (a subclass, :attr:`Method.settings_type`) and receives only that, never
-    the whole run config: :func:`settings_for` picks its fields from the run config by name."""
+    the whole run config: :func:`lordba_fl.runconfig.settings_for` picks its fields from the run
+    config by name. A field declared ``option(default, "my.key", "help")`` is a run-config key of the
+    method's own: parsed, checked (the settings' ``__post_init__``, when the run starts) and listed
+    in the configuration page like the core's."""
 
     rank: int
     alpha: float
     lr: float
     seed: int
     train: TrainConfig
-
-
-def settings_for(settings_type: type, run: RunConfig):
-    """An instance of ``settings_type`` (a dataclass) with each field taken from ``run``'s same-named one."""
-    missing = [f.name for f in fields(settings_type) if not hasattr(run, f.name)]
-    if missing:
-        raise ValueError(f"{settings_type.__name__} asks for {missing}, which the run config does not have")
-    return settings_type(**{f.name: getattr(run, f.name) for f in fields(settings_type)})
 
 
 class Method(ABC):
