@@ -198,8 +198,10 @@ class LatentVote:
         if not 0.0 <= self.flip_noise < 0.5:
             raise ValueError(f"flip_noise (randomized response flip probability) must be in [0, 0.5); got {self.flip_noise}")
 
-    def __call__(self, server: ServerState, updates: Sequence[tuple[Update, float]]) -> ServerState:
-        """One aggregation step; returns a new state at version ``t + 1``."""
+    def __call__(self, server: ServerState, updates: Sequence[tuple[Update, float]], budget: float = 1.0) -> ServerState:
+        """One aggregation step; returns a new state at version ``t + 1``. ``budget`` (the round's
+        ``server.flip-budget``) is not used: the vote flips where the weighted latent crosses the
+        hysteresis ``tau``, bounded by the clients' own budgets."""
         if not updates:
             raise ValueError("no updates to aggregate; keep the current state when every reply failed")
         old = server.state
@@ -250,8 +252,8 @@ class Refit:
 
     ``mode="faithful"`` (default) starts from the current carriers and the clients' averaged scales
     and only takes steps that lower the fit error (:func:`lordba_fl.adapter.fit.refine_lordba`): a round in
-    which no client changes anything leaves the adapter exactly as it was; ``flip_budget`` caps the
-    signs a round changes per layer (the largest error reductions win), which bounds the downlink's
+    which no client changes anything leaves the adapter exactly as it was; the round's ``budget``
+    (``server.flip-budget`` as the LoRDBA method schedules it) caps the signs a round changes per layer (the largest error reductions win), which bounds the downlink's
     sign churn. With ``restart``, a fresh
     SVD fit of the target, its components aligned to the current carriers, is refined too and kept
     when its error is lower. ``mode="svd"`` is the first design: signs of a fresh SVD, the current
@@ -269,17 +271,17 @@ class Refit:
     passes: int = 3
     restart: bool = False
     error_feedback: bool = False
-    flip_budget: float = 1.0  # most of each layer's signs a round may change (1: no limit)
 
     def __post_init__(self):
         if self.mode not in REFIT_MODES:
             raise ValueError(f"server.refit must be one of {REFIT_MODES}; got {self.mode!r}")
-        if not 0.0 <= self.flip_budget <= 1.0:
-            raise ValueError(f"server.flip-budget must be a fraction in [0, 1] (1: no limit); got {self.flip_budget}")
         if self.error_feedback and self.mode != "faithful":
             raise ValueError("server.error-feedback needs server.refit='faithful'")
 
-    def __call__(self, server: ServerState, updates: Sequence[tuple[Update, float]]) -> ServerState:
+    def __call__(self, server: ServerState, updates: Sequence[tuple[Update, float]], budget: float = 1.0) -> ServerState:
+        """One aggregation step; ``budget``: the most of each layer's signs this round may change (1: no limit)."""
+        if not 0.0 <= budget <= 1.0:
+            raise ValueError(f"server.flip-budget must be a fraction in [0, 1] (1: no limit); got {budget}")
         if not updates:
             raise ValueError("no updates to aggregate; keep the current state when every reply failed")
         old = server.state
@@ -317,7 +319,7 @@ class Refit:
             else:
                 s1_old, s2_old = old_signs[name]
                 warm = {k: v for k, v in new_scales[name].items()}
-                limit = None if self.flip_budget >= 1.0 else flip_allowance(layer.n_bits, self.flip_budget)
+                limit = None if budget >= 1.0 else flip_allowance(layer.n_bits, budget)
                 f1, f2, fitted, err = fit_from(target, s1_old, s2_old, warm, self.spec.scales, restart=self.restart,
                                                max_flips=limit,
                                                sweeps=self.sweeps, passes=self.passes)
@@ -337,9 +339,10 @@ class Refit:
 
 # --------------------------------------------------------------------------------------------------
 # Factories registered in :data:`lordba_fl.registry.AGGREGATORS`: ``factory(spec, cfg) -> aggregator``,
-# an aggregator being ``(ServerState, [(Update, weight)]) -> ServerState`` (a new state at version
-# ``t + 1``; ``info`` may carry per-layer diagnostics such as ``fit_error``). ``cfg`` is the run config;
-# a user's aggregator (``server.aggregator = "pkg.module:factory"``) has the same signature.
+# an aggregator being ``(ServerState, [(Update, weight)], budget) -> ServerState`` (a new state at
+# version ``t + 1``; ``info`` may carry per-layer diagnostics such as ``fit_error``; ``budget`` is the
+# round's server flip budget, scheduled by the LoRDBA method). ``cfg`` is the method's settings; a
+# user's aggregator (``server.aggregator = "pkg.module:factory"``) has the same signatures.
 
 
 def make_vote(spec: AdapterSpec, cfg) -> LatentVote:
@@ -349,6 +352,6 @@ def make_vote(spec: AdapterSpec, cfg) -> LatentVote:
 
 
 def make_refit(spec: AdapterSpec, cfg) -> Refit:
-    """``server.aggregator = "refit"``: :class:`Refit` from ``server.refit/refit-restart/error-feedback/flip-budget``."""
+    """``server.aggregator = "refit"``: :class:`Refit` from ``server.refit/refit-restart/error-feedback``."""
     return Refit(spec, scale_rule=cfg.scale_rule, trim=cfg.trim, mode=cfg.refit_mode, restart=cfg.refit_restart,
-                 error_feedback=cfg.error_feedback and cfg.refit_mode == "faithful", flip_budget=cfg.server_flip_budget)
+                 error_feedback=cfg.error_feedback and cfg.refit_mode == "faithful")

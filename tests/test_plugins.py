@@ -72,13 +72,28 @@ USER_PACKAGE = {
                 self.global_values = before + self.cfg.step * (self.global_values - before)
                 return metrics, rejected
     ''',
+    "agg2.py": '''
+        from lordba_fl.aggregation import make_refit
+
+        BUDGETS = []
+
+        def make_recording(spec, cfg):
+            refit = make_refit(spec, cfg)
+            def recording(server, updates, budget):
+                BUDGETS.append(budget)
+                return refit(server, updates, budget)
+            return recording
+
+        def make_old(spec, cfg):
+            return lambda server, updates: server
+    ''',
     "agg.py": '''
         from lordba_fl.aggregation import ServerState
         from lordba_fl.wire.layout import AdapterState
 
         def make_keep(spec, cfg):
             """An aggregator that keeps the global adapter and only advances its version."""
-            def keep(server, updates):
+            def keep(server, updates, budget):
                 s = server.state
                 return ServerState(AdapterState(s.version + 1, s.negative.clone(), s.scales.clone()), server.latent.clone())
             return keep
@@ -252,3 +267,16 @@ def test_a_user_method_declares_its_own_key_and_uses_it(tmp_path, user_package):
         moved[step] = load_file(str(run_dir / "ckpt-1.safetensors"))["values"] - start
     assert float(moved[1.0].abs().max()) > 0
     torch.testing.assert_close(moved[0.25], 0.25 * moved[1.0], rtol=0, atol=1e-3 * float(moved[1.0].abs().max()))
+
+
+@pytest.mark.real_model
+def test_a_user_aggregator_gets_the_rounds_budget_and_a_wrong_signature_is_refused_at_start(tmp_path, user_package):
+    from userpkg.agg2 import BUDGETS
+
+    BUDGETS.clear()
+    _run(tmp_path / "a", task="userpkg.news:load", method="lordba", rounds=3,
+         **{"server.aggregator": "userpkg.agg2:make_recording", "server.flip-budget": 0.01,
+            "server.flip-budget-start": 0.04})
+    assert BUDGETS == [0.04, 0.02, 0.01]  # the halving schedule reaches a user's aggregator too
+    with pytest.raises(ValueError, match="does not take .server_state, updates, budget."):
+        _run(tmp_path / "b", task="userpkg.news:load", method="lordba", **{"server.aggregator": "userpkg.agg2:make_old"})

@@ -196,10 +196,10 @@ def test_server_flip_budget_caps_each_layers_sign_changes_and_never_raises_the_e
     state = _state(6)
     ups = [(_update(state, 0.2, 0.3, 40 + k), 1.0) for k in range(2)]  # clients that flip a lot
     free = Refit(SPEC)(ServerState.initial(state), ups)
-    capped = Refit(SPEC, flip_budget=0.01)(ServerState.initial(state), ups)
+    capped = Refit(SPEC)(ServerState.initial(state), ups, 0.01)  # the round's budget, through the interface
     for layer, (a, b), (fa, fb) in zip(SPEC.layers, split_carriers(SPEC, capped.state.negative ^ state.negative).values(),
                                        split_carriers(SPEC, free.state.negative ^ state.negative).values()):
         assert int(a.sum() + b.sum()) <= flip_allowance(layer.n_bits, 0.01) < int(fa.sum() + fb.sum())
         assert capped.info["fit_error"][layer.name] >= free.info["fit_error"][layer.name] - 1e-9
     with pytest.raises(ValueError, match="flip-budget"):
-        Refit(SPEC, flip_budget=1.5)
+        Refit(SPEC)(ServerState.initial(state), ups, 1.5)

@@ -10,7 +10,7 @@ node gets a delta against what it last acknowledged.
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,6 @@ from lordba_fl.adapter.layer import (
 )
 from lordba_fl.adapter.storage import export_peft_lora, init_from_, save_lordba
 from lordba_fl.aggregation import (
-    Refit,
     RobustOptions,
     ServerState,
     collect_updates,
@@ -289,6 +288,11 @@ class LoRDBAMethod(Method):
             log.info("dp.mode=local: noise multiplier %.4g, flip randomized response p=%.4g",
                      self.dp_noise_multiplier(), cfg.dp.flip_noise)  # calibrated (or refused) at start
         self.aggregator = AGGREGATORS.get(cfg.aggregator)(self.spec, cfg)
+        try:  # the interface: (server state, [(update, weight)], the round's flip budget)
+            inspect.signature(self.aggregator).bind(None, [], 1.0)
+        except (TypeError, ValueError):
+            raise ValueError(f"server.aggregator {cfg.aggregator!r} made {self.aggregator!r}, which does not take "
+                             "(server_state, updates, budget); see the aggregator interface in the docs") from None
 
     @property
     def version(self) -> int:
@@ -358,7 +362,7 @@ class LoRDBAMethod(Method):
         old = self.server.state
         warmup = server_round <= cfg.warmup_rounds
         try:
-            candidate = self._round_aggregator(server_round, warmup)(self.server, accepted)
+            candidate = self.aggregator(self.server, accepted, self.round_budget(server_round, warmup))
         except FloatingPointError as e:
             log.warning("round %d: aggregate refused, %s; keeping version %d", server_round, e, old.version)
             metrics["aggregate_refused"] = 1.0
@@ -393,18 +397,14 @@ class LoRDBAMethod(Method):
             metrics["fit_error_max"] = float(f"{errors[-1]:.6g}")
         return metrics, reasons
 
-    def _round_aggregator(self, server_round: int, warmup: bool):
-        """The aggregator of this round: a refit's ``server.flip-budget`` as that round allows it
-        (a warm-up round may follow the device fits up to ``init.warmup-budget``, since warm-up
-        rounds seed the signs; later rounds follow ``server.flip-budget-start``'s halving schedule)."""
-        agg, cfg = self.aggregator, self.cfg
-        if not isinstance(agg, Refit):
-            return agg
+    def round_budget(self, server_round: int, warmup: bool) -> float:
+        """The server flip budget the aggregator gets this round: ``server.flip-budget`` on
+        ``server.flip-budget-start``'s halving schedule; a warm-up round may follow the device fits up to
+        ``init.warmup-budget`` (warm-up rounds seed the signs)."""
+        cfg = self.cfg
         if warmup:
-            budget = max(agg.flip_budget, cfg.warmup_budget)
-        else:
-            budget = halving_budget(agg.flip_budget, cfg.server_flip_budget_start, server_round)
-        return agg if budget == agg.flip_budget else dataclasses.replace(agg, flip_budget=budget)
+            return max(cfg.server_flip_budget, cfg.warmup_budget)
+        return halving_budget(cfg.server_flip_budget, cfg.server_flip_budget_start, server_round)
 
     def _embed(self, spec: AdapterSpec, u: Update) -> Update:
         """A tier's update in the global layout: no flips and no scale change beyond its components."""
