@@ -1,4 +1,4 @@
-"""Named components (methods, tasks, aggregators), resolvable from a run config by name or import path.
+"""Named components (methods, tasks, aggregators, attacks), resolvable from a run config by name or import path.
 
 Built-in components are listed here as import paths and imported on first use, so this module sits
 below everything it names and no component imports a registry that imports it back. A user extends
@@ -110,6 +110,12 @@ TASKS = Registry("task", "task", {
     "gsm": "lordba_fl.data.gsm:load",
     "skills": "lordba_fl.data.skills:load",
     "files": "lordba_fl.data.files:load",
+})
+ATTACKS = Registry("attack", "faults.attack", {
+    "invert-flips": "lordba_fl.attacks:INVERT_FLIPS",
+    "flip-all": "lordba_fl.attacks:FLIP_ALL",
+    "explode-scales": "lordba_fl.attacks:EXPLODE_SCALES",
+    "replay": "lordba_fl.attacks:REPLAY",
 })
 AGGREGATORS = Registry("aggregator", "server.aggregator", {
     "vote": "lordba_fl.aggregation:make_vote",

@@ -17,12 +17,10 @@ from lordba_fl.base.quant import QUANT_BACKENDS
 from lordba_fl.hetero import parse_tiers
 from lordba_fl.options import declared_keys, option
 from lordba_fl.privacy import DPConfig
-from lordba_fl.registry import AGGREGATORS, METHODS, TASKS
+from lordba_fl.attacks import Attack
+from lordba_fl.registry import AGGREGATORS, ATTACKS, METHODS, TASKS
 from lordba_fl.train import TrainConfig
 from lordba_fl.wire.clientstate import STATE_DTYPES, STATE_KINDS
-
-ATTACKS = ("invert-flips", "flip-all", "explode-scales", "replay")
-
 
 @dataclass(frozen=True)
 class FaultConfig:
@@ -59,7 +57,8 @@ class FaultConfig:
     slow_s: float = option(0.0, "faults.slow-s", "Seconds a slow client sleeps.")
     corrupt_prob: float = option(0.0, "faults.corrupt-prob", "uplink replaced by random bytes / truncated")
     byzantine_fraction: float = option(0.0, "faults.byzantine-fraction", "fixed seeded set of attacking partitions")
-    attack: str = option("invert-flips", "faults.attack", "invert-flips | flip-all | explode-scales | replay")
+    attack: str = option("invert-flips", "faults.attack",
+        "invert-flips | flip-all | explode-scales | replay, or an Attack by import path 'pkg.module:NAME'")
     hostile_fraction: float = option(0.0, "faults.hostile-fraction",
         "probability a client's reply is hostile: garbage metrics / weights, a mutated, missing or replayed frame")
     min_clients: int = option(1, "faults.min-clients",
@@ -74,8 +73,8 @@ class FaultConfig:
                 raise ValueError(f"faults.{name.replace('_', '-')} must be a probability in [0, 1]; got {v}")
         if self.slow_s < 0:
             raise ValueError(f"faults.slow-s must be >= 0 seconds; got {self.slow_s}")
-        if self.attack not in ATTACKS:
-            raise ValueError(f"faults.attack must be one of {ATTACKS}; got {self.attack!r}")
+        if not isinstance(ATTACKS.get(self.attack), Attack):  # a name or import path; unknown: lists the names
+            raise ValueError(f"faults.attack {self.attack!r} is not a lordba_fl.attacks.Attack")
         if self.min_clients < 1 or self.max_failed_rounds < 0:
             raise ValueError(f"faults.min-clients must be >= 1 and faults.max-failed-rounds >= 0 (0: never stop); got "
                              f"{self.min_clients} and {self.max_failed_rounds}")

@@ -50,7 +50,7 @@ def test_overrides_are_typed_and_nested():
         ({"seed": -3}, "'seed' must be >= 0"),
         ({"scales": "in,top"}, "'scales' must be a non-empty comma list"),
         ({"faults.fail-prob": 1.5}, "faults.fail-prob must be a probability"),
-        ({"faults.attack": "nan-scales"}, "faults.attack must be one of"),
+        ({"faults.attack": "nan-scales"}, "run config 'faults.attack' must be one of"),
         ({"server.scale-rule": "mode"}, "server.scale-rule must be"),
         ({"train.optimizer": "lion"}, "optimizer must be one of"),
         ({"flip.budget": 2.0}, "flip.budget"),
@@ -71,4 +71,4 @@ def test_every_key_is_declared_once_with_help_and_the_reference_page_is_current(
     keys = declared_keys(RunConfig)
     assert sorted(keys) == sorted(k for k in DEFAULTS if not k.startswith("data."))
     assert all(help_ for _, _, help_ in keys.values())
-    assert CONFIG_PAGE.read_text() == configuration_page(), "run python -m simulations.docs"
+    assert CONFIG_PAGE.read_text() == configuration_page(), "run lordba-fl docs"

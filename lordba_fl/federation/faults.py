@@ -8,6 +8,7 @@ import math
 import random
 import time
 
+from lordba_fl.registry import ATTACKS
 from lordba_fl.runconfig import RunConfig
 
 REPLAY_KEY = "faults.replay"  # context.state: a byzantine node's first update, sent again later
@@ -45,7 +46,7 @@ def after_training(cfg: RunConfig, method, frame: bytes, state, server_round: in
     rng = _draws(cfg, server_round, partition)
     rng.random(), rng.random()  # fail and slow: decided by before_training
     if partition in byzantine_partitions(cfg, num_partitions):
-        if f.attack == "replay":
+        if ATTACKS.get(f.attack).replays:
             from flwr.app import ConfigRecord
 
             if REPLAY_KEY in state:
@@ -53,7 +54,7 @@ def after_training(cfg: RunConfig, method, frame: bytes, state, server_round: in
             else:
                 state[REPLAY_KEY] = ConfigRecord({"frame": frame})
         else:
-            frame = method.attack(frame, downlink, f.attack)
+            frame = method.attack(frame, downlink, f.attack)  # the method applies the attack's form
     if rng.random() < f.corrupt_prob:
         if rng.random() < 0.5:
             frame = frame[: max(1, math.floor(len(frame) * rng.random()))]  # truncated

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lordba_fl.methods.lora import LORA_CONTAINER, LoRAFedAvg, encode_lora, note_version
+from lordba_fl.registry import ATTACKS
 from lordba_fl.train import _pad_id, _to, collate, encode_examples, micro_batches, model_device
 from lordba_fl.wire.codec import MalformedFrameError, NonFiniteError
 
@@ -239,9 +240,7 @@ class FedKSeed(LoRAFedAvg):
         return encode_pairs({i: float(np.float32(c)) for i, c in coef.items()}, server_round, version), metrics
 
     def attack(self, uplink: bytes, downlink: bytes, attack: str) -> bytes:
-        """``invert-flips`` / ``flip-all``: every coefficient negated; ``explode-scales``: x 1e4."""
+        """The attack's ``coefficient`` form (:mod:`lordba_fl.attacks`) on every seed's coefficient."""
         rnd, version, pairs = decode_pairs(uplink, len(self.seeds))
-        factor = {"invert-flips": -1.0, "flip-all": -1.0, "explode-scales": 1e4}.get(attack)
-        if factor is None:
-            raise ValueError(f"unknown attack {attack!r}")
-        return encode_pairs({i: float(np.float32(g * factor)) for i, g in pairs}, rnd, version)
+        form = ATTACKS.get(attack).form("coefficient", attack)
+        return encode_pairs({i: float(np.float32(form(g))) for i, g in pairs}, rnd, version)

@@ -25,6 +25,7 @@ from torch import nn
 from lordba_fl.adapter.config import LoRDBAConfig
 from lordba_fl.adapter.storage import peft_lora_config
 from lordba_fl.methods.base import Method
+from lordba_fl.registry import ATTACKS
 from lordba_fl.train import train_local
 from lordba_fl.wire.codec import (
     DecompressionBombError,
@@ -313,9 +314,7 @@ class LoRAFedAvg(Method):
         return frame_up, metrics
 
     def attack(self, uplink: bytes, downlink: bytes, attack: str) -> bytes:
-        """The analogues of the LoRDBA attacks on the client's update ``u = trained - start``:
-        ``invert-flips`` sends ``-u`` (the reversed update), ``flip-all`` sends ``-trained`` (every
-        value's sign flipped), ``explode-scales`` sends ``1e4 u``."""
+        """The attack's ``update`` form (:mod:`lordba_fl.attacks`) on the client's update ``trained - start``."""
         start = fp16_values(decode_lora(downlink, self.segments, (_FP16,))[4]).astype(np.float32)
         if self.bits:
             _, bits, rnd, version, raw = decode_lora(uplink, self.segments, (_QUANT,))
@@ -323,14 +322,7 @@ class LoRAFedAvg(Method):
         else:
             _, _, rnd, version, raw = decode_lora(uplink, self.segments, (_FP16,))
             update = fp16_values(raw).astype(np.float32) - start
-        if attack == "invert-flips":
-            update = -update
-        elif attack == "flip-all":
-            update = -(start + update) - start
-        elif attack == "explode-scales":
-            update = update * 1e4
-        else:
-            raise ValueError(f"unknown attack {attack!r}")
+        update = ATTACKS.get(attack).form("update", attack)(start, update)
         if self.bits:
             payload = quantize_channels(update, self.segments, self.bits, np.random.default_rng(0))
             return encode_lora(_QUANT, self.bits, rnd, version, payload, compress=True)

@@ -48,6 +48,7 @@ from lordba_fl.methods.lora import (
     save_peft_factors,
 )
 from lordba_fl.methods.lora_hetero import HeteroRankLoRA
+from lordba_fl.registry import ATTACKS
 from lordba_fl.train import train_local
 from lordba_fl.wire.codec import MalformedFrameError, NonFiniteError
 from lordba_fl.wire.replies import Bound
@@ -273,22 +274,15 @@ class FLoRA(HeteroRankLoRA):
         return encode_lora(0, 0, server_round, version, payload.tobytes(), compress=False), metrics
 
     def attack(self, uplink: bytes, downlink: bytes, attack: str) -> bytes:
-        """On the fresh factors (the update is ``B A`` itself): ``invert-flips`` sends ``-B`` (the
-        reversed update), ``flip-all`` ``-A, -B`` (every value's sign; the product is unchanged),
-        ``explode-scales`` ``1e4 B`` (clipped to fp16)."""
+        """The attack's ``factors`` form (:mod:`lordba_fl.attacks`) on the fresh factors (their product
+        is the update), clipped to fp16."""
         from lordba_fl.methods.lora import decode_lora
 
+        form = ATTACKS.get(attack).form("factors", attack)
         _, _, rnd, version, raw = decode_lora(uplink, self.segments, (0,))
         parts = []
         for a, bt in self.split(torch.from_numpy(fp16_values(raw).copy()), self.cfg.rank):
-            if attack == "invert-flips":
-                bt = -bt
-            elif attack == "flip-all":
-                a, bt = -a, -bt
-            elif attack == "explode-scales":
-                bt = bt * 1e4
-            else:
-                raise ValueError(f"unknown attack {attack!r}")
+            a, bt = form(a, bt)
             parts += [a.reshape(-1), bt.reshape(-1)]
         out = np.clip(torch.cat(parts).numpy(), -65504, 65504).astype(np.float16)
         return encode_lora(0, 0, rnd, version, out.tobytes(), compress=False)

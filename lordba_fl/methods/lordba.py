@@ -37,7 +37,7 @@ from lordba_fl.aggregation import (
 )
 from lordba_fl.methods.base import Method, MethodSettings
 from lordba_fl.privacy import DPConfig
-from lordba_fl.registry import AGGREGATORS
+from lordba_fl.registry import AGGREGATORS, ATTACKS
 from lordba_fl.runconfig import FlipControl, halving_budget
 from lordba_fl.train import make_optimizer, train_local
 from lordba_fl.wire.clientstate import (
@@ -572,18 +572,9 @@ class LoRDBAMethod(Method):
         return encode_update(update, self.spec, self.options, rng=seed), metrics
 
     def attack(self, uplink: bytes, downlink: bytes, attack: str) -> bytes:
-        """``invert-flips``: flip every sign it did not; ``flip-all``: flip every sign;
-        ``explode-scales``: scale deltas x 1e4."""
+        """The attack's ``signs`` form (:mod:`lordba_fl.attacks`) on this client's flips and scale deltas."""
         u = decode_update(uplink, self.spec, self.options)
-        flips, delta = u.flips, u.scale_delta
-        if attack == "invert-flips":
-            flips = ~flips
-        elif attack == "flip-all":
-            flips = torch.ones_like(flips)
-        elif attack == "explode-scales":
-            delta = delta * 1e4
-        else:
-            raise ValueError(f"unknown attack {attack!r}")
+        flips, delta = ATTACKS.get(attack).form("signs", attack)(u.flips, u.scale_delta)
         return encode_update(Update(u.round, u.version, flips, delta), self.spec, self.options, rng=0)
 
     def _with_feedback_(self, delta: torch.Tensor, state, seed: int) -> torch.Tensor:
