@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lordba_fl.data.tasks import Example, FederatedTask
-from lordba_fl.train import IGNORE, _pad_id, _to, collate, encode_examples, generate, model_device
+from lordba_fl.train import IGNORE, batch_to, collate, encode_examples, generate, model_device, pad_id_of
 
 
 def first_line(text: str) -> str:
@@ -35,9 +35,9 @@ def target_logprobs(model: nn.Module, tok, examples: Sequence[Example], seq_len:
         enc = encode_examples(tok, [ex], seq_len)  # raises when the target does not fit in seq_len
         items.append(enc[0])
     model.eval()
-    pad, device, out = _pad_id(tok), model_device(model), []
+    pad, device, out = pad_id_of(tok), model_device(model), []
     for i in range(0, len(items), batch_size):
-        batch = _to(collate(items[i : i + batch_size], pad), device)
+        batch = batch_to(collate(items[i : i + batch_size], pad), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         labels = batch["labels"][:, 1:]  # (B, T-1)
         logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)

@@ -176,11 +176,11 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return batch if device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _pad_id(tok) -> int:
+def pad_id_of(tok) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
 
@@ -211,11 +211,11 @@ def train_local(
         model.activation_checkpointing_disable()
     model.train()
     losses, seen = [], 0
-    pad = _pad_id(tok)
+    pad = pad_id_of(tok)
     for step in range(cfg.steps):
         opt.zero_grad(set_to_none=True)
         for _ in range(cfg.grad_accum):
-            batch = _to(collate(next(batches), pad), device)
+            batch = batch_to(collate(next(batches), pad), device)
             loss = model(**batch).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss.item()} at step {step}; lower the learning rate")
@@ -235,10 +235,10 @@ def evaluate_loss(model: nn.Module, tok, examples: Sequence[Example], seq_len: i
     items = encode_examples(tok, examples, seq_len)
     model.eval()
     total, tokens = 0.0, 0
-    pad = _pad_id(tok)
+    pad = pad_id_of(tok)
     device = model_device(model)
     for i in range(0, len(items), batch_size):
-        batch = _to(collate(items[i : i + batch_size], pad), device)
+        batch = batch_to(collate(items[i : i + batch_size], pad), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         labels = batch["labels"][:, 1:]  # (B, T-1)
         nll = nn.functional.cross_entropy(
@@ -256,6 +256,6 @@ def generate(model: nn.Module, tok, prompt: str, max_new_tokens: int = 160) -> s
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model_device(model))  # (1, T)
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-        pad_token_id=_pad_id(tok),
+        pad_token_id=pad_id_of(tok),
     )
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

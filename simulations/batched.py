@@ -27,8 +27,8 @@ from lordba_fl.methods.lordba import train_groups
 from lordba_fl.train import (
     IGNORE,
     TrainConfig,
-    _pad_id,
-    _to,
+    pad_id_of,
+    batch_to,
     collate,
     encode_examples,
     make_optimizer,
@@ -39,7 +39,7 @@ from lordba_fl.train import (
 from lordba_fl.wire.layout import (
     AdapterSpec,
     AdapterState,
-    _checked_layers,
+    checked_layers,
     read_latents,
     read_scales,
     split_carriers,
@@ -64,7 +64,7 @@ class StackedAdapters:
 
     def __init__(self, model: nn.Module, spec: AdapterSpec, latents: list[torch.Tensor], scales: list[torch.Tensor]):
         self.model, self.spec, self.k = model, spec, len(latents)
-        self.layers = _checked_layers(model, spec)
+        self.layers = checked_layers(model, spec)
         if any(m.stack is not None for m in self.layers):
             raise ValueError("model already carries stacked adapters; call unstack_() first")
         device = model_device(model)
@@ -141,13 +141,13 @@ def train_batched(
                 t.requires_grad_(False)
         opt = make_optimizer(groups, cfg)
         streams = [micro_batches(encode_examples(tok, j.examples, cfg.seq_len), cfg, j.seed) for j in jobs]
-        device, pad = model_device(model), _pad_id(tok)
+        device, pad = model_device(model), pad_id_of(tok)
         losses = torch.zeros(k)
         model.train()
         for step in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
             for _ in range(cfg.grad_accum):
-                batch = _to(collate([item for s in streams for item in next(s)], pad), device)  # (K B, T)
+                batch = batch_to(collate([item for s in streams for item in next(s)], pad), device)  # (K B, T)
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 per_client = _client_losses(logits, batch["labels"], k)  # (K,)
                 bad = [i for i in range(k) if not torch.isfinite(per_client[i])]

@@ -41,8 +41,8 @@ from lordba_fl import LoRDBAConfig, attach_lordba_, load_default_model
 from lordba_fl.wire.codec import (
     CodecOptions,
     Update,
-    _decode_bits,
-    _encode_bits,
+    decode_bits,
+    encode_bits,
     decode_update,
     encode_update,
     read_header,
@@ -144,13 +144,13 @@ def measure(spec: AdapterSpec, delta: torch.Tensor, p: float, repeats: int, leve
     dec = zstandard.ZstdDecompressor()
 
     def ours_encode():
-        enc, n_set, raw = _encode_bits(bits)
+        enc, n_set, raw = encode_bits(bits)
         return enc, n_set, comp.compress(raw)
 
     enc, n_set, section = ours_encode()
 
     def ours_decode():
-        return _decode_bits(enc, dec.decompress(section), n, n_set)
+        return decode_bits(enc, dec.decompress(section), n, n_set)
 
     def base_encode():
         return comp.compress(np.packbits(bits, bitorder="little").tobytes())

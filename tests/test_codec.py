@@ -17,8 +17,8 @@ from lordba_fl.wire.codec import (
     ScaleEncoding,
     SignEncoding,
     Update,
-    _decode_bits,
-    _encode_bits,
+    decode_bits,
+    encode_bits,
     decode_state,
     decode_update,
     encode_state,
@@ -125,15 +125,15 @@ def test_header_layout_by_hand():
 def test_run_length_sign_coding_by_hand():
     bits = np.zeros(2000, dtype=bool)
     bits[[0, 2, 1000]] = True  # gaps 0, 1, 997 = 3 * 255 + 232
-    enc, n_set, raw = _encode_bits(bits)
+    enc, n_set, raw = encode_bits(bits)
     assert enc == SignEncoding.GAPS and n_set == 3 and list(raw) == [0, 1, 255, 255, 255, 232]
-    assert np.array_equal(_decode_bits(enc, raw, 2000, 3), bits)
+    assert np.array_equal(decode_bits(enc, raw, 2000, 3), bits)
     # dense masks are bit-packed, LSB first
     dense = np.zeros(10, dtype=bool)
     dense[[0, 3, 4, 5, 9]] = True
-    enc, n_set, raw = _encode_bits(dense)
+    enc, n_set, raw = encode_bits(dense)
     assert enc == SignEncoding.PACKED and n_set == 5 and list(raw) == [1 + 8 + 16 + 32, 2]
-    assert _encode_bits(np.zeros(77, dtype=bool)) == (SignEncoding.GAPS, 0, b"")
+    assert encode_bits(np.zeros(77, dtype=bool)) == (SignEncoding.GAPS, 0, b"")
 
 
 @settings(max_examples=150, deadline=None)

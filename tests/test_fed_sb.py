@@ -43,11 +43,11 @@ def test_hooked_gradient_equals_autograds_weight_gradient():
     bases = [model.get_submodule(name).base_layer.weight for name, _, _ in layers]
     for w in bases:
         w.requires_grad_(True)
-    from lordba_fl.train import _pad_id, collate, encode_examples
+    from lordba_fl.train import pad_id_of, collate, encode_examples
 
     items = encode_examples(tok, TEXTS, 32)
     for i in range(0, len(items), 2):
-        model(**collate(items[i : i + 2], _pad_id(tok))).loss.backward()
+        model(**collate(items[i : i + 2], pad_id_of(tok))).loss.backward()
     for g, w in zip(grads, bases):
         torch.testing.assert_close(g, w.grad, rtol=1e-4, atol=1e-6)
         assert g.abs().max() > 0

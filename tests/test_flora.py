@@ -12,7 +12,7 @@ import torch
 from lordba_fl.errors import ChecksumError
 from lordba_fl.federation.apps import _adapted_model
 from lordba_fl.methods import Reply
-from lordba_fl.methods.lora import _FP16, encode_lora
+from lordba_fl.methods.lora import FP16, encode_lora
 from lordba_fl.methods.lora_flora import (
     _STACK,
     Group,
@@ -44,7 +44,7 @@ def _reply(method, node: int, rank: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     n = method.group_size(rank)
     v = (torch.randn(n, generator=g) * 0.1).half().float()
-    frame = encode_lora(_FP16, 0, method.version + 1, method.version, v.numpy().astype(np.float16).tobytes(), compress=False)
+    frame = encode_lora(FP16, 0, method.version + 1, method.version, v.numpy().astype(np.float16).tobytes(), compress=False)
     return v, Reply(node, frame, float(seed + 1))
 
 
@@ -150,7 +150,7 @@ def test_bad_stacks_are_refused_with_what_was_wrong():
         (_sealed([(1, 2, 0, 0.5)], ok, 0xFFFFFFFF), MalformedFrameError, "with only 1 groups"),
         (_sealed([], b"", 1, base=2), MalformedFrameError, "past its own version"),
         (_sealed([(1, 2, 0, 0.5)], np.full(size(2), np.nan, np.float16).tobytes(), 1), NonFiniteError, "NaN"),
-        (encode_lora(_FP16, 0, 1, 0, ok, compress=False), MalformedFrameError, "not a FLoRA stack"),
+        (encode_lora(FP16, 0, 1, 0, ok, compress=False), MalformedFrameError, "not a FLoRA stack"),
     ]
     for frame, err, match in cases:
         with pytest.raises(err, match=match):

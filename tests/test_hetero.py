@@ -241,12 +241,12 @@ def _lora_reply(method, node: int, rank: int, seed: int):
     import numpy as np
 
     from lordba_fl.methods import Reply
-    from lordba_fl.methods.lora import _FP16, encode_lora
+    from lordba_fl.methods.lora import FP16, encode_lora
 
     g = torch.Generator().manual_seed(seed)
     v = method.truncate(method.global_values, rank)
     v = (v + torch.randn(v.shape, generator=g) * 0.05).half().float()
-    frame = encode_lora(_FP16, 0, 1, method.version, v.numpy().astype(np.float16).tobytes(), compress=False)
+    frame = encode_lora(FP16, 0, 1, method.version, v.numpy().astype(np.float16).tobytes(), compress=False)
     return v, Reply(node, frame, float(seed + 1))
 
 

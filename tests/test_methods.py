@@ -4,7 +4,7 @@ import torch
 
 from lordba_fl.adapter.fit import _product
 from lordba_fl.aggregation import Refit, ServerState
-from lordba_fl.methods.lora import _FP16, _QUANT, decode_lora, dequantize_channels, encode_lora, quantize_channels
+from lordba_fl.methods.lora import FP16, QUANT, decode_lora, dequantize_channels, encode_lora, quantize_channels
 from lordba_fl.methods.lordba import budget_flips
 from lordba_fl.wire.codec import CodecError, Update
 from lordba_fl.wire.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers, split_scales
@@ -43,15 +43,15 @@ def test_channel_quantization_by_hand(bits):
 
 def test_lora_frames_are_checked():
     segments = np.array([4, 4])
-    frame = encode_lora(_FP16, 0, 1, 0, np.ones(8, np.float16).tobytes(), compress=False)
-    assert decode_lora(frame, segments, (_FP16,))[3] == 0
+    frame = encode_lora(FP16, 0, 1, 0, np.ones(8, np.float16).tobytes(), compress=False)
+    assert decode_lora(frame, segments, (FP16,))[3] == 0
     bad = bytearray(frame)
     bad[-1] ^= 1
-    for buf, kinds in [(frame[:-2], (_FP16,)), (bytes(bad), (_FP16,)), (frame, (_QUANT,)), (b"LORA", (_FP16,))]:
+    for buf, kinds in [(frame[:-2], (FP16,)), (bytes(bad), (FP16,)), (frame, (QUANT,)), (b"LORA", (FP16,))]:
         with pytest.raises(CodecError):
             decode_lora(buf, segments, kinds)
     with pytest.raises(CodecError, match="shapes need"):
-        decode_lora(frame, np.array([4, 5]), (_FP16,))
+        decode_lora(frame, np.array([4, 5]), (FP16,))
 
 
 def test_refit_of_one_client_reproduces_its_product():

@@ -228,7 +228,7 @@ def test_a_method_receives_only_its_own_settings():
 
     run = parse_run_config({"method": "lora-fedavg", "rank": 8, "lr": 0.002})
     lora = make_method(run)
-    assert type(lora.cfg) is MethodSettings and lora.cfg == MethodSettings(8, 32.0, 0.002, 0, run.train)
+    assert type(lora.cfg) is MethodSettings and lora.cfg == MethodSettings(8, 32.0, 0.002, 0, run.train, 3)
     assert not hasattr(lora.cfg, "task") and not hasattr(lora.cfg, "faults")
     lordba = make_method(parse_run_config({"server.flip-budget": 0.01}))
     assert type(lordba.cfg) is LoRDBASettings and lordba.cfg.server_flip_budget == 0.01

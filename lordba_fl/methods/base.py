@@ -44,6 +44,7 @@ class MethodSettings:
     lr: float
     seed: int
     train: TrainConfig
+    codec_level: int  # zstd level of compressed frames (codec.level)
 
 
 class Method(ABC):

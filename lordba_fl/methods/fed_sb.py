@@ -34,7 +34,7 @@ from lordba_fl.methods.lora import (
     lora_modules,
     save_peft_factors,
 )
-from lordba_fl.train import _pad_id, _to, collate, encode_examples, model_device, train_local
+from lordba_fl.train import batch_to, collate, encode_examples, model_device, pad_id_of, train_local
 from lordba_fl.wire.codec import MalformedFrameError
 
 _CORE, _BASIS = 0, 3  # LORA frame kinds: the core alone (fp16), or the basis then the core (fp16)
@@ -92,13 +92,13 @@ def weight_gradients(model: nn.Module, tok, examples, seq_len: int, batch_size: 
     for i, (name, _, _) in enumerate(layers):
         hooks.append(model.get_submodule(name).register_forward_hook(capture(i)))
     items = encode_examples(tok, examples, seq_len)
-    pad, device = _pad_id(tok), model_device(model)
+    pad, device = pad_id_of(tok), model_device(model)
     was_training = model.training
     model.train()
     try:
         with torch.enable_grad():
             for i in range(0, len(items), batch_size):
-                batch = _to(collate(items[i : i + batch_size], pad), device)
+                batch = batch_to(collate(items[i : i + batch_size], pad), device)
                 model(**batch).loss.backward()
     finally:
         for h in hooks:

@@ -30,7 +30,7 @@ from torch import nn
 
 from lordba_fl.methods.lora import LORA_CONTAINER, LoRAFedAvg, encode_lora, note_version
 from lordba_fl.registry import ATTACKS
-from lordba_fl.train import _pad_id, _to, collate, encode_examples, micro_batches, model_device
+from lordba_fl.train import batch_to, collate, encode_examples, micro_batches, model_device, pad_id_of
 from lordba_fl.wire.codec import MalformedFrameError, NonFiniteError
 
 K_SEEDS = 4096
@@ -215,12 +215,12 @@ class FedKSeed(LoRAFedAvg):
         n, cfg = values.numel(), self.cfg.train
         rng = np.random.default_rng([seed, 0x2E0])
         batches = micro_batches(encode_examples(tok, examples, cfg.seq_len), cfg, seed)
-        pad, device = _pad_id(tok), model_device(model)
+        pad, device = pad_id_of(tok), model_device(model)
         model.eval()
         coef: dict[int, float] = {}
         losses = []
         for _ in range(cfg.steps):
-            batch = _to(collate(next(batches), pad), device)
+            batch = batch_to(collate(next(batches), pad), device)
             i = int(rng.integers(len(self.seeds)))
             z = direction(self.seeds[i], n)
             self.write_values_(model, values + EPS * z)

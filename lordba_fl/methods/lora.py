@@ -41,7 +41,7 @@ from lordba_fl.wire.frame import Container, bounded_inflate
 # magic, version | kind, bits, round, state version, reserved, raw length, compressed length (0: stored) | crc
 LORA_CONTAINER = Container("LoRA", b"LORA", 1, "<4sHBBIIQIII",
                            total_length=lambda f: LORA_CONTAINER.header_bytes + (f[6] or f[5]))
-_FP16, _QUANT = 0, 1
+FP16, QUANT = 0, 1
 STATE_KEY = "lora.held"  # context.state: the values and version a lora-q2-both node holds
 
 
@@ -77,21 +77,23 @@ def dequantize_channels(raw: bytes, segments: np.ndarray, bits: int) -> np.ndarr
 
 def _raw_size(kind: int, bits: int, segments: np.ndarray) -> int:
     n = int(segments.sum())
-    if kind != _QUANT:  # fp16 values (every other kind)
+    if kind != QUANT:  # fp16 values (every other kind)
         return 2 * n
     return 4 * segments.size + (n * bits + 7) // 8
 
 
-def encode_lora(kind: int, bits: int, round: int, version: int, payload: bytes, compress: bool, reserved: int = 0) -> bytes:
-    """A LoRA frame; ``reserved`` is the base version of a FLoRA stack (:mod:`lordba_fl.methods.lora_flora`)."""
-    body = zstandard.ZstdCompressor(level=3).compress(payload) if compress else payload
+def encode_lora(kind: int, bits: int, round: int, version: int, payload: bytes, compress: bool, reserved: int = 0,
+                level: int = 3) -> bytes:
+    """A LoRA frame; ``reserved`` is the base version of a FLoRA stack (:mod:`lordba_fl.methods.lora_flora`);
+    ``level``: zstd's (``codec.level``) when ``compress``."""
+    body = zstandard.ZstdCompressor(level=level).compress(payload) if compress else payload
     return LORA_CONTAINER.seal((kind, bits, round, version, reserved, len(payload), len(body) if compress else 0), [body])
 
 
 def decode_lora(frame: bytes, segments: np.ndarray, kinds: tuple[int, ...]) -> tuple[int, int, int, int, bytes]:
     """Validate a LoRA frame against the receiver's layout; returns (kind, bits, round, version, raw payload)."""
     (kind, bits, rnd, version, reserved, raw_len, comp_len), _ = LORA_CONTAINER.open(frame)
-    if kind not in kinds or (kind == _QUANT and bits not in (2, 4)) or (kind != _QUANT and bits):
+    if kind not in kinds or (kind == QUANT and bits not in (2, 4)) or (kind != QUANT and bits):
         raise MalformedFrameError(f"LoRA frame kind {kind} / {bits} bits is not what this method sends")
     if reserved:
         raise MalformedFrameError(f"LoRA frame's reserved field is {reserved}; lordba-fl writes 0")
@@ -221,7 +223,7 @@ class LoRAFedAvg(Method):
         payload = self.global_values.numpy().astype(np.float16)
         if not np.isfinite(payload).all():
             raise ValueError("global LoRA state overflows fp16")
-        return encode_lora(_FP16, 0, server_round, self._version, payload.tobytes(), compress=False)
+        return encode_lora(FP16, 0, server_round, self._version, payload.tobytes(), compress=False)
 
     def downlink(self, node_id: int, server_round: int) -> bytes:
         return self._full_frame(server_round)
@@ -264,12 +266,12 @@ class LoRAFedAvg(Method):
     def _decode_reply(self, frame: bytes, segments: np.ndarray | None = None) -> torch.Tensor:
         segments = self.segments if segments is None else segments
         if self.bits:
-            _, bits, rnd, version, raw = decode_lora(frame, segments, (_QUANT,))
+            _, bits, rnd, version, raw = decode_lora(frame, segments, (QUANT,))
             if bits != self.bits:
                 raise MalformedFrameError(f"update quantized to {bits} bits; this run uses {self.bits}")
             values = dequantize_channels(raw, segments, bits)
         else:
-            _, _, rnd, version, raw = decode_lora(frame, segments, (_FP16,))
+            _, _, rnd, version, raw = decode_lora(frame, segments, (FP16,))
             values = fp16_values(raw)
         if version != self._version:
             raise ValueError(f"reply trained from version {version}; the server is at {self._version}")
@@ -289,7 +291,7 @@ class LoRAFedAvg(Method):
 
     # ---- client ---------------------------------------------------------------------------------
     def client_load_(self, model, frame: bytes, state) -> int:
-        _, _, _, version, raw = decode_lora(frame, self.segments, (_FP16,))
+        _, _, _, version, raw = decode_lora(frame, self.segments, (FP16,))
         self.write_values_(model, torch.from_numpy(fp16_values(raw)))
         return version
 
@@ -306,28 +308,28 @@ class LoRAFedAvg(Method):
         if self.bits:
             delta = (trained - start).numpy()
             payload = quantize_channels(delta, self.segments, self.bits, np.random.default_rng(seed))
-            frame_up = encode_lora(_QUANT, self.bits, server_round, version, payload, compress=True)
+            frame_up = encode_lora(QUANT, self.bits, server_round, version, payload, compress=True, level=self.cfg.codec_level)
         else:
             payload = trained.numpy().astype(np.float16)
-            frame_up = encode_lora(_FP16, 0, server_round, version, payload.tobytes(), compress=False)
+            frame_up = encode_lora(FP16, 0, server_round, version, payload.tobytes(), compress=False)
         metrics["held_version"] = float(version)
         return frame_up, metrics
 
     def attack(self, uplink: bytes, downlink: bytes, attack: str) -> bytes:
         """The attack's ``update`` form (:mod:`lordba_fl.attacks`) on the client's update ``trained - start``."""
-        start = fp16_values(decode_lora(downlink, self.segments, (_FP16,))[4]).astype(np.float32)
+        start = fp16_values(decode_lora(downlink, self.segments, (FP16,))[4]).astype(np.float32)
         if self.bits:
-            _, bits, rnd, version, raw = decode_lora(uplink, self.segments, (_QUANT,))
+            _, bits, rnd, version, raw = decode_lora(uplink, self.segments, (QUANT,))
             update = dequantize_channels(raw, self.segments, bits)
         else:
-            _, _, rnd, version, raw = decode_lora(uplink, self.segments, (_FP16,))
+            _, _, rnd, version, raw = decode_lora(uplink, self.segments, (FP16,))
             update = fp16_values(raw).astype(np.float32) - start
         update = ATTACKS.get(attack).form("update", attack)(start, update)
         if self.bits:
             payload = quantize_channels(update, self.segments, self.bits, np.random.default_rng(0))
-            return encode_lora(_QUANT, self.bits, rnd, version, payload, compress=True)
+            return encode_lora(QUANT, self.bits, rnd, version, payload, compress=True, level=self.cfg.codec_level)
         values = np.clip(start + update, -65504, 65504).astype(np.float16)  # what fp16 can carry
-        return encode_lora(_FP16, 0, rnd, version, values.tobytes(), compress=False)
+        return encode_lora(FP16, 0, rnd, version, values.tobytes(), compress=False)
 
 
 class FFALoRA(LoRAFedAvg):
@@ -345,7 +347,7 @@ class LoRAQ4(LoRAFedAvg):
     bits = 4
 
 
-_DELTAS = 6  # LORA frame kind: the quantized global deltas of versions base+1..version (lora-q2-both)
+DELTAS = 6  # LORA frame kind: the quantized global deltas of versions base+1..version (lora-q2-both)
 _DELTA_HEAD = struct.Struct("<II")  # version, payload bytes
 
 
@@ -384,7 +386,7 @@ class LoRAQ2Both(LoRAQ2):
         note_version(self.node_versions, node_id, version, self._version)
 
     def _delta_size(self) -> int:
-        return _raw_size(_QUANT, self.bits, self.segments)
+        return _raw_size(QUANT, self.bits, self.segments)
 
     def downlink(self, node_id: int, server_round: int) -> bytes:
         base = self.node_versions.get(node_id, 0)  # a node the server does not know holds version 0
@@ -392,7 +394,7 @@ class LoRAQ2Both(LoRAQ2):
         if any(v not in self.history for v in versions):  # further behind than the deltas kept
             return self._full_frame(server_round)
         payload = b"".join(_DELTA_HEAD.pack(v, len(self.history[v])) + self.history[v] for v in versions)
-        return encode_lora(_DELTAS, self.bits, server_round, self._version, payload, compress=True, reserved=base)
+        return encode_lora(DELTAS, self.bits, server_round, self._version, payload, compress=True, reserved=base, level=self.cfg.codec_level)
 
     def combine(self, accepted: list) -> torch.Tensor:
         total = sum(r.weight for r, _ in accepted)
@@ -422,10 +424,10 @@ class LoRAQ2Both(LoRAQ2):
 
     def client_load_(self, model, frame: bytes, state) -> int:
         (kind, bits, _, version, base, raw_len, comp_len), _ = LORA_CONTAINER.open(frame)
-        if kind == _FP16:
+        if kind == FP16:
             version = super().client_load_(model, frame, state)
             values = self.read_values(model)
-        elif kind == _DELTAS and bits == self.bits:
+        elif kind == DELTAS and bits == self.bits:
             size = self._delta_size()
             count = version - base
             if not 0 <= count <= self.max_catchup or raw_len != count * (_DELTA_HEAD.size + size):

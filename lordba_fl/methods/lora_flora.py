@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lordba_fl.methods.lora import (
+    FP16,
     LORA_CONTAINER,
     fp16_values,
     encode_lora,
@@ -271,7 +272,7 @@ class FLoRA(HeteroRankLoRA):
             raise ValueError("the trained LoRA factors overflow fp16; lower the learning rate")
         metrics["held_version"] = float(version)
         metrics["merged_rank"] = float(sum(g.rank for g in groups))
-        return encode_lora(0, 0, server_round, version, payload.tobytes(), compress=False), metrics
+        return encode_lora(FP16, 0, server_round, version, payload.tobytes(), compress=False), metrics
 
     def attack(self, uplink: bytes, downlink: bytes, attack: str) -> bytes:
         """The attack's ``factors`` form (:mod:`lordba_fl.attacks`) on the fresh factors (their product
@@ -279,10 +280,10 @@ class FLoRA(HeteroRankLoRA):
         from lordba_fl.methods.lora import decode_lora
 
         form = ATTACKS.get(attack).form("factors", attack)
-        _, _, rnd, version, raw = decode_lora(uplink, self.segments, (0,))
+        _, _, rnd, version, raw = decode_lora(uplink, self.segments, (FP16,))
         parts = []
         for a, bt in self.split(torch.from_numpy(fp16_values(raw).copy()), self.cfg.rank):
             a, bt = form(a, bt)
             parts += [a.reshape(-1), bt.reshape(-1)]
         out = np.clip(torch.cat(parts).numpy(), -65504, 65504).astype(np.float16)
-        return encode_lora(0, 0, rnd, version, out.tobytes(), compress=False)
+        return encode_lora(FP16, 0, rnd, version, out.tobytes(), compress=False)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lordba_fl.methods.lora import _FP16, LoRAFedAvg, encode_lora
+from lordba_fl.methods.lora import FP16, LoRAFedAvg, encode_lora
 from lordba_fl.wire.codec import DecompressionBombError, ShapeMismatchError
 
 
@@ -32,7 +32,6 @@ class HeteroRankLoRA(LoRAFedAvg):
     """Shared machinery: per-node ranks, nested truncation, per-rank reply decoding."""
 
     nested_ranks = True
-    aggregation = "pad"  # "pad" (HetLoRA) | "svd" (FlexLoRA)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -82,7 +81,7 @@ class HeteroRankLoRA(LoRAFedAvg):
         payload = self.truncate(self.global_values, self.rank_of(node_id)).numpy().astype(np.float16)
         if not np.isfinite(payload).all():
             raise ValueError("global LoRA state overflows fp16")
-        return encode_lora(_FP16, 0, server_round, self._version, payload.tobytes(), compress=False)
+        return encode_lora(FP16, 0, server_round, self._version, payload.tobytes(), compress=False)
 
     # ---- client ---------------------------------------------------------------------------------
     def client_load_(self, model, frame: bytes, state) -> int:
@@ -99,17 +98,34 @@ class HeteroRankLoRA(LoRAFedAvg):
         except ValueError as e:  # CodecError is a ValueError
             raise type(e)(f"{e} (node trains rank {rank})") from e
 
+    def server_state(self):
+        tensors, meta = super().server_state()
+        return tensors, {**meta, "node_ranks": {str(k): v for k, v in self.node_ranks.items()}}
+
+    def load_server_state(self, tensors, meta) -> None:
+        super().load_server_state(tensors, meta)
+        self.node_ranks = {int(k): int(v) for k, v in meta.get("node_ranks", {}).items()}
+
     def combine(self, accepted: list) -> torch.Tensor:
         total = sum(r.weight for r, _ in accepted)
-        ranked = [(v, self.rank_of(r.node_id), r.weight / total) for r, v in accepted]
-        if self.aggregation == "pad":
-            return sum(w * self.pad(v, rank) for v, rank, w in ranked).float()
-        return self._svd_mean(ranked)
+        return self.combine_ranked([(v, self.rank_of(r.node_id), r.weight / total) for r, v in accepted])
+
+    def combine_ranked(self, ranked: list) -> torch.Tensor:
+        """The new global values from ``[(values, rank, weight share)]``: each reply zero-padded to the
+        full rank, weighted mean (HetLoRA); a subclass may combine otherwise."""
+        return sum(w * self.pad(v, rank) for v, rank, w in ranked).float()
+
+
+class HetLoRA(HeteroRankLoRA):
+    name = "lora-hetlora"
+
+
+class FlexLoRA(HeteroRankLoRA):
+    name = "lora-flexlora"
 
     @torch.no_grad()
-    def _svd_mean(self, ranked) -> torch.Tensor:
-        """FlexLoRA: the top-R SVD factors of the weighted mean of the replies' products
-        (``ranked``: ``[(values, rank, weight share)]``)."""
+    def combine_ranked(self, ranked) -> torch.Tensor:
+        """FlexLoRA: the top-R SVD factors of the weighted mean of the replies' products."""
         per_client = [(self.split(v.double(), rank), w) for v, rank, w in ranked]
         parts = []
         for i, (_, n_in, n_out) in enumerate(self.layers_shapes):
@@ -120,21 +136,3 @@ class HeteroRankLoRA(LoRAFedAvg):
             bt = (u[:, :r] * s[None, :r]).t()  # (R, out)
             parts += [a.reshape(-1), bt.reshape(-1)]
         return torch.cat(parts).float()
-
-    def server_state(self):
-        tensors, meta = super().server_state()
-        return tensors, {**meta, "node_ranks": {str(k): v for k, v in self.node_ranks.items()}}
-
-    def load_server_state(self, tensors, meta) -> None:
-        super().load_server_state(tensors, meta)
-        self.node_ranks = {int(k): int(v) for k, v in meta.get("node_ranks", {}).items()}
-
-
-class HetLoRA(HeteroRankLoRA):
-    name = "lora-hetlora"
-    aggregation = "pad"
-
-
-class FlexLoRA(HeteroRankLoRA):
-    name = "lora-flexlora"
-    aggregation = "svd"

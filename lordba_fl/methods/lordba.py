@@ -194,7 +194,6 @@ class LoRDBASettings(MethodSettings):
     state_mantissa_bits: int
     scale_encoding: str
     scale_error_feedback: bool
-    codec_level: int
     history: int
     enforce_budget: bool
     weight_cap: float

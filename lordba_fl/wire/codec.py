@@ -268,7 +268,7 @@ def _set_positions(bits: np.ndarray, packed: np.ndarray, n_set: int) -> np.ndarr
     return np.concatenate([pos, tail]) if tail.size else pos
 
 
-def _encode_bits(bits: np.ndarray) -> tuple[int, int, bytes]:
+def encode_bits(bits: np.ndarray) -> tuple[int, int, bytes]:
     """(encoding, number of set bits, raw section) for a flat bool array."""
     n = bits.size
     packed = np.packbits(bits, bitorder="little")  # (ceil(n / 8),)
@@ -289,7 +289,7 @@ def _encode_bits(bits: np.ndarray) -> tuple[int, int, bytes]:
     return SignEncoding.PACKED, n_set, packed.tobytes()
 
 
-def _decode_bits(encoding: int, raw: bytes, n: int, n_set: int) -> np.ndarray:
+def decode_bits(encoding: int, raw: bytes, n: int, n_set: int) -> np.ndarray:
     """Flat bool array of ``n`` bits from a raw sign section; every inconsistency raises."""
     if encoding == SignEncoding.PACKED:
         if len(raw) != (n + 7) // 8:
@@ -470,7 +470,7 @@ def _build(
     scale_raw: bytes,
 ) -> bytes:
     comp = _compressor(options.level, options.dictionary)
-    sign_enc, n_set, sign_raw = _encode_bits(bits)
+    sign_enc, n_set, sign_raw = encode_bits(bits)
     table_raw = spec.table_bytes()
     sections = [comp.compress(table_raw), comp.compress(sign_raw), comp.compress(scale_raw)]
     fields = (
@@ -548,7 +548,7 @@ def _parse(
     if table != expected_table:
         raise ShapeMismatchError(f"frame's layer table differs from this adapter's: {spec.describe_table(table)}")
     sign_raw = bounded_decompress(buf[o1:o2], h.sign_raw, (spec.n_bits + 7) // 8, options, "sign section")
-    bits = _decode_bits(h.sign_encoding, sign_raw, spec.n_bits, h.n_set)
+    bits = decode_bits(h.sign_encoding, sign_raw, spec.n_bits, h.n_set)
     scale_cap = _scale_raw_bytes(spec, h.scale_encoding)
     scale_raw = bounded_decompress(buf[o2:], h.scale_raw, scale_cap, options, "scale section")
     if len(scale_raw) != scale_cap:

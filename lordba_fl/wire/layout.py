@@ -319,7 +319,7 @@ def truncate_state(spec: AdapterSpec, low: AdapterSpec, state: AdapterState) -> 
                         truncate_scales(spec, low, state.scales))
 
 
-def _checked_layers(model: nn.Module, spec: AdapterSpec) -> list[LoRDBALinear]:
+def checked_layers(model: nn.Module, spec: AdapterSpec) -> list[LoRDBALinear]:
     layers = lordba_layers(model)
     got = [(n, m.in_features, m.out_features, m.rank) for n, m in layers.items()]
     want = [(s.name, s.in_features, s.out_features, s.rank) for s in spec.layers]
@@ -336,7 +336,7 @@ def _checked_layers(model: nn.Module, spec: AdapterSpec) -> list[LoRDBALinear]:
 def read_latents(model: nn.Module, spec: AdapterSpec) -> torch.Tensor:
     """The model's sign latents as one fp32 carrier-stream tensor ``(n_bits,)`` (a CPU copy)."""
     parts = []
-    for m in _checked_layers(model, spec):
+    for m in checked_layers(model, spec):
         parts += [m.lordba_latent_A.reshape(-1), m.lordba_latent_B.reshape(-1)]
     return torch.cat(parts).float().cpu()
 
@@ -344,7 +344,7 @@ def read_latents(model: nn.Module, spec: AdapterSpec) -> torch.Tensor:
 @torch.no_grad()
 def write_latents_(model: nn.Module, spec: AdapterSpec, flat: torch.Tensor) -> None:
     """Inverse of :func:`read_latents`: copy a carrier-stream tensor into the model's latents, in place."""
-    layers = _checked_layers(model, spec)
+    layers = checked_layers(model, spec)
     for layer, (a, b) in zip(layers, split_carriers(spec, flat).values()):
         layer.lordba_latent_A.copy_(a)  # copy_ moves across devices
         layer.lordba_latent_B.copy_(b)
@@ -353,7 +353,7 @@ def write_latents_(model: nn.Module, spec: AdapterSpec, flat: torch.Tensor) -> N
 @torch.no_grad()
 def read_scales(model: nn.Module, spec: AdapterSpec) -> torch.Tensor:
     """The model's scales as one fp32 scale-stream tensor ``(n_scales,)`` (a CPU copy)."""
-    parts = [m.scale(k).reshape(-1) for m in _checked_layers(model, spec) for k in spec.scales]
+    parts = [m.scale(k).reshape(-1) for m in checked_layers(model, spec) for k in spec.scales]
     return torch.cat(parts).float().cpu()
 
 
@@ -371,7 +371,7 @@ def write_state_(
     With ``latent_magnitude=None`` latents whose sign already agrees with ``S`` keep their value and
     the others are set to ``|latent| * S`` (a stateful client keeps its own magnitudes).
     """
-    layers = _checked_layers(model, spec)
+    layers = checked_layers(model, spec)
     if latent_magnitude is not None and not latent_magnitude > 0:
         raise ValueError(f"latent_magnitude must be positive (m0 in DESIGN.md); got {latent_magnitude}")
     if state.negative.shape != (spec.n_bits,) or state.scales.shape != (spec.n_scales,):
