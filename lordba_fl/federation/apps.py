@@ -47,10 +47,12 @@ WORKER_STATS = {"base_loads": 0, "clients_served": 0}
 
 
 def run_name(cfg: RunConfig) -> str:
-    """The run's folder under ``out-dir``: ``name`` if set, else the method (and LoRDBA aggregator)."""
+    """The run's folder under ``out-dir``: ``name`` if set, else the method and what its
+    :meth:`~lordba_fl.methods.Method.folder_suffix` adds (LoRDBA: its aggregator)."""
     if cfg.name:
         return cfg.name
-    name = f"{cfg.method}-{cfg.aggregator}" if cfg.method == "lordba" else cfg.method
+    cls = METHODS.get(cfg.method)
+    name = cfg.method + cls.folder_suffix(settings_for(cls.settings_type, cfg))
     return re.sub(r"[^\w.-]+", "-", name)  # an import path (pkg.mod:Class) makes a plain folder name
 
 

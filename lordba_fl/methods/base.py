@@ -62,6 +62,11 @@ class Method(ABC):
     def __init__(self, cfg):
         self.cfg = cfg  # an instance of settings_type
 
+    @classmethod
+    def folder_suffix(cls, cfg) -> str:
+        """What a run's default folder name adds after the method (``cfg``: this method's settings)."""
+        return ""
+
     # ---- model ----------------------------------------------------------------------------------
     @abstractmethod
     def adapt(self, model: nn.Module) -> nn.Module:

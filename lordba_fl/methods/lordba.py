@@ -226,6 +226,10 @@ class LoRDBAMethod(Method):
     settings_type = LoRDBASettings
     nested_ranks = True
 
+    @classmethod
+    def folder_suffix(cls, cfg) -> str:
+        return f"-{cfg.aggregator}"  # lordba-refit, lordba-vote
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.options = CodecOptions(level=cfg.codec_level, scale_encoding=cfg.scale_encoding)
