@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lordba_fl.adapter.fit import fit_from, fit_lordba
+from lordba_fl.budgets import flip_allowance
 from lordba_fl.wire.codec import CodecError, CodecOptions, Update, decode_update
 from lordba_fl.wire.layout import AdapterSpec, AdapterState, split_carriers, split_scales
 
@@ -70,16 +71,6 @@ def collect_updates(
         else:
             accepted.append((update, float(weight)))
     return accepted, rejected
-
-
-def flip_allowance(n_bits: int, rate: float) -> int:
-    """Most sign flips a client may send: ``floor(rate * n)``, the count an honest client keeps.
-
-    Client and server both use this integer, so a client that spends its whole budget is never
-    refused by a float comparison. ``rate * n`` is rounded to 6 decimals before the floor, so a
-    product like ``0.29 * 100 = 28.999999999999996`` counts as 29.
-    """
-    return int(math.floor(round(rate * n_bits, 6)))
 
 
 @dataclass(frozen=True)

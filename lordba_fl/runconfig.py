@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from lordba_fl.adapter.config import SCALE_INITS, SCALE_LRS, SIGN_INITS
 from lordba_fl.aggregation import REFIT_MODES, SCALE_RULES
 from lordba_fl.base.models import MODELS
+from lordba_fl.budgets import halving_budget
 from lordba_fl.base.quant import QUANT_BACKENDS
 from lordba_fl.hetero import parse_tiers
 from lordba_fl.options import declared_keys, option
@@ -21,6 +22,7 @@ from lordba_fl.attacks import Attack
 from lordba_fl.registry import AGGREGATORS, ATTACKS, METHODS, TASKS
 from lordba_fl.train import TrainConfig
 from lordba_fl.wire.clientstate import STATE_DTYPES, STATE_KINDS
+from lordba_fl.wire.frame import check_zstd_level
 
 @dataclass(frozen=True)
 class FaultConfig:
@@ -121,12 +123,6 @@ class FlipControl:
         return halving_budget(self.flip_budget, self.budget_start, server_round)
 
 
-def halving_budget(budget: float, start: float, server_round: int) -> float:
-    """``max(budget, start / 2^(round - 1))``: ``start`` in round 1, halving each round down to
-    ``budget`` (``start`` 0 or below ``budget``: ``budget`` every round)."""
-    return max(budget, start * 0.5 ** max(server_round - 1, 0))
-
-
 COMPUTE_DTYPES = ("auto", "fp32", "bf16")
 
 # Named sets of overrides (``--profile`` in simulations/run.py, or the same keys in --run-config).
@@ -208,7 +204,7 @@ class RunConfig:
         "uplink scale deltas: q8 | q4 | q2 (codes in [-127,127] / [-7,7] / [-1,1], one fp16 step per layer, unbiased) | fp16")
     scale_error_feedback: bool = option(False, "codec.scale-error-feedback",
         "each client keeps what quantizing its scale delta lost and adds it to its next one (state: 4 bytes a scale)")
-    codec_level: int = option(3, "codec.level", "zstd level of every frame (1..22).")
+    codec_level: int = option(3, "codec.level", "zstd level of every frame (-7 fastest .. 22 smallest; 3: zstd's default).")
     history: int = option(4, "server.history", "sign versions kept for downlink deltas")
     round_timeout: float = option(3600.0, "server.round-timeout",
         "seconds the server waits for a round's replies; silent nodes get the full state next")
@@ -289,7 +285,6 @@ class RunConfig:
         for key, value, ok, accepted in (
             ("alpha", self.alpha, self.alpha > 0, "> 0"),
             ("server.history", self.history, self.history >= 1, ">= 1 (sign versions kept)"),
-            ("codec.level", self.codec_level, 1 <= self.codec_level <= 22, "1..22 (zstd)"),
             ("codec.scale-encoding", self.scale_encoding, self.scale_encoding in ("q8", "q4", "q2", "fp16"),
              "q8, q4, q2 or fp16"),
             ("eval.examples", self.eval_examples, self.eval_examples >= 0, ">= 0"),
@@ -302,6 +297,7 @@ class RunConfig:
         ):
             if not ok:
                 raise ValueError(f"run config {key!r} must be {accepted}; got {value!r}")
+        check_zstd_level(self.codec_level)
         if self.faults.min_clients > self.clients_per_round:
             raise ValueError(f"faults.min-clients ({self.faults.min_clients}) exceeds clients-per-round "
                              f"({self.clients_per_round}): every round would fail; lower it")

@@ -120,7 +120,8 @@ def test_robust_options_reject_cap_and_bound():
 def test_an_honest_client_spending_its_whole_budget_is_accepted_and_one_more_flip_is_refused(n, budget):
     """The client keeps floor(budget * n) flips (exact integers, e.g. 0.29 * 100 = 28.999... in floats
     counts as 29); the server accepts exactly that many and refuses one more."""
-    from lordba_fl.aggregation import RobustOptions, flip_allowance
+    from lordba_fl.aggregation import RobustOptions
+    from lordba_fl.budgets import flip_allowance
     from lordba_fl.methods.lordba import budget_flips
 
     want = {(4_884_480, 0.05): 244_224, (4_884_480, 0.01): 48_844, (100, 0.29): 29, (1_000, 0.007): 7, (7, 0.5): 3}

@@ -437,7 +437,8 @@ def test_first_contact_is_a_delta_against_the_seeded_version_and_changes_nothing
 
 
 def test_halving_budget_by_hand():
-    from lordba_fl.runconfig import FlipControl, halving_budget
+    from lordba_fl.budgets import halving_budget
+    from lordba_fl.runconfig import FlipControl
 
     assert [halving_budget(0.005, 0.04, t) for t in (1, 2, 3, 4, 5)] == [0.04, 0.02, 0.01, 0.005, 0.005]
     assert [halving_budget(0.02, 0.0, t) for t in (1, 2)] == [0.02, 0.02]  # no schedule

@@ -191,7 +191,7 @@ def test_float_fit_changes_at_most_its_budget_of_signs_and_never_raises_the_erro
 
 
 def test_server_flip_budget_caps_each_layers_sign_changes_and_never_raises_the_error():
-    from lordba_fl.aggregation import flip_allowance
+    from lordba_fl.budgets import flip_allowance
 
     state = _state(6)
     ups = [(_update(state, 0.2, 0.3, 40 + k), 1.0) for k in range(2)]  # clients that flip a lot

@@ -44,7 +44,8 @@ def test_overrides_are_typed_and_nested():
         ({"task": "mnist"}, "'task' must be one of .*'shakespeare'"),
         ({"alpha": 0.0}, "'alpha' must be > 0"),
         ({"server.history": 0}, "'server.history' must be >= 1"),
-        ({"codec.level": 30}, "'codec.level' must be 1..22"),
+        ({"codec.level": 30}, r"codec.level must be an integer in \[-7, 22\]"),
+        ({"codec.level": -8}, r"codec.level must be an integer in \[-7, 22\]"),
         ({"codec.scale-encoding": "fp8"}, "'codec.scale-encoding' must be q8, q4, q2 or fp16"),
         ({"eval.examples": -1}, "'eval.examples' must be >= 0"),
         ({"seed": -3}, "'seed' must be >= 0"),
@@ -72,3 +73,12 @@ def test_every_key_is_declared_once_with_help_and_the_reference_page_is_current(
     assert sorted(keys) == sorted(k for k in DEFAULTS if not k.startswith("data."))
     assert all(help_ for _, _, help_ in keys.values())
     assert CONFIG_PAGE.read_text() == configuration_page(), "run lordba-fl docs"
+
+
+def test_one_zstd_level_range_for_the_run_and_the_codec():
+    from lordba_fl.wire.codec import CodecOptions
+
+    assert parse_run_config({"codec.level": -7}).codec_level == -7  # zstd's fast levels are accepted everywhere
+    for bad in (23, -8, 2.5, True):
+        with pytest.raises(ValueError, match=r"codec.level must be an integer in \[-7, 22\]"):
+            CodecOptions(level=bad)

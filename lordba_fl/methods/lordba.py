@@ -33,12 +33,12 @@ from lordba_fl.aggregation import (
     RobustOptions,
     ServerState,
     collect_updates,
-    flip_allowance,
 )
+from lordba_fl.budgets import flip_allowance, halving_budget
 from lordba_fl.methods.base import Method, MethodSettings
 from lordba_fl.privacy import DPConfig
 from lordba_fl.registry import AGGREGATORS, ATTACKS
-from lordba_fl.runconfig import FlipControl, halving_budget
+from lordba_fl.runconfig import FlipControl
 from lordba_fl.train import make_optimizer, train_local
 from lordba_fl.wire.clientstate import (
     StateError,

@@ -57,7 +57,7 @@ from lordba_fl.errors import (  # noqa: F401  (re-exported: the codec's errors)
     ShapeMismatchError,
     TruncatedFrameError,
 )
-from lordba_fl.wire.frame import Container, bounded_inflate
+from lordba_fl.wire.frame import Container, bounded_inflate, check_zstd_level
 from lordba_fl.wire.layout import UNVERSIONED, AdapterSpec, AdapterState
 
 # --------------------------------------------------------------------------------------------------
@@ -128,8 +128,7 @@ class CodecOptions:
     state_mantissa_bits: int = 10
 
     def __post_init__(self):
-        if not isinstance(self.level, int) or not -7 <= self.level <= 22:
-            raise ValueError(f"codec level must be an integer in [-7, 22] (zstd levels); got {self.level!r}")
+        check_zstd_level(self.level)
         if self.scale_encoding not in _SCALE_ENCODINGS:
             raise ValueError(f"scale_encoding must be one of {sorted(_SCALE_ENCODINGS)}; got {self.scale_encoding!r}")
         if isinstance(self.state_mantissa_bits, bool) or self.state_mantissa_bits not in range(1, 11):

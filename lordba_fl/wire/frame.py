@@ -20,6 +20,15 @@ from collections.abc import Callable, Sequence
 
 import zstandard
 
+ZSTD_LEVELS = range(-7, 23)  # every frame's compression level (codec.level): -7 fastest .. 22 smallest
+
+
+def check_zstd_level(level) -> int:
+    """``level`` if it is a zstd level (:data:`ZSTD_LEVELS`), else a ValueError naming ``codec.level``."""
+    if isinstance(level, bool) or not isinstance(level, int) or level not in ZSTD_LEVELS:
+        raise ValueError(f"codec.level must be an integer in [-7, 22] (zstd levels; 3 is zstd's default); got {level!r}")
+    return level
+
 from lordba_fl.errors import (
     ChecksumError,
     DecompressionBombError,
