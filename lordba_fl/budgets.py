@@ -1,9 +1,12 @@
 """Sign-flip budgets, shared by LoRDBA's clients and its server: how many flips a fraction allows,
-and the halving schedule of a round's budget."""
+the halving schedule of a round's budget, and the clients' flip settings (``flip.*``)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+from lordba_fl.options import option
 
 
 def flip_allowance(n_bits: int, rate: float) -> int:
@@ -20,3 +23,44 @@ def halving_budget(budget: float, start: float, server_round: int) -> float:
     """``max(budget, start / 2^(round - 1))``: ``start`` in round 1, halving each round down to
     ``budget`` (``start`` 0 or below ``budget``: ``budget`` every round)."""
     return max(budget, start * 0.5 ** max(server_round - 1, 0))
+
+
+@dataclass(frozen=True)
+class FlipControl:
+    """How a LoRDBA client's sign flips are made rare and earned (DESIGN.md §3).
+
+    Parameters
+    ----------
+    m0 : float
+        Latent magnitude the broadcast signs are loaded with: a sign flips only after its latent
+        travels ``m0``.
+    latent_lr : float
+        Learning rate of the sign latents (0 freezes the signs: scales-only training).
+    flip_budget : float
+        Largest fraction of sign bits a client may flip per round; the top ones by latent
+        pressure ``|L|`` are kept, the rest revert (1.0 = no budget).
+    budget_start : float
+        The budget of round 1 when larger than ``flip_budget`` (0: no schedule); it halves every
+        round until it reaches ``flip_budget`` (:func:`halving_budget`), so early rounds, where the
+        signs have most to learn, may flip more.
+    """
+
+    m0: float = option(0.002, "flip.m0", "latent magnitude of broadcast signs (below E * lr: clients can flip)")
+    latent_lr: float = option(1e-3, "flip.latent-lr", "0 freezes the signs")
+    flip_budget: float = option(0.02, "flip.budget", "max fraction of signs a client flips per round")
+    budget_start: float = option(0.08, "flip.budget-start",
+        "round 1's client budget, halving each round down to flip.budget (0: no schedule; off under dp.mode=local)")
+
+    def __post_init__(self):
+        if not self.m0 > 0:
+            raise ValueError(f"flip.m0 must be positive; got {self.m0}")
+        if self.latent_lr < 0:
+            raise ValueError(f"flip.latent-lr must be >= 0 (0 freezes the signs); got {self.latent_lr}")
+        if not 0.0 <= self.flip_budget <= 1.0:
+            raise ValueError(f"flip.budget must be a fraction in [0, 1]; got {self.flip_budget}")
+        if not 0.0 <= self.budget_start <= 1.0:
+            raise ValueError(f"flip.budget-start must be a fraction in [0, 1] (0: no schedule); got {self.budget_start}")
+
+    def budget_at(self, server_round: int) -> float:
+        """The client flip budget of ``server_round`` (:func:`halving_budget`)."""
+        return halving_budget(self.flip_budget, self.budget_start, server_round)

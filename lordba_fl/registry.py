@@ -54,6 +54,10 @@ class Registry:
         """Every name accepted (built-in and registered)."""
         return sorted(set(self._builtins) | set(self._objects))
 
+    def builtin_names(self) -> list[str]:
+        """The names this package ships (not those a user registered)."""
+        return sorted(self._builtins)
+
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and (name in self._builtins or name in self._objects)
 

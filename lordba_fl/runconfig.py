@@ -8,21 +8,18 @@ field of :class:`RunConfig` and rejects unknown keys and bad values with a messa
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
-from lordba_fl.adapter.config import SCALE_INITS, SCALE_LRS, SIGN_INITS
-from lordba_fl.aggregation import REFIT_MODES, SCALE_RULES
+from lordba_fl.attacks import Attack
 from lordba_fl.base.models import MODELS
-from lordba_fl.budgets import halving_budget
 from lordba_fl.base.quant import QUANT_BACKENDS
 from lordba_fl.hetero import parse_tiers
 from lordba_fl.options import declared_keys, option
-from lordba_fl.privacy import DPConfig
-from lordba_fl.attacks import Attack
-from lordba_fl.registry import AGGREGATORS, ATTACKS, METHODS, TASKS
+from lordba_fl.registry import ATTACKS, METHODS, TASKS
 from lordba_fl.train import TrainConfig
-from lordba_fl.wire.clientstate import STATE_DTYPES, STATE_KINDS
 from lordba_fl.wire.frame import check_zstd_level
+
 
 @dataclass(frozen=True)
 class FaultConfig:
@@ -82,47 +79,6 @@ class FaultConfig:
                              f"{self.min_clients} and {self.max_failed_rounds}")
 
 
-@dataclass(frozen=True)
-class FlipControl:
-    """How a LoRDBA client's sign flips are made rare and earned (DESIGN.md §3).
-
-    Parameters
-    ----------
-    m0 : float
-        Latent magnitude the broadcast signs are loaded with: a sign flips only after its latent
-        travels ``m0``.
-    latent_lr : float
-        Learning rate of the sign latents (0 freezes the signs: scales-only training).
-    flip_budget : float
-        Largest fraction of sign bits a client may flip per round; the top ones by latent
-        pressure ``|L|`` are kept, the rest revert (1.0 = no budget).
-    budget_start : float
-        The budget of round 1 when larger than ``flip_budget`` (0: no schedule); it halves every
-        round until it reaches ``flip_budget`` (:func:`halving_budget`), so early rounds, where the
-        signs have most to learn, may flip more.
-    """
-
-    m0: float = option(0.002, "flip.m0", "latent magnitude of broadcast signs (below E * lr: clients can flip)")
-    latent_lr: float = option(1e-3, "flip.latent-lr", "0 freezes the signs")
-    flip_budget: float = option(0.02, "flip.budget", "max fraction of signs a client flips per round")
-    budget_start: float = option(0.08, "flip.budget-start",
-        "round 1's client budget, halving each round down to flip.budget (0: no schedule; off under dp.mode=local)")
-
-    def __post_init__(self):
-        if not self.m0 > 0:
-            raise ValueError(f"flip.m0 must be positive; got {self.m0}")
-        if self.latent_lr < 0:
-            raise ValueError(f"flip.latent-lr must be >= 0 (0 freezes the signs); got {self.latent_lr}")
-        if not 0.0 <= self.flip_budget <= 1.0:
-            raise ValueError(f"flip.budget must be a fraction in [0, 1]; got {self.flip_budget}")
-        if not 0.0 <= self.budget_start <= 1.0:
-            raise ValueError(f"flip.budget-start must be a fraction in [0, 1] (0: no schedule); got {self.budget_start}")
-
-    def budget_at(self, server_round: int) -> float:
-        """The client flip budget of ``server_round`` (:func:`halving_budget`)."""
-        return halving_budget(self.flip_budget, self.budget_start, server_round)
-
-
 COMPUTE_DTYPES = ("auto", "fp32", "bf16")
 
 # Named sets of overrides (``--profile`` in simulations/run.py, or the same keys in --run-config).
@@ -169,55 +125,12 @@ class RunConfig:
         "Channel-wise LoRDBA scales trained and sent: a comma list of in, mid, out.")
     lr: float = option(1e-3, "lr", "scales (LoRDBA) / LoRA factors")
     train: TrainConfig = TrainConfig()
-    flip: FlipControl = FlipControl()
-    aggregator: str = option("refit", "server.aggregator", "refit | vote, or an aggregator factory by import path 'pkg.module:make'")
-    refit_mode: str = option("faithful", "server.refit",
-        "faithful (warm-started, flips only where the fit error falls) | svd (first design: fresh SVD signs)")
-    refit_restart: bool = option(False, "server.refit-restart",
-        "also try a fresh SVD fit aligned to the current carriers; keep the better")
-    error_feedback: bool = option(True, "server.error-feedback",
-        "faithful refit: add the part of the last target the broadcast could not represent to the next (server RAM: one fp32 dW per layer)")
-    server_flip_budget_start: float = option(0.04, "server.flip-budget-start",
-        "refit: round 1's server.flip-budget, halving each round down to it (0: no schedule; off under dp.mode=local)")
-    server_flip_budget: float = option(0.005, "server.flip-budget",
-        "refit: most of each layer's signs a round may change (largest error reductions first; 1: no limit)")
-    seeded_base: bool = option(True, "server.seeded-base",
-        "a node's first downlink is a delta against the seeded version 0 every party builds (not with init.from / base-svd)")
-    state_mantissa_bits: int = option(7, "codec.state-mantissa-bits",
-        "mantissa bits of broadcast scales (10: fp16; 7: bfloat16 precision, cheaper downlink deltas)")
-    scale_init: str = option("normalized", "init.scales",
-        "normalized (s_in = 1/sqrt(in), s_mid = 1/sqrt(r): LoRA-sized steps) | ones")
-    scale_lr: str = option("uniform", "scale-lr",
-        "uniform (every scale at lr) | relative (lr times the scale's normalized init over the full set's: s_mid at lr/sqrt(in) without s_in)")
-    sign_init: str = option("random", "init.signs",
-        "random (seeded) | base-svd (top singular vectors of each frozen base weight, zero bytes)")
-    init_from: str = option("", "init.from",
-        "start from an adapter: a PEFT LoRA directory (svd import) or a packed LoRDBA .safetensors")
-    warmup_rounds: int = option(0, "init.warmup-rounds",
-        "first rounds train float factors on the device and fit them to signs there (QAT-full, federated)")
-    warmup_budget: float = option(1.0, "init.warmup-budget",
-        "flip budget of a warm-up round (1: no limit, the device fit may also restart from its own SVD)")
-    beta: float = option(0.0, "server.beta", "latent momentum")
-    tau: float = option(0.0, "server.tau", "hysteresis")
-    eta: float = option(1.0, "server.eta", "server lr on scales (1 = FedAvg)")
-    scale_encoding: str = option("q8", "codec.scale-encoding",
-        "uplink scale deltas: q8 | q4 | q2 (codes in [-127,127] / [-7,7] / [-1,1], one fp16 step per layer, unbiased) | fp16")
-    scale_error_feedback: bool = option(False, "codec.scale-error-feedback",
-        "each client keeps what quantizing its scale delta lost and adds it to its next one (state: 4 bytes a scale)")
     codec_level: int = option(3, "codec.level", "zstd level of every frame (-7 fastest .. 22 smallest; 3: zstd's default).")
-    history: int = option(4, "server.history", "sign versions kept for downlink deltas")
     round_timeout: float = option(3600.0, "server.round-timeout",
         "seconds the server waits for a round's replies; silent nodes get the full state next")
-    enforce_budget: bool = option(True, "server.enforce-budget", "reject updates flipping more than flip.budget of the signs")
     weight_cap: float = option(10.0, "server.weight-cap",
         "cap every reply's weight (num-examples) at this x the round's median, for every method (0: off)")
-    norm_bound: float = option(2.0, "server.norm-bound",
-        "bound a scale delta's L2 norm at this x the round's median (0: off; never fires on honest clients: simulations/bench_faults.py)")
-    scale_rule: str = option("mean", "server.scale-rule",
-        "mean | trimmed-mean | median: scale deltas (vote) / client products (refit)")
-    trim: float = option(0.2, "server.trim", "fraction trimmed at each end by trimmed-mean")
     faults: FaultConfig = FaultConfig()
-    dp: DPConfig = DPConfig()
     eval_examples: int = option(64, "eval.examples", "Held-out examples per server-side eval set.")
     generate_examples: int = option(8, "eval.generate",
         "Examples per eval set scored by generation (exact-match); > 0 also prints sample generations at the end.")
@@ -225,8 +138,6 @@ class RunConfig:
         "Score the task's metric every this many rounds and after the last (0: after the last only): exact match on "
         "eval.generate examples per set, label accuracy (no generation) on every eval example")
     client_eval: bool = option(True, "eval.client-side", "also evaluate the sampled clients on their own held-out data each round")
-    client_state: str = option("none", "client.state", "none | latent | latent+optimizer: kept per client in context.state")
-    client_state_dtype: str = option("q8", "client.state-dtype", "fp32 | fp16 | q8 (log-coded bytes) for stored latents / moments")
     device: str = option("auto", "device", "auto (CUDA if visible) | cpu | cuda | cuda:<i>")
     compute_dtype: str = option("fp32", "compute-dtype", "fp32 | bf16 | auto (bf16 on CUDA devices that have it)")
     seed: int = option(0, "seed", "Seed of the run: initial adapter, client sampling, local batches.")
@@ -245,12 +156,8 @@ class RunConfig:
         for key, value, known in (("model", self.model, MODELS), ("quant", self.quant, QUANT_BACKENDS)):
             if value not in known:
                 raise ValueError(f"run config {key!r} must be one of {sorted(known)}; got {value!r}")
-        for registry, value in ((METHODS, self.method), (TASKS, self.task), (AGGREGATORS, self.aggregator)):
+        for registry, value in ((METHODS, self.method), (TASKS, self.task)):
             registry.get(value)  # imports an import path now: a typo fails at start, listing the names
-
-    @property
-    def stateful(self) -> bool:
-        return self.client_state != "none"
 
     def torch_device(self):
         """The device clients train on: ``auto`` is the first CUDA device when one is visible."""
@@ -284,9 +191,6 @@ class RunConfig:
             raise ValueError(f"name is the run's folder under out-dir: one folder name, no path; got {self.name!r}")
         for key, value, ok, accepted in (
             ("alpha", self.alpha, self.alpha > 0, "> 0"),
-            ("server.history", self.history, self.history >= 1, ">= 1 (sign versions kept)"),
-            ("codec.scale-encoding", self.scale_encoding, self.scale_encoding in ("q8", "q4", "q2", "fp16"),
-             "q8, q4, q2 or fp16"),
             ("eval.examples", self.eval_examples, self.eval_examples >= 0, ">= 0"),
             ("eval.generate", self.generate_examples, self.generate_examples >= 0, ">= 0"),
             ("eval.metric-every", self.metric_every, self.metric_every >= 0, ">= 0 (0: after the last round only)"),
@@ -301,57 +205,12 @@ class RunConfig:
         if self.faults.min_clients > self.clients_per_round:
             raise ValueError(f"faults.min-clients ({self.faults.min_clients}) exceeds clients-per-round "
                              f"({self.clients_per_round}): every round would fail; lower it")
-        if self.scale_error_feedback and self.dp.on:
-            raise ValueError("codec.scale-error-feedback carries a client's past deltas into the next, which "
-                             "dp.mode's per-round noise does not account for: turn one of them off")
-        if self.client_state not in STATE_KINDS:
-            raise ValueError(f"client.state must be one of {STATE_KINDS}; got {self.client_state!r}")
-        if self.client_state_dtype not in STATE_DTYPES:
-            raise ValueError(f"client.state-dtype must be one of {STATE_DTYPES}; got {self.client_state_dtype!r}")
-        if self.client_state != "none" and self.method != "lordba":
-            raise ValueError(f"client.state keeps LoRDBA latents; method {self.method!r} has none (set client.state=none)")
-        if self.client_state == "latent+optimizer" and self.train.optimizer != "adamw":
-            raise ValueError("client.state=latent+optimizer keeps AdamW moments; set train.optimizer=adamw "
-                             "or client.state=latent")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute-dtype must be one of {COMPUTE_DTYPES}; got {self.compute_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:<i>; got {self.device!r}")
-        if self.scale_rule not in SCALE_RULES:
-            raise ValueError(f"server.scale-rule must be one of {SCALE_RULES}; got {self.scale_rule!r}")
-        if not 0.0 <= self.trim < 0.5 or self.weight_cap < 0 or self.norm_bound < 0:
-            raise ValueError("server.trim must be in [0, 0.5), server.weight-cap and server.norm-bound >= 0 (0: off)")
-        if self.dp.on and (self.method != "lordba" or self.aggregator != "vote"):
-            raise ValueError("dp.mode=local privatizes LoRDBA flip masks and scale deltas aggregated by the vote; "
-                             f"set method=lordba and server.aggregator=vote (got {self.method!r}, {self.aggregator!r})")
-        for key, value, known in (("server.refit", self.refit_mode, REFIT_MODES), ("init.scales", self.scale_init, SCALE_INITS),
-                                  ("scale-lr", self.scale_lr, SCALE_LRS),
-                                  ("init.signs", self.sign_init, SIGN_INITS)):
-            if value not in known:
-                raise ValueError(f"run config {key!r} must be one of {list(known)}; got {value!r}")
-        if self.warmup_rounds < 0 or (self.warmup_rounds and self.method != "lordba"):
-            raise ValueError(f"init.warmup-rounds must be >= 0 and only applies to method='lordba'; got "
-                             f"{self.warmup_rounds} with method {self.method!r}")
-        if not 0.0 <= self.server_flip_budget_start <= 1.0:
-            raise ValueError(f"server.flip-budget-start must be a fraction in [0, 1] (0: no schedule); "
-                             f"got {self.server_flip_budget_start}")
-        if self.dp.on and (self.flip.budget_start or self.server_flip_budget_start):
-            # dp.mode=local calibrates its noise to one flip budget for the whole run: no schedule
-            object.__setattr__(self, "flip", dataclasses.replace(self.flip, budget_start=0.0))
-            object.__setattr__(self, "server_flip_budget_start", 0.0)
-        if not 0.0 <= self.server_flip_budget <= 1.0:
-            raise ValueError(f"server.flip-budget must be a fraction in [0, 1] (1: no limit); got {self.server_flip_budget}")
-        if not 1 <= self.state_mantissa_bits <= 10:
-            raise ValueError(f"codec.state-mantissa-bits must be in 1..10 (10: fp16, 7: bfloat16's precision); "
-                             f"got {self.state_mantissa_bits}")
-        if not 0.0 <= self.warmup_budget <= 1.0:
-            raise ValueError(f"init.warmup-budget must be a fraction in [0, 1] (1: no limit); got {self.warmup_budget}")
-        if self.warmup_rounds and self.dp.on:
-            raise ValueError("init.warmup-rounds sends device-fitted updates that dp.mode=local does not privatize; "
-                             "set init.warmup-rounds=0 under DP")
-        if self.init_from and self.method != "lordba":
-            raise ValueError(f"init.from starts a LoRDBA federation from an adapter file; method {self.method!r} "
-                             "does not take one (set init.from='')")
+        if self.weight_cap < 0:
+            raise ValueError(f"server.weight-cap must be >= 0 (0: off); got {self.weight_cap}")
         parse_tiers(self.tiers, self.rank)
         if self.tiers and not getattr(METHODS.get(self.method), "nested_ranks", False):
             nested = [n for n in METHODS.names() if getattr(METHODS.get(n), "nested_ranks", False)]
@@ -386,7 +245,7 @@ def _coerce(key: str, value, typ: type):
 def parse_run_config(run_config: dict) -> RunConfig:
     """Typed :class:`RunConfig` from a Flower ``context.run_config`` (or any flat dict)."""
     top: dict = {}
-    nested: dict[str, dict] = {"train": {}, "flip": {}, "faults": {}, "dp": {}}
+    nested: dict[str, dict] = {"train": {}, "faults": {}}
     task_options: dict = {}
     method_options: dict = {}
     for key, value in run_config.items():
@@ -397,12 +256,20 @@ def parse_run_config(run_config: dict) -> RunConfig:
             task_options.setdefault(task, {})[option.replace("-", "_")] = value
             continue
         if key not in _KEYS:
-            own = method_keys(run_config.get("method", RunConfig.method))
-            if key not in own:
+            method = run_config.get("method", RunConfig.method)
+            own = method_keys(method)
+            if key in own:
+                path, typ, _ = own[key]
+                method_options[path] = _coerce(key, value, typ)
+                continue
+            other = builtin_method_keys().get(key)
+            if other is None:
                 raise ValueError(f"unknown run config key {key!r}; known keys: {sorted(_KEYS)}, data.<task>.<option>"
-                                 + (f" and the method's own {sorted(own)}" if own else ""))
-            path, typ, _ = own[key]
-            method_options[path] = _coerce(key, value, typ)
+                                 + (f" and method {method!r}'s own {sorted(own)}" if own else ""))
+            typ, default, owners = other
+            if _coerce(key, value, typ) != default:  # pyproject declares every built-in key: defaults pass
+                raise ValueError(f"run config {key!r} is a key of method {' / '.join(owners)}; method {method!r} does "
+                                 f"not take it: leave it at its default {default!r} (or set method to {owners[0]!r})")
             continue
         path, typ = _KEYS[key]
         value = _coerce(key, value, typ)
@@ -413,6 +280,9 @@ def parse_run_config(run_config: dict) -> RunConfig:
             nested[group][name] = value
         else:
             top[path] = value
+    if method_options:  # only what differs from the method's defaults: equal configs compare equal
+        settings_type = METHODS.get(run_config.get("method", RunConfig.method)).settings_type
+        method_options = {k: v for k, v in method_options.items() if v != _settings_default(settings_type, k)}
     merged = {k: dict(v) for k, v in TASK_DEFAULTS.items()}
     for task, options in task_options.items():
         merged.setdefault(task, {}).update(options)
@@ -422,9 +292,7 @@ def parse_run_config(run_config: dict) -> RunConfig:
             task_options=merged,
             method_options=method_options,
             train=TrainConfig(**nested["train"]),
-            flip=FlipControl(**nested["flip"]),
             faults=FaultConfig(**nested["faults"]),
-            dp=DPConfig(**nested["dp"]),
         )
     except TypeError as e:  # pragma: no cover - keys are mapped above
         raise ValueError(str(e)) from None
@@ -486,7 +354,29 @@ def run_config_dict(cfg: RunConfig) -> dict:
     return out
 
 
-DEFAULTS = run_config_dict(RunConfig())
+def _settings_default(settings_type: type, path: str):
+    head, _, rest = path.partition(".")
+    field_ = next(f for f in dataclasses.fields(settings_type) if f.name == head)
+    return getattr(field_.default, rest) if rest else field_.default
+
+
+@functools.cache
+def builtin_method_keys() -> dict[str, tuple[type, object, tuple[str, ...]]]:
+    """``{key: (type, default, methods declaring it)}`` over the built-in methods' own keys (``pyproject.toml``
+    declares them all, so a run of one method carries the others' at their defaults)."""
+    out: dict[str, tuple[type, object, tuple[str, ...]]] = {}
+    for name in METHODS.builtin_names():
+        settings_type = METHODS.get(name).settings_type
+        for key, (path, typ, _) in method_keys(name).items():
+            prev = out.get(key)
+            out[key] = (typ, _settings_default(settings_type, path), (*(prev[2] if prev else ()), name))
+    return out
+
+
+def __getattr__(name: str):
+    if name == "DEFAULTS":  # built lazily: the built-in methods' keys come from their modules, which import this one
+        return {**run_config_dict(RunConfig()), **{k: d for k, (_, d, _) in builtin_method_keys().items()}}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def replace(cfg: RunConfig, **changes) -> RunConfig:

@@ -69,13 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     model = method.adapt(model).to(device)
     spec = method.spec
     task = load_task("shakespeare", progress=False, **cfg.task_kwargs())
-    latent0 = torch.where(read_latents(model, spec) < 0, -cfg.flip.m0, cfg.flip.m0)  # (n_bits,): the broadcast
+    flip = method.cfg.flip  # LoRDBA's own flip settings
+    latent0 = torch.where(read_latents(model, spec) < 0, -flip.m0, flip.m0)  # (n_bits,): the broadcast
     scales0 = read_scales(model, spec)
     for k in args.k:
         jobs = [ClientJob(latent0, scales0, task.train[i], seed=1000 + i) for i in range(k)]
         run = {
-            "sequential": lambda: train_sequential(model, spec, tok, jobs, cfg.train, cfg.lr, cfg.flip.latent_lr),
-            "batched": lambda: train_batched(model, spec, tok, jobs, cfg.train, cfg.lr, cfg.flip.latent_lr),
+            "sequential": lambda: train_sequential(model, spec, tok, jobs, cfg.train, cfg.lr, flip.latent_lr),
+            "batched": lambda: train_batched(model, spec, tok, jobs, cfg.train, cfg.lr, flip.latent_lr),
         }
         times: dict[str, list[float]] = {name: [] for name in run}
         results = {}
@@ -92,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
         lat_diff = max(float((a[0] - b[0]).abs().max()) for a, b in zip(results["sequential"], results["batched"]))
         sc_diff = max(float((a[1] - b[1]).abs().max()) for a, b in zip(results["sequential"], results["batched"]))
         flips = [
-            float((budget_flips(a[0], latent0 < 0, cfg.flip.flip_budget)
-                   ^ budget_flips(b[0], latent0 < 0, cfg.flip.flip_budget)).float().mean())
+            float((budget_flips(a[0], latent0 < 0, flip.flip_budget)
+                   ^ budget_flips(b[0], latent0 < 0, flip.flip_budget)).float().mean())
             for a, b in zip(results["sequential"], results["batched"])
         ]
         emit({

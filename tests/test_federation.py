@@ -14,6 +14,7 @@ from clients.app import make_client_app
 from lordba_fl.aggregation import LatentVote, ServerState, collect_updates
 from lordba_fl.federation.apps import run_server
 from lordba_fl.federation.strategy import read_frame
+from lordba_fl.methods import make_method
 from lordba_fl.wire.codec import CodecOptions
 from lordba_fl.wire.layout import AdapterSpec, AdapterState
 from lordba_fl.wire.metering import payload_bytes, wire_bytes
@@ -29,12 +30,15 @@ BASE = {
 
 
 def _run(tmp_path: Path, faults=None, grid=None, **overrides) -> tuple[LocalGrid, Path, list[dict]]:
-    from lordba_fl.runconfig import DEFAULTS
+    from lordba_fl.runconfig import DEFAULTS, builtin_method_keys, method_keys
 
     cfg = dict(DEFAULTS)
     cfg.update(BASE)
     cfg.update({"out-dir": str(tmp_path)})
     cfg.update(overrides)
+    # BASE's LoRDBA keys (flip.*, server.aggregator) back at their defaults for another method, which does not take them
+    other = {k: d for k, (_, d, _) in builtin_method_keys().items() if k not in method_keys(cfg["method"])}
+    cfg.update({k: d for k, d in other.items() if k in cfg})
     grid = grid or LocalGrid(make_client_app(), 4, cfg, faults)
     for ctx in grid.contexts.values():
         ctx.run_config.update(cfg)
@@ -94,7 +98,7 @@ def test_global_state_changes_as_the_votes_dictate(tmp_path):
     expected = LatentVote(beta=0.5, tau=0.1, eta=0.5)(before, accepted)
     assert expected.equals(after)
     assert rows[1]["client_flip_rate"] > 0  # signs did move, within round 1's (scheduled) budget
-    budget = parse_run_config(grid.contexts[100].run_config).flip.budget_at(1)
+    budget = make_method(parse_run_config(grid.contexts[100].run_config)).cfg.flip.budget_at(1)
     assert budget == 0.08 and rows[1]["client_flip_rate"] <= budget + 1e-9
 
 
@@ -265,6 +269,7 @@ def test_an_aggregate_no_client_could_receive_is_refused(tmp_path):
 
 def test_local_dp_run_reports_the_accounted_budget_and_sends_no_training_metrics(tmp_path):
     from lordba_fl import privacy
+    from lordba_fl.methods import make_method
     from lordba_fl.runconfig import DEFAULTS, parse_run_config
 
     over = {"dp.mode": "local", "dp.clip": 0.01, "dp.flip-epsilon": 0.05, "dp.target-epsilon": 50.0,
@@ -272,7 +277,7 @@ def test_local_dp_run_reports_the_accounted_budget_and_sends_no_training_metrics
     grid, run_dir, rows = _run(tmp_path, method="lordba", **over)
     cfg = parse_run_config({**DEFAULTS, **BASE, **over})
     n_bits = AdapterSpec.from_model(_tiny_adapted(cfg)).n_bits
-    bits = privacy.differing_bits(n_bits, cfg.flip.flip_budget)
+    bits = privacy.differing_bits(n_bits, make_method(cfg).cfg.flip.flip_budget)
     z = privacy.calibrate(50.0, 0.05, bits, 3, 1e-5)
     counts: dict[int, int] = {}
     for rnd in (1, 2, 3):
@@ -438,16 +443,17 @@ def test_first_contact_is_a_delta_against_the_seeded_version_and_changes_nothing
 
 def test_halving_budget_by_hand():
     from lordba_fl.budgets import halving_budget
-    from lordba_fl.runconfig import FlipControl
+    from lordba_fl.budgets import FlipControl
 
     assert [halving_budget(0.005, 0.04, t) for t in (1, 2, 3, 4, 5)] == [0.04, 0.02, 0.01, 0.005, 0.005]
     assert [halving_budget(0.02, 0.0, t) for t in (1, 2)] == [0.02, 0.02]  # no schedule
     assert FlipControl(flip_budget=0.02, budget_start=0.1).budget_at(3) == 0.025
     with pytest.raises(ValueError, match="flip.budget-start must be a fraction"):
         FlipControl(budget_start=2.0)
+    from lordba_fl.methods import make_method
     from lordba_fl.runconfig import parse_run_config
 
-    dp = parse_run_config({"dp.mode": "local", "server.aggregator": "vote"})  # one budget calibrates the noise
+    dp = make_method(parse_run_config({"dp.mode": "local", "server.aggregator": "vote"})).cfg  # one budget: the noise
     assert dp.flip.budget_start == 0.0 and dp.server_flip_budget_start == 0.0 and dp.flip.budget_at(1) == dp.flip.flip_budget
 
 

@@ -14,7 +14,7 @@ from clients.app import make_client_app
 from lordba_fl import LoRDBAConfig, attach_lordba_
 from lordba_fl.federation.apps import run_server
 from lordba_fl.hetero import node_rank, parse_tiers, tier_rank
-from lordba_fl.runconfig import DEFAULTS, parse_run_config
+from lordba_fl.runconfig import DEFAULTS, builtin_method_keys, parse_run_config
 from lordba_fl.wire.layout import (
     AdapterSpec,
     AdapterState,
@@ -312,7 +312,7 @@ def test_a_mixed_lora_federation_serves_each_tier_its_rank(tmp_path, name):
     tiers = parse_tiers("2:0.5,8:0.5", 8)
     ranks = [tier_rank(tiers, 0, p, 8) for p in range(4)]
     cfg = dict(DEFAULTS)
-    cfg.update(BASE)
+    cfg.update({k: v for k, v in BASE.items() if k not in builtin_method_keys()})  # LoRDBA's keys: not LoRA's
     cfg.update({"out-dir": str(tmp_path), "method": name, "hetero.tiers": "2:0.5,8:0.5"})
     grid = LocalGrid(make_client_app(), 4, cfg)
     run_server(grid, cfg)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from clients.app import make_client_app
 from lordba_fl.federation.apps import run_server
 from lordba_fl.registry import AGGREGATORS, METHODS, TASKS, Registry
-from lordba_fl.runconfig import DEFAULTS, parse_run_config
+from lordba_fl.runconfig import DEFAULTS, method_keys, parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,7 +232,11 @@ def test_a_method_receives_only_its_own_settings():
     assert not hasattr(lora.cfg, "task") and not hasattr(lora.cfg, "faults")
     lordba = make_method(parse_run_config({"server.flip-budget": 0.01}))
     assert type(lordba.cfg) is LoRDBASettings and lordba.cfg.server_flip_budget == 0.01
-    assert {f.name for f in fields(LoRDBASettings)} < {f.name for f in fields(type(run))} and not hasattr(lordba.cfg, "task")
+    assert not hasattr(lordba.cfg, "task")
+    own = {path.split(".")[0] for path, _, _ in method_keys("lordba").values()}  # flip, dp, aggregator, ...
+    run_fields = {f.name for f in fields(type(run))}
+    assert {"flip", "dp", "aggregator", "client_state"} <= own and not own & run_fields  # LoRDBA's keys are its own
+    assert {f.name for f in fields(LoRDBASettings)} - own < run_fields  # the rest: the run's shared values
 
     @dataclass(frozen=True)
     class Wants(MethodSettings):

@@ -138,7 +138,7 @@ def test_the_vote_debiases_randomized_response():
 @pytest.mark.parametrize(
     "over, message",
     [({"dp.mode": "global"}, "dp.mode"), ({"dp.mode": "local"}, "server.aggregator=vote"),
-     ({"dp.mode": "local", "server.aggregator": "vote", "method": "lora-fedavg"}, "method=lordba"),
+     ({"dp.mode": "local", "server.aggregator": "vote", "method": "lora-fedavg"}, "'dp.mode' is a key of method lordba"),
      ({"dp.clip": 0.0}, "dp.clip"), ({"dp.delta": 0.0}, "dp.delta"), ({"dp.flip-epsilon": -1.0}, "dp.flip-epsilon"),
      ({"dp.noise-multiplier": -0.1}, "dp.noise-multiplier"), ({"dp.target-epsilon": -2.0}, "dp.target-epsilon")],
 )

@@ -4,7 +4,9 @@ import pytest
 import tomllib
 from flwr.common.config import flatten_dict
 
-from lordba_fl.runconfig import DEFAULTS, FlipControl, RunConfig, parse_run_config
+from lordba_fl.budgets import FlipControl
+from lordba_fl.methods import make_method
+from lordba_fl.runconfig import DEFAULTS, RunConfig, parse_run_config
 from lordba_fl.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +23,11 @@ def test_overrides_are_typed_and_nested():
     cfg = parse_run_config({"rank": 8, "train.local-steps": 2, "flip.budget": 0.5, "scales": "mid,out",
                             "server.beta": 1, "data.shakespeare.min-lines": 50, "client.state": "latent+optimizer",
                             "client.state-dtype": "fp16", "resume": "true"})
-    assert cfg.rank == 8 and cfg.train == TrainConfig(steps=2) and cfg.flip == FlipControl(flip_budget=0.5)
-    assert cfg.stateful and cfg.client_state_dtype == "fp16" and cfg.resume is True
-    assert cfg.scales == ("mid", "out") and cfg.beta == 1.0 and cfg.task_kwargs() == {"min_lines": 50, "max_clients": None, "sdist": None}
+    lordba = make_method(cfg).cfg  # LoRDBA's own keys reach its settings
+    assert cfg.rank == 8 and cfg.train == TrainConfig(steps=2) and lordba.flip == FlipControl(flip_budget=0.5)
+    assert lordba.stateful and lordba.client_state_dtype == "fp16" and cfg.resume is True
+    assert cfg.scales == ("mid", "out") and lordba.beta == 1.0 and cfg.task_kwargs() == {"min_lines": 50, "max_clients": None, "sdist": None}
+    assert lordba.train == cfg.train and lordba.rank == 8  # and the run's shared values
     assert cfg.task_options["gsm"]["num_clients"] == 8
 
 
@@ -33,9 +37,9 @@ def test_overrides_are_typed_and_nested():
         ({"rnak": 3}, "unknown run config key 'rnak'"),
         ({"rank": "abc"}, "'rank' must be a int"),
         ({"resume": "maybe"}, "true or false"),
-        ({"client.state": "all"}, "client.state must be one of"),
-        ({"client.state-dtype": "int4"}, "client.state-dtype must be one of"),
-        ({"client.state": "latent", "method": "lora-fedavg"}, "set client.state=none"),
+        ({"client.state": "all"}, "'client.state' must be one of"),
+        ({"client.state-dtype": "int4"}, "'client.state-dtype' must be one of"),
+        ({"client.state": "latent", "method": "lora-fedavg"}, "'client.state' is a key of method lordba; method 'lora-fedavg' does not take it"),
         ({"client.state": "latent+optimizer", "train.optimizer": "sgd"}, "set train.optimizer=adamw"),
         ({"device": "tpu"}, "device must be auto, cpu, cuda"),
         ({"method": "fedprox"}, "'method' must be one of .*'lordba'"),
@@ -46,13 +50,13 @@ def test_overrides_are_typed_and_nested():
         ({"server.history": 0}, "'server.history' must be >= 1"),
         ({"codec.level": 30}, r"codec.level must be an integer in \[-7, 22\]"),
         ({"codec.level": -8}, r"codec.level must be an integer in \[-7, 22\]"),
-        ({"codec.scale-encoding": "fp8"}, "'codec.scale-encoding' must be q8, q4, q2 or fp16"),
+        ({"codec.scale-encoding": "fp8"}, r"'codec.scale-encoding' must be one of \['q8', 'q4', 'q2', 'fp16'\]"),
         ({"eval.examples": -1}, "'eval.examples' must be >= 0"),
         ({"seed": -3}, "'seed' must be >= 0"),
         ({"scales": "in,top"}, "'scales' must be a non-empty comma list"),
         ({"faults.fail-prob": 1.5}, "faults.fail-prob must be a probability"),
         ({"faults.attack": "nan-scales"}, "run config 'faults.attack' must be one of"),
-        ({"server.scale-rule": "mode"}, "server.scale-rule must be"),
+        ({"server.scale-rule": "mode"}, "'server.scale-rule' must be one of"),
         ({"train.optimizer": "lion"}, "optimizer must be one of"),
         ({"flip.budget": 2.0}, "flip.budget"),
         ({"server.aggregator": "median"}, "aggregator"),
@@ -69,9 +73,13 @@ def test_every_key_is_declared_once_with_help_and_the_reference_page_is_current(
     from lordba_fl.options import declared_keys
     from simulations.docs import CONFIG_PAGE, configuration_page
 
+    from lordba_fl.runconfig import builtin_method_keys, method_keys
+
     keys = declared_keys(RunConfig)
-    assert sorted(keys) == sorted(k for k in DEFAULTS if not k.startswith("data."))
-    assert all(help_ for _, _, help_ in keys.values())
+    own = builtin_method_keys()  # the built-in methods' own keys (LoRDBA's), declared on their settings
+    assert not set(keys) & set(own)  # each key declared once: the core's or one method's
+    assert sorted([*keys, *own]) == sorted(k for k in DEFAULTS if not k.startswith("data."))
+    assert all(help_ for _, _, help_ in [*keys.values(), *method_keys("lordba").values()])
     assert CONFIG_PAGE.read_text() == configuration_page(), "run lordba-fl docs"
 
 

@@ -70,8 +70,8 @@ def _adapted_model(cfg: RunConfig):
 
 
 def _worker(cfg: RunConfig):
-    run = (cfg.method, cfg.model, cfg.quant, cfg.scales, cfg.scale_init, cfg.sign_init, cfg.seed, cfg.task,
-           tuple(sorted(cfg.task_kwargs().items())), cfg.scale_encoding, cfg.codec_level, cfg.device, cfg.compute_dtype)
+    run = (cfg.method, cfg.model, cfg.quant, cfg.scales, cfg.seed, cfg.task, tuple(sorted(cfg.task_kwargs().items())),
+           tuple(sorted(cfg.method_options.items())), cfg.codec_level, cfg.device, cfg.compute_dtype)
     key = (run, cfg.rank, cfg.alpha, cfg.top_rank)  # one adapted model per device tier of the same run
     if key not in _WORKER:
         if any(k[0] != run for k in _WORKER):  # another run: drop its models
@@ -94,10 +94,11 @@ _DP_SAFE = ("held-version", "partition-id", "client-state-bytes", "worker-pid", 
             "worker-clients-served", "rank")
 
 
-def _reply_metrics(cfg: RunConfig, metrics: dict) -> dict:
-    """Under ``dp.mode=local`` a reply carries no data-dependent number (losses, flip rates, example
-    counts): only bookkeeping, and ``num-examples = 1`` (the server weighs clients equally)."""
-    if not cfg.dp.on:
+def _reply_metrics(method, metrics: dict) -> dict:
+    """Under a method's local differential privacy (:attr:`Method.private_replies`, LoRDBA's
+    ``dp.mode=local``) a reply carries no data-dependent number (losses, flip rates, example counts):
+    only bookkeeping, and ``num-examples = 1`` (the server weighs clients equally)."""
+    if not method.private_replies:
         return metrics
     return {**{k: v for k, v in metrics.items() if k in _DP_SAFE}, "num-examples": 1.0}
 
@@ -240,7 +241,7 @@ def client_train(msg: Message, context, fallback_config: dict | None = None) -> 
     if method.nested_ranks:
         metrics["rank"] = float(method.cfg.rank)  # the nested rank this node trains (heterogeneous devices)
     metrics.update(_worker_metrics())
-    metrics = _reply_metrics(cfg, metrics)
+    metrics = _reply_metrics(method, metrics)
     frame, metrics = faults.hostile(cfg, frame, metrics, context.state, server_round, pid)
     content = {"metrics": MetricRecord(metrics)} if frame is None else {"adapter": frame_record(frame),
                                                                          "metrics": MetricRecord(metrics)}
@@ -271,7 +272,7 @@ def client_evaluate(msg: Message, context, fallback_config: dict | None = None) 
     res = evaluate_loss(model, tok, test, cfg.train.seq_len)
     res.update({"num-examples": float(len(test)), "held-version": float(version), "partition-id": float(pid)})
     res.update(_worker_metrics())
-    return Message(RecordDict({"metrics": MetricRecord(_reply_metrics(cfg, res))}), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord(_reply_metrics(method, res))}), reply_to=msg)
 
 
 def _server_eval_sets(task, cfg: RunConfig) -> dict:

@@ -62,6 +62,12 @@ class Method(ABC):
     def __init__(self, cfg):
         self.cfg = cfg  # an instance of settings_type
 
+    @property
+    def private_replies(self) -> bool:
+        """True when this method's clients privatize their updates (local DP): their replies then carry
+        no data-dependent metric and count as one example each."""
+        return False
+
     @classmethod
     def folder_suffix(cls, cfg) -> str:
         """What a run's default folder name adds after the method (``cfg``: this method's settings)."""
