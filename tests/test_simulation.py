@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_simulation_engine_runs_four_clients_two_rounds(tmp_path, method):
     overrides = (
         f"method='{method}' out-dir='{tmp_path}' data.shakespeare.max-clients=4 rank=4 alpha=8.0 train.local-steps=1 "
-        "eval.examples=4 eval.generate=1 flip.m0=0.001 flip.latent-lr=0.05 flip.budget=0.05"
+        "eval.examples=4 eval.generate=1" + (" flip.m0=0.001 flip.latent-lr=0.05 flip.budget=0.05" if method == "lordba" else "")
     )
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     proc = subprocess.run(
