@@ -91,6 +91,12 @@ def _accuracy(r: dict):
     return next((v for k, v in r.items() if k.startswith("accuracy_")), None)
 
 
+def _per_client(direction: str):
+    """Wire bytes per sampled client in a round: every message (``<d>_all_per_client``: training and the
+    client-side evaluation's broadcast), else the training messages' mean."""
+    return lambda r: r.get(f"{direction}_all_per_client", r.get(f"{direction}_wire_mean"))
+
+
 def _getter(key):
     return key if callable(key) else (lambda r: r.get(key))
 
@@ -104,8 +110,8 @@ def _num(key, scale: float = 1.0, digits: int = 4, kind: str = "g"):
 TABLE = (
     ("round", "round", lambda r: str(r["round"])),
     ("clients", "clients_sampled", lambda r: f"{r.get('clients_succeeded', 0)}/{r.get('clients_sampled', 0)}"),
-    ("up KB", "up_wire_mean", _num("up_wire_mean", 1e3)),
-    ("down KB", "down_wire_mean", _num("down_wire_mean", 1e3)),
+    ("up KB", _per_client("up"), _num(_per_client("up"), 1e3)),
+    ("down KB", _per_client("down"), _num(_per_client("down"), 1e3)),
     ("total MB", "total_up_wire", lambda r: f"{(r.get('total_up_wire', 0) + r.get('total_down_wire', 0)) / 1e6:,.4g}"),
     ("train loss", "train_loss", _num("train_loss", kind="f")),
     ("eval loss", "eval_loss", _num("eval_loss", kind="f")),
@@ -116,7 +122,8 @@ TABLE = (
 
 
 def progress_line(row: dict, rounds: int) -> str:
-    """The one line a round prints: eval loss, the task metric, bytes per client both ways, clients, time."""
+    """The one line a round prints: eval loss, the task metric, wire bytes per sampled client both ways
+    (every message of the round), clients, time."""
     parts = [f"round {row['round']:>{len(str(rounds))}}/{rounds}"]
     if row.get("eval_loss") is not None:
         parts.append(f"eval loss {row['eval_loss']:.4f}")
@@ -124,7 +131,7 @@ def progress_line(row: dict, rounds: int) -> str:
     if acc is not None:
         parts.append(f"accuracy {acc:.3f}")
     if row["round"] > 0:
-        parts += [f"up {row.get('up_wire_mean', 0) / 1e3:,.1f} KB", f"down {row.get('down_wire_mean', 0) / 1e3:,.1f} KB",
+        parts += [f"up {(_per_client('up')(row) or 0) / 1e3:,.1f} KB", f"down {(_per_client('down')(row) or 0) / 1e3:,.1f} KB",
                   f"clients {row.get('clients_succeeded', 0)}/{row.get('clients_sampled', 0)}"]
     parts.append(f"{row.get('wall_s', 0):.1f} s")
     return "  ".join(parts)
