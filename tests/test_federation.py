@@ -69,8 +69,8 @@ def test_every_method_logs_exact_bytes(tmp_path, method, extra):
         assert row["up_wire_max"] == max(wire_bytes(m) for m in up)
         # per sampled client, every message of the round: training and client-side evaluation, both ways
         every = [(q, a) for q, a in zip(grid.sent, grid.replies) if int(q.content["config"]["server-round"]) == rnd]
-        assert row["down_all_per_client"] == sum(wire_bytes(q) for q, _ in every) / 4
-        assert row["up_all_per_client"] == sum(wire_bytes(a) for _, a in every) / 4
+        assert row["down_wire_per_client"] == sum(wire_bytes(q) for q, _ in every) / 4
+        assert row["up_wire_per_client"] == sum(wire_bytes(a) for _, a in every) / 4
     assert rows[2]["total_up_wire"] == sum(wire_bytes(m) for m in grid.replies)  # train and evaluate replies
     assert rows[-1]["eval_loss"] > 0 and (run_dir / "rounds.csv").is_file() and (tmp_path / "bytes.png").is_file()
     assert (run_dir / "peft_lora" / "adapter_config.json").is_file()

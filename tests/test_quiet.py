@@ -85,7 +85,7 @@ def test_the_progress_line_and_the_table(tmp_path):
         "round  2/10  eval loss 4.3360  up 325.1 KB  down 301.2 KB  clients 3/4  61.0 s"
     assert progress_line(_row(0, accuracy_heldout=0.125), 3) == "round 0/3  eval loss 4.3360  accuracy 0.125  61.0 s"
     # every message of the round when the row has it (client-side evaluation broadcasts the new adapter)
-    assert progress_line(_row(1, up_all_per_client=330_000.0, down_all_per_client=356_000.0), 3) == \
+    assert progress_line(_row(1, up_wire_per_client=330_000.0, down_wire_per_client=356_000.0), 3) == \
         "round 1/3  eval loss 4.3360  up 330.0 KB  down 356.0 KB  clients 3/4  61.0 s"
     rows = [_row(r, accuracy_heldout=0.5) for r in range(16)]
     table = RunRecorder(tmp_path, rows).table()

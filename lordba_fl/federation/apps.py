@@ -342,7 +342,7 @@ def run_server(grid, run_config: dict) -> dict:
         if row["clients_sampled"]:  # every message of the round (training, and the broadcast of client-side evaluation)
             prev = recorder.rows[-1] if recorder.rows else {}
             for d in ("up", "down"):
-                row[f"{d}_all_per_client"] = (row[f"total_{d}_wire"] - prev.get(f"total_{d}_wire", 0)) / row["clients_sampled"]
+                row[f"{d}_wire_per_client"] = (row[f"total_{d}_wire"] - prev.get(f"total_{d}_wire", 0)) / row["clients_sampled"]
         recorder.log(row)
         print(progress_line(row, cfg.rounds), flush=True)
         save_checkpoint(run_dir, run_round, method, ledger, recorder.rows,

@@ -92,9 +92,9 @@ def _accuracy(r: dict):
 
 
 def _per_client(direction: str):
-    """Wire bytes per sampled client in a round: every message (``<d>_all_per_client``: training and the
+    """Wire bytes per sampled client in a round: every message (``<d>_wire_per_client``: training and the
     client-side evaluation's broadcast), else the training messages' mean."""
-    return lambda r: r.get(f"{direction}_all_per_client", r.get(f"{direction}_wire_mean"))
+    return lambda r: r.get(f"{direction}_wire_per_client", r.get(f"{direction}_wire_mean"))
 
 
 def _getter(key):
