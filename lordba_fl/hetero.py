@@ -7,7 +7,7 @@ declares its own (and may set its ``local-steps`` and ``batch-size``), or states
 *measured* peak RSS of a client round fits it (a table written by ``python -m simulations.bench_edge
 --sweep``; :data:`MEMORY_TABLE` ships the one measured for SmolLM2-135M on a 2-core x86 machine, and
 ``memory-table=<file>`` points a node at its own). Every tier's adapter is the leading ``r`` components of the global rank-``R``
-adapter at the same scaling ``alpha / R`` (:func:`lordba_fl.wire.layout.at_rank`), so the server
+adapter at the same scaling ``alpha / R`` (:func:`lordba_fl.methods.lordba.layout.at_rank`), so the server
 aggregates every tier's update in one space and broadcasts each tier exactly its nested part.
 """
 

@@ -103,9 +103,9 @@ METHODS = Registry("method", "method", {
     "ffa-lora": "lordba_fl.methods.lora:FFALoRA",
     "lora-q4": "lordba_fl.methods.lora:LoRAQ4",
     "lora-q2-both": "lordba_fl.methods.lora:LoRAQ2Both",
-    "lora-hetlora": "lordba_fl.methods.lora_hetero:HetLoRA",
-    "lora-flexlora": "lordba_fl.methods.lora_hetero:FlexLoRA",
-    "lora-flora": "lordba_fl.methods.lora_flora:FLoRA",
+    "lora-hetlora": "lordba_fl.methods.lora.hetero:HetLoRA",
+    "lora-flexlora": "lordba_fl.methods.lora.hetero:FlexLoRA",
+    "lora-flora": "lordba_fl.methods.lora.flora:FLoRA",
     "fed-sb": "lordba_fl.methods.fed_sb:FedSB",
     "fedkseed": "lordba_fl.methods.fedkseed:FedKSeed",
 })
@@ -122,7 +122,7 @@ ATTACKS = Registry("attack", "faults.attack", {
     "replay": "lordba_fl.attacks:REPLAY",
 })
 AGGREGATORS = Registry("aggregator", "server.aggregator", {
-    "vote": "lordba_fl.aggregation:make_vote",
-    "refit": "lordba_fl.aggregation:make_refit",
+    "vote": "lordba_fl.methods.lordba.aggregation:make_vote",
+    "refit": "lordba_fl.methods.lordba.aggregation:make_refit",
 })
 

@@ -36,7 +36,7 @@ from lordba_fl.train import (
     model_device,
     train_local,
 )
-from lordba_fl.wire.layout import (
+from lordba_fl.methods.lordba.layout import (
     AdapterSpec,
     AdapterState,
     checked_layers,

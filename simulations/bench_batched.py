@@ -24,7 +24,7 @@ from lordba_fl.methods import make_method
 from lordba_fl.methods.lordba import budget_flips
 from lordba_fl.runconfig import RunConfig, parse_run_config
 from lordba_fl.train import encode_examples, micro_batches
-from lordba_fl.wire.layout import read_latents, read_scales
+from lordba_fl.methods.lordba.layout import read_latents, read_scales
 from simulations.batched import ClientJob, train_batched, train_sequential
 from simulations.common import emit
 

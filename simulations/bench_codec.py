@@ -38,7 +38,7 @@ import torch
 import zstandard
 
 from lordba_fl import LoRDBAConfig, attach_lordba_, load_default_model
-from lordba_fl.wire.codec import (
+from lordba_fl.methods.lordba.codec import (
     CodecOptions,
     Update,
     decode_bits,
@@ -47,7 +47,7 @@ from lordba_fl.wire.codec import (
     encode_update,
     read_header,
 )
-from lordba_fl.wire.layout import AdapterSpec, read_scales
+from lordba_fl.methods.lordba.layout import AdapterSpec, read_scales
 from simulations.common import emit
 
 FLIP_RATES = (0.001, 0.01, 0.05, 0.2, 0.5)
@@ -108,7 +108,7 @@ def gaussian_scale_deltas(rank: int, scales: tuple[str, ...]) -> tuple[AdapterSp
         model = LlamaForCausalLM(config)
     shapes = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     from lordba_fl.adapter.config import DEFAULT_TARGET_MODULES
-    from lordba_fl.wire.layout import LayerSpec, model_fingerprint
+    from lordba_fl.methods.lordba.layout import LayerSpec, model_fingerprint
 
     cfg = LoRDBAConfig(rank=rank, scales=scales)
     layers = tuple(

@@ -57,7 +57,7 @@ def child(overrides: dict, frame_path: Path) -> dict:
     import transformers.models.llama.modeling_llama  # noqa: F401  (what loading the model imports)
     from transformers import PreTrainedTokenizerFast  # noqa: F401
 
-    import lordba_fl.methods.lordba as lordba_method
+    import lordba_fl.methods.lordba.method as lordba_method
     from lordba_fl.base.models import load_model
     from lordba_fl.data import load_client_data
     from lordba_fl.methods import make_method

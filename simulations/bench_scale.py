@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from lordba_fl.wire.clientstate import STATE_DTYPES, STATE_KINDS
+from lordba_fl.methods.lordba.clientstate import STATE_DTYPES, STATE_KINDS
 from simulations.common import emit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -75,7 +75,7 @@ from lordba_fl.train import (
     micro_batches,
     train_local,
 )
-from lordba_fl.wire.layout import AdapterSpec, read_latents
+from lordba_fl.methods.lordba.layout import AdapterSpec, read_latents
 from simulations.common import emit
 
 VAL_SEED = 0  # the validation split does not depend on --seeds: every seed's sweep is scored on the same set

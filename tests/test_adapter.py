@@ -264,7 +264,7 @@ def test_relative_scale_lr_gives_each_scale_the_full_sets_relative_step(scales):
     without s_in (init 1/sqrt(in*r)) runs at lr/sqrt(in); with all three scales nothing changes."""
     from lordba_fl.adapter.layer import lordba_layers
     from lordba_fl.methods.lordba import train_groups
-    from lordba_fl.wire.layout import AdapterSpec
+    from lordba_fl.methods.lordba.layout import AdapterSpec
 
     model = tiny_llama()
     attach_lordba_(model, LoRDBAConfig(rank=4, scales=scales))

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lordba_fl.aggregation import LatentVote, ServerState, collect_updates
-from lordba_fl.wire.codec import CodecOptions, Update, encode_update
-from lordba_fl.wire.layout import AdapterSpec, AdapterState, LayerSpec
+from lordba_fl.methods.lordba.aggregation import LatentVote, ServerState, collect_updates
+from lordba_fl.methods.lordba.codec import CodecOptions, Update, encode_update
+from lordba_fl.methods.lordba.layout import AdapterSpec, AdapterState, LayerSpec
 
 T, F = True, False
 
@@ -85,7 +85,7 @@ def test_corrupted_update_is_rejected_without_touching_server_state():
 
 
 def test_robust_combine_by_hand():
-    from lordba_fl.aggregation import combine
+    from lordba_fl.methods.lordba.aggregation import combine
 
     stack = torch.tensor([[1.0], [2.0], [3.0], [100.0]])  # (K=4, 1)
     w = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
@@ -97,8 +97,8 @@ def test_robust_combine_by_hand():
 
 
 def test_robust_options_reject_cap_and_bound():
-    from lordba_fl.aggregation import RobustOptions
-    from lordba_fl.wire.codec import Update
+    from lordba_fl.methods.lordba.aggregation import RobustOptions
+    from lordba_fl.methods.lordba.codec import Update
 
     def upd(n_flips, delta):
         flips = torch.zeros(100, dtype=torch.bool)
@@ -120,8 +120,8 @@ def test_robust_options_reject_cap_and_bound():
 def test_an_honest_client_spending_its_whole_budget_is_accepted_and_one_more_flip_is_refused(n, budget):
     """The client keeps floor(budget * n) flips (exact integers, e.g. 0.29 * 100 = 28.999... in floats
     counts as 29); the server accepts exactly that many and refuses one more."""
-    from lordba_fl.aggregation import RobustOptions
-    from lordba_fl.budgets import flip_allowance
+    from lordba_fl.methods.lordba.aggregation import RobustOptions
+    from lordba_fl.methods.lordba.budgets import flip_allowance
     from lordba_fl.methods.lordba import budget_flips
 
     want = {(4_884_480, 0.05): 244_224, (4_884_480, 0.01): 48_844, (100, 0.29): 29, (1_000, 0.007): 7, (7, 0.5): 3}

@@ -9,7 +9,7 @@ from lordba_fl.methods import make_method
 from lordba_fl.methods.lordba import budget_flips
 from lordba_fl.runconfig import parse_run_config
 from lordba_fl.train import TrainConfig
-from lordba_fl.wire.layout import AdapterState, write_latents_, write_state_
+from lordba_fl.methods.lordba.layout import AdapterState, write_latents_, write_state_
 from simulations.batched import ClientJob, StackedAdapters, train_batched, train_sequential
 
 pytestmark = pytest.mark.real_model  # the tiny model uses the embedded tokenizer

@@ -10,7 +10,7 @@ from lordba_fl.adapter.layer import lordba_layers
 from lordba_fl.data import Example
 from lordba_fl.methods.lora import lora_layers
 from lordba_fl.runconfig import RunConfig
-from lordba_fl.wire.layout import AdapterSpec, read_latents, read_scales
+from lordba_fl.methods.lordba.layout import AdapterSpec, read_latents, read_scales
 from simulations import centralized as C
 
 

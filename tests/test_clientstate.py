@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lordba_fl.wire.clientstate import (
+from lordba_fl.methods.lordba.clientstate import (
     BLOCK,
     StateError,
     encoded_size,

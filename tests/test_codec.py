@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lordba_fl.adapter.packing import _pack_bits_torch
-from lordba_fl.wire.codec import (
+from lordba_fl.methods.lordba.codec import (
     HEADER_BYTES,
     BaseVersionError,
     CodecError,
@@ -32,7 +32,7 @@ from lordba_fl.wire.codec import (
     unpack_bits,
     unpack_signs,
 )
-from lordba_fl.wire.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers
+from lordba_fl.methods.lordba.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers
 
 
 def test_bit_order_by_hand():
@@ -215,7 +215,7 @@ def test_low_bit_scale_codes_by_hand(encoding, bits):
 
 
 def test_low_bit_scale_sections_with_bad_codes_are_refused():
-    from lordba_fl.wire.codec import _decode_q, pack_codes
+    from lordba_fl.methods.lordba.codec import _decode_q, pack_codes
 
     seg = np.array([3])
     step = np.float16(0.1).tobytes()

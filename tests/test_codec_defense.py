@@ -8,8 +8,8 @@ import pytest
 import torch
 import zstandard
 
-from lordba_fl.wire import codec
-from lordba_fl.wire.codec import (
+from lordba_fl.methods.lordba import codec
+from lordba_fl.methods.lordba.codec import (
     HEADER_BYTES,
     ChecksumError,
     CodecError,
@@ -28,7 +28,7 @@ from lordba_fl.wire.codec import (
     encode_update,
     read_header,
 )
-from lordba_fl.wire.layout import AdapterSpec, AdapterState, LayerSpec
+from lordba_fl.methods.lordba.layout import AdapterSpec, AdapterState, LayerSpec
 
 SPEC = AdapterSpec(
     (LayerSpec("a.q", 13, 7, 3), LayerSpec("a.v", 8, 21, 3), LayerSpec("b.q", 16, 16, 3)), ("in", "mid", "out"), b"m" * 16
@@ -292,7 +292,7 @@ def test_frames_are_strict_trailing_data_second_zstd_frame_reserved_and_flags():
 
 
 def test_a_replayed_lordba_frame_of_another_round_is_rejected():
-    from lordba_fl.aggregation import collect_updates
+    from lordba_fl.methods.lordba.aggregation import collect_updates
 
     frame = encode_update(_update(), SPEC)  # round 2, version 1
     got, bad = collect_updates([(frame, 1.0)], SPEC, version=1, round=2)
@@ -331,7 +331,7 @@ def test_fuzz_lora_and_flora_frames_only_codec_errors():
     """Mutated LoRA (fp16, 2-bit) and FLoRA stack frames, CRC fixed for half: only CodecErrors, and
     whatever decodes has the receiver's shapes."""
     from lordba_fl.methods.lora import LORA_CONTAINER, decode_lora, quantize_channels
-    from lordba_fl.methods.lora_flora import Group, decode_stack, encode_stack
+    from lordba_fl.methods.lora.flora import Group, decode_stack, encode_stack
 
     rng = np.random.default_rng(7)
     seg = np.array([3, 3, 5, 5])

@@ -11,12 +11,12 @@ from localgrid import LocalGrid
 from safetensors.torch import load_file
 
 from clients.app import make_client_app
-from lordba_fl.aggregation import LatentVote, ServerState, collect_updates
+from lordba_fl.methods.lordba.aggregation import LatentVote, ServerState, collect_updates
 from lordba_fl.federation.apps import run_server
 from lordba_fl.federation.strategy import read_frame
 from lordba_fl.methods import make_method
-from lordba_fl.wire.codec import CodecOptions
-from lordba_fl.wire.layout import AdapterSpec, AdapterState
+from lordba_fl.methods.lordba.codec import CodecOptions
+from lordba_fl.methods.lordba.layout import AdapterSpec, AdapterState
 from lordba_fl.wire.metering import payload_bytes, wire_bytes
 
 pytestmark = pytest.mark.real_model  # the tiny model uses the embedded tokenizer
@@ -120,7 +120,7 @@ def test_a_node_that_goes_silent_catches_up_with_the_full_state(tmp_path, seeded
     with the others, and since the server cannot know what 101 now holds, the next message to it
     carries the full state (with server.seeded-base: a delta against the seeded version 0, which
     every node can rebuild whatever it holds)."""
-    from lordba_fl.wire.codec import FrameKind, read_header
+    from lordba_fl.methods.lordba.codec import FrameKind, read_header
 
     grid, run_dir, rows = _run(tmp_path, faults={101: "vanish@2"}, method="lordba", **{"server.seeded-base": seeded})
     assert rows[1]["clients_silent"] == 0 and rows[1]["accepted"] == 4
@@ -171,7 +171,7 @@ def stateless_rows(tmp_path_factory):
 @pytest.mark.parametrize("kind, dtype", [("latent", "q8"), ("latent", "fp32"), ("latent+optimizer", "fp16")])
 def test_stateful_clients_keep_compact_state(tmp_path, stateless_rows, kind, dtype):
     from lordba_fl.runconfig import DEFAULTS, parse_run_config
-    from lordba_fl.wire.clientstate import encoded_size, unpack_floats
+    from lordba_fl.methods.lordba.clientstate import encoded_size, unpack_floats
     from lordba_fl.wire.metering import recorddict_bytes
 
     grid, run_dir, rows = _run(tmp_path, method="lordba", **{"client.state": kind, "client.state-dtype": dtype})
@@ -272,7 +272,7 @@ def test_an_aggregate_no_client_could_receive_is_refused(tmp_path):
 
 
 def test_local_dp_run_reports_the_accounted_budget_and_sends_no_training_metrics(tmp_path):
-    from lordba_fl import privacy
+    from lordba_fl.methods.lordba import privacy
     from lordba_fl.methods import make_method
     from lordba_fl.runconfig import DEFAULTS, parse_run_config
 
@@ -417,7 +417,7 @@ def test_warmup_rounds_fit_float_factors_on_the_device_within_the_flip_budget(tm
 
     from lordba_fl.federation.apps import _worker
     from lordba_fl.runconfig import parse_run_config
-    from lordba_fl.wire.layout import AdapterSpec, split_scales
+    from lordba_fl.methods.lordba.layout import AdapterSpec, split_scales
 
     spec = AdapterSpec.from_model(_worker(parse_run_config(grid.contexts[100].run_config))[0])
     scales = split_scales(spec, load_file(str(run_dir / "ckpt-1.safetensors"))["scales"])
@@ -434,7 +434,7 @@ def test_warmup_rounds_fit_float_factors_on_the_device_within_the_flip_budget(tm
 def test_first_contact_is_a_delta_against_the_seeded_version_and_changes_nothing_else(tmp_path):
     """server.seeded-base: a node's first downlink is a delta against version 0, which it builds from
     the seed itself; the run is exactly the run that sends full states, for fewer bytes."""
-    from lordba_fl.wire.codec import FrameKind, read_header
+    from lordba_fl.methods.lordba.codec import FrameKind, read_header
 
     grid, _, seeded = _run(tmp_path / "a", **{"server.aggregator": "refit"})
     _, _, full = _run(tmp_path / "b", **{"server.aggregator": "refit", "server.seeded-base": False})
@@ -446,8 +446,8 @@ def test_first_contact_is_a_delta_against_the_seeded_version_and_changes_nothing
 
 
 def test_halving_budget_by_hand():
-    from lordba_fl.budgets import halving_budget
-    from lordba_fl.budgets import FlipControl
+    from lordba_fl.methods.lordba.budgets import halving_budget
+    from lordba_fl.methods.lordba.budgets import FlipControl
 
     assert [halving_budget(0.005, 0.04, t) for t in (1, 2, 3, 4, 5)] == [0.04, 0.02, 0.01, 0.005, 0.005]
     assert [halving_budget(0.02, 0.0, t) for t in (1, 2)] == [0.02, 0.02]  # no schedule

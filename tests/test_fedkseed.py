@@ -20,7 +20,7 @@ from lordba_fl.methods.fedkseed import (
 )
 from lordba_fl.methods.lora import encode_lora
 from lordba_fl.runconfig import parse_run_config
-from lordba_fl.wire.codec import MalformedFrameError, NonFiniteError
+from lordba_fl.errors import MalformedFrameError, NonFiniteError
 
 RUN = {"model": "tiny-llama", "rank": 4, "alpha": 8.0, "method": "fedkseed", "lr": 1e-4, "train.local-steps": 3,
        "train.batch-size": 2, "train.seq-len": 32}

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from lordba_fl.errors import ChecksumError
+from lordba_fl.errors import ChecksumError, MalformedFrameError, NonFiniteError
 from lordba_fl.federation.apps import _adapted_model
 from lordba_fl.methods import Reply
 from lordba_fl.methods.lora import FP16, encode_lora
-from lordba_fl.methods.lora_flora import (
+from lordba_fl.methods.lora.flora import (
     _STACK,
     Group,
     StaleBaseError,
@@ -21,7 +21,6 @@ from lordba_fl.methods.lora_flora import (
     encode_stack,
 )
 from lordba_fl.runconfig import parse_run_config
-from lordba_fl.wire.codec import MalformedFrameError, NonFiniteError
 
 RUN = {"model": "tiny-llama", "rank": 8, "alpha": 16.0, "method": "lora-flora", "hetero.tiers": "2:0.3,4:0.3,8:0.4"}
 

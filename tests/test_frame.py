@@ -11,7 +11,7 @@ from lordba_fl.errors import (
     TruncatedFrameError,
 )
 from lordba_fl.methods.lora import LORA_CONTAINER
-from lordba_fl.wire.codec import CONTAINER
+from lordba_fl.methods.lordba.codec import CONTAINER
 from lordba_fl.wire.frame import Container, bounded_inflate
 
 BOX = Container("Test", b"TEST", 3, "<4sHII", total_length=lambda f: BOX.header_bytes + f[0])

@@ -15,7 +15,7 @@ from lordba_fl import LoRDBAConfig, attach_lordba_
 from lordba_fl.federation.apps import run_server
 from lordba_fl.hetero import node_rank, parse_tiers, tier_rank
 from lordba_fl.runconfig import DEFAULTS, builtin_method_keys, parse_run_config
-from lordba_fl.wire.layout import (
+from lordba_fl.methods.lordba.layout import (
     AdapterSpec,
     AdapterState,
     LayerSpec,
@@ -123,9 +123,9 @@ def _run(tmp_path: Path, grid=None, **overrides):
 def test_a_mixed_round_aggregates_every_tier_in_the_global_layout(tmp_path):
     """Two tiers (ranks 2 and 8) in one federation: each node receives its nested tier, every reply is
     accepted, and the vote's new global state is the one computed by hand from the embedded updates."""
-    from lordba_fl.aggregation import LatentVote, ServerState, collect_updates
+    from lordba_fl.methods.lordba.aggregation import LatentVote, ServerState, collect_updates
     from lordba_fl.federation.strategy import read_frame
-    from lordba_fl.wire.codec import CodecOptions, Update, read_header
+    from lordba_fl.methods.lordba.codec import CodecOptions, Update, read_header
 
     # partitions 0..3 with this seed draw ranks from "2:0.5,8:0.5"
     tiers = parse_tiers("2:0.5,8:0.5", 8)
@@ -170,7 +170,7 @@ def test_a_mixed_round_aggregates_every_tier_in_the_global_layout(tmp_path):
 def test_a_reply_of_the_wrong_rank_for_its_tier_is_rejected_never_applied():
     from lordba_fl.federation.apps import _adapted_model
     from lordba_fl.methods import Reply
-    from lordba_fl.wire.codec import Update, encode_update
+    from lordba_fl.methods.lordba.codec import Update, encode_update
 
     cfg = parse_run_config({"model": "tiny-llama", "rank": 8, "alpha": 16.0, "hetero.tiers": "2:0.5,8:0.5",
                             "server.aggregator": "vote"})
@@ -327,7 +327,7 @@ def test_a_mixed_lora_federation_serves_each_tier_its_rank(tmp_path, name):
 @pytest.mark.parametrize("scales", [("mid", "out"), ("in", "mid", "out")])
 def test_seeded_state_is_what_attach_draws_and_a_tier_derives_the_top_ranks_version_0(scales):
     from lordba_fl.federation.apps import _adapted_model
-    from lordba_fl.wire.layout import seeded_state, with_rank
+    from lordba_fl.methods.lordba.layout import seeded_state, with_rank
 
     cfg = LoRDBAConfig(rank=8, alpha=16.0, scales=scales, seed=11)
     model = tiny_llama()
@@ -354,7 +354,7 @@ def test_seeded_state_is_what_attach_draws_and_a_tier_derives_the_top_ranks_vers
 @pytest.mark.real_model
 def test_with_tiers_a_first_contact_is_a_delta_against_its_tiers_seeded_version_and_changes_nothing_else(tmp_path):
     from lordba_fl.federation.strategy import read_frame
-    from lordba_fl.wire.codec import FrameKind, read_header
+    from lordba_fl.methods.lordba.codec import FrameKind, read_header
 
     tiers = {"hetero.tiers": "2:0.5,8:0.5"}
     grid, _, seeded = _run(tmp_path / "a", **tiers)

@@ -3,8 +3,8 @@ import torch
 from conftest import randomize_adapter_, tiny_llama
 
 from lordba_fl import LoRDBAConfig, attach_lordba_, lordba_layers
-from lordba_fl.wire.codec import decode_state, encode_state
-from lordba_fl.wire.layout import (
+from lordba_fl.methods.lordba.codec import decode_state, encode_state
+from lordba_fl.methods.lordba.layout import (
     AdapterSpec,
     AdapterState,
     LayerSpec,

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from lordba_fl.adapter.fit import _product
-from lordba_fl.aggregation import Refit, ServerState
+from lordba_fl.methods.lordba.aggregation import Refit, ServerState
 from lordba_fl.methods.lora import FP16, QUANT, decode_lora, dequantize_channels, encode_lora, quantize_channels
 from lordba_fl.methods.lordba import budget_flips
-from lordba_fl.wire.codec import CodecError, Update
-from lordba_fl.wire.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers, split_scales
+from lordba_fl.methods.lordba.codec import CodecError, Update
+from lordba_fl.methods.lordba.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers, split_scales
 
 
 def test_budget_keeps_the_largest_pressure():
@@ -80,7 +80,7 @@ def test_scale_error_feedback_sends_the_sum_of_the_deltas_over_rounds():
     from lordba_fl.federation.apps import _adapted_model
     from lordba_fl.methods.lordba import RESIDUAL_KEY
     from lordba_fl.runconfig import parse_run_config
-    from lordba_fl.wire.codec import scale_roundtrip
+    from lordba_fl.methods.lordba.codec import scale_roundtrip
 
     _, _, method = _adapted_model(parse_run_config({"model": "tiny-llama", "rank": 4, "alpha": 8.0,
                                                     "codec.scale-encoding": "q2", "codec.scale-error-feedback": True}))

@@ -73,7 +73,7 @@ USER_PACKAGE = {
                 return metrics, rejected
     ''',
     "agg2.py": '''
-        from lordba_fl.aggregation import make_refit
+        from lordba_fl.methods.lordba.aggregation import make_refit
 
         BUDGETS = []
 
@@ -88,8 +88,8 @@ USER_PACKAGE = {
             return lambda server, updates: server
     ''',
     "agg.py": '''
-        from lordba_fl.aggregation import ServerState
-        from lordba_fl.wire.layout import AdapterState
+        from lordba_fl.methods.lordba.aggregation import ServerState
+        from lordba_fl.methods.lordba.layout import AdapterState
 
         def make_keep(spec, cfg):
             """An aggregator that keeps the global adapter and only advances its version."""

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from lordba_fl import privacy
-from lordba_fl.aggregation import LatentVote, ServerState
-from lordba_fl.privacy import DPConfig
-from lordba_fl.wire.codec import Update
-from lordba_fl.wire.layout import AdapterState
+from lordba_fl.methods.lordba import privacy
+from lordba_fl.methods.lordba.aggregation import LatentVote, ServerState
+from lordba_fl.methods.lordba.privacy import DPConfig
+from lordba_fl.methods.lordba.codec import Update
+from lordba_fl.methods.lordba.layout import AdapterState
 
 
 def _phi(x: float) -> float:

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from lordba_fl.adapter.fit import align_components, refine_lordba
-from lordba_fl.aggregation import Refit, ServerState, layer_product
-from lordba_fl.wire.codec import Update
-from lordba_fl.wire.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers, split_scales
+from lordba_fl.methods.lordba.aggregation import Refit, ServerState, layer_product
+from lordba_fl.methods.lordba.codec import Update
+from lordba_fl.methods.lordba.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers, split_scales
 
 SPEC = AdapterSpec((LayerSpec("a", 40, 48, 8), LayerSpec("b", 24, 16, 8)), ("in", "mid", "out"), b"r" * 16)
 
@@ -191,7 +191,7 @@ def test_float_fit_changes_at_most_its_budget_of_signs_and_never_raises_the_erro
 
 
 def test_server_flip_budget_caps_each_layers_sign_changes_and_never_raises_the_error():
-    from lordba_fl.budgets import flip_allowance
+    from lordba_fl.methods.lordba.budgets import flip_allowance
 
     state = _state(6)
     ups = [(_update(state, 0.2, 0.3, 40 + k), 1.0) for k in range(2)]  # clients that flip a lot

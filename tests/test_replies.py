@@ -9,10 +9,10 @@ from flwr.app import Message, MetricRecord, RecordDict
 from localgrid import LocalGrid
 
 from clients.app import make_client_app
-from lordba_fl.aggregation import LatentVote, ServerState
+from lordba_fl.methods.lordba.aggregation import LatentVote, ServerState
 from lordba_fl.federation.strategy import frame_record, read_frame
-from lordba_fl.wire.codec import Update
-from lordba_fl.wire.layout import AdapterState
+from lordba_fl.methods.lordba.codec import Update
+from lordba_fl.methods.lordba.layout import AdapterState
 from lordba_fl.wire.replies import (
     MAX_METRICS,
     MAX_WEIGHT,

@@ -4,7 +4,7 @@ import pytest
 import tomllib
 from flwr.common.config import flatten_dict
 
-from lordba_fl.budgets import FlipControl
+from lordba_fl.methods.lordba.budgets import FlipControl
 from lordba_fl.methods import make_method
 from lordba_fl.runconfig import DEFAULTS, RunConfig, parse_run_config
 from lordba_fl.train import TrainConfig
@@ -84,7 +84,7 @@ def test_every_key_is_declared_once_with_help_and_the_reference_page_is_current(
 
 
 def test_one_zstd_level_range_for_the_run_and_the_codec():
-    from lordba_fl.wire.codec import CodecOptions
+    from lordba_fl.methods.lordba.codec import CodecOptions
 
     assert parse_run_config({"codec.level": -7}).codec_level == -7  # zstd's fast levels are accepted everywhere
     for bad in (23, -8, 2.5, True):

@@ -19,7 +19,7 @@ from lordba_fl import (
     quantize_base_,
     save_lordba,
 )
-from lordba_fl.wire.codec import packed_row_bytes
+from lordba_fl.methods.lordba.codec import packed_row_bytes
 
 
 def _meta(path):

@@ -3,7 +3,7 @@
 File format (``format_version`` 1): one safetensors file with one 1-D tensor per kind, each the
 concatenation over the adapted modules in the order of the ``modules`` table:
 
-- ``sign_A``: uint8, each module's carrier ``S1`` (r, in) bit-packed row-wise (see :mod:`lordba_fl.wire.codec`),
+- ``sign_A``: uint8, each module's carrier ``S1`` (r, in) bit-packed row-wise (see :mod:`lordba_fl.adapter.packing`),
   ``r * ceil(in / 8)`` bytes a module;
 - ``sign_B``: uint8, each ``S2`` (out, r) packed the same way, ``out * ceil(r / 8)`` bytes a module;
 - ``scale_in`` / ``scale_mid`` / ``scale_out``: fp16 (or fp32) channel scales, those configured;

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -152,9 +153,11 @@ def _to_q41(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
 
 
 def _bnb_types() -> tuple[type, ...]:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    """bitsandbytes' layer types, or none while bitsandbytes is not imported: a model holds its layers
+    only after :func:`_to_nf4` / :func:`_to_int8` (or the user) imported it, so asking which layer types
+    an adapter may wrap never imports it (180 MB and seconds a q4_1 client does not need)."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
         return ()
     return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 

@@ -36,7 +36,7 @@ from lordba_fl.registry import METHODS
 from lordba_fl.runconfig import RunConfig, parse_run_config
 from lordba_fl.scoring import score
 from lordba_fl.train import evaluate_loss, generate, return_freed_memory
-from lordba_fl.wire.codec import ShapeMismatchError
+from lordba_fl.errors import ShapeMismatchError
 from lordba_fl.wire.metering import ByteLedger, recorddict_bytes
 
 log = logging.getLogger("lordba_fl")

@@ -1,6 +1,6 @@
 """Faults injected into simulated clients (``faults.*`` run-config keys): failures, slow replies,
 corrupted uplinks and byzantine updates, each decided from ``(seed, round, partition)`` so a run is
-reproducible. Off by default; the server's defences are in :mod:`lordba_fl.aggregation`."""
+reproducible. Off by default; the server's defences are in :mod:`lordba_fl.methods.lordba.aggregation`."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from lordba_fl.methods.lora import (
     save_peft_factors,
 )
 from lordba_fl.train import batch_to, collate, encode_examples, model_device, pad_id_of, train_local
-from lordba_fl.wire.codec import MalformedFrameError
+from lordba_fl.errors import MalformedFrameError
 
 _CORE, _BASIS = 0, 3  # LORA frame kinds: the core alone (fp16), or the basis then the core (fp16)
 BASIS_KEY = "fed-sb.basis"  # context.state: this node's copy of the basis frame

@@ -31,7 +31,7 @@ from torch import nn
 from lordba_fl.methods.lora import LORA_CONTAINER, LoRAFedAvg, encode_lora, note_version
 from lordba_fl.registry import ATTACKS
 from lordba_fl.train import batch_to, collate, encode_examples, micro_batches, model_device, pad_id_of
-from lordba_fl.wire.codec import MalformedFrameError, NonFiniteError
+from lordba_fl.errors import MalformedFrameError, NonFiniteError
 
 K_SEEDS = 4096
 EPS = 5e-4

@@ -1,4 +1,5 @@
-"""The wire: the flat adapter layout every message uses, the frame codec (bit-packed, zstd-compressed
-sign flips and scale deltas; header, CRC and bounded inflate), client-state packing and byte metering.
+"""What every method's messages share: the frame container (header, CRC, bounded inflate), value
+codes, byte metering of Flower messages and the checks every client reply passes. Each method's own
+wire format lives in its package (e.g. :mod:`lordba_fl.methods.lordba.codec`).
 
-Below it: :mod:`lordba_fl.adapter`, :mod:`lordba_fl.base`, :mod:`lordba_fl.errors`."""
+Below it: :mod:`lordba_fl.errors`."""

@@ -24,8 +24,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lordba_fl.methods.lora import FP16, LoRAFedAvg, encode_lora
-from lordba_fl.wire.codec import DecompressionBombError, ShapeMismatchError
+from lordba_fl.errors import DecompressionBombError, ShapeMismatchError
+from lordba_fl.methods.lora.frame import FP16, encode_lora
+from lordba_fl.methods.lora.method import LoRAFedAvg
 
 
 class HeteroRankLoRA(LoRAFedAvg):

@@ -38,20 +38,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lordba_fl.methods.lora import (
+from lordba_fl.errors import MalformedFrameError, NonFiniteError
+from lordba_fl.methods.lora.frame import (
     FP16,
     LORA_CONTAINER,
-    fp16_values,
+    decode_lora,
     encode_lora,
-    lora_layers,
-    lora_modules,
+    fp16_values,
     note_version,
     save_peft_factors,
 )
-from lordba_fl.methods.lora_hetero import HeteroRankLoRA
+from lordba_fl.methods.lora.hetero import HeteroRankLoRA
+from lordba_fl.methods.lora.method import lora_layers, lora_modules
 from lordba_fl.registry import ATTACKS
 from lordba_fl.train import train_local
-from lordba_fl.wire.codec import MalformedFrameError, NonFiniteError
 from lordba_fl.wire.replies import Bound
 
 _STACK = 2  # LORA frame kind: stacked groups since a base version
@@ -277,8 +277,6 @@ class FLoRA(HeteroRankLoRA):
     def attack(self, uplink: bytes, downlink: bytes, attack: str) -> bytes:
         """The attack's ``factors`` form (:mod:`lordba_fl.attacks`) on the fresh factors (their product
         is the update), clipped to fp16."""
-        from lordba_fl.methods.lora import decode_lora
-
         form = ATTACKS.get(attack).form("factors", attack)
         _, _, rnd, version, raw = decode_lora(uplink, self.segments, (FP16,))
         parts = []

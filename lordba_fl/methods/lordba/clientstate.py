@@ -3,7 +3,7 @@
 A stateful LoRDBA client keeps, between the rounds it is sampled in:
 
 * the global adapter it holds: the signs bit-packed with the scales in a ``STATE_FULL`` frame
-  (:mod:`lordba_fl.wire.codec`), needed anyway to decode the next downlink delta;
+  (:mod:`lordba_fl.methods.lordba.codec`), needed anyway to decode the next downlink delta;
 * optionally its latent magnitudes ``|L|`` (the signs come from the broadcast), and
 * optionally its AdamW moments (``exp_avg`` and ``sqrt(exp_avg_sq)``) and step counts.
 

@@ -1,7 +1,7 @@
 """Server-side aggregation of LoRDBA updates in latent space (DESIGN.md §3).
 
 The server holds the broadcast signs ``S^t``, fp32 scales ``s^t`` and a real-valued latent ``Λ^t``
-(never sent), all in the flat layout of :mod:`lordba_fl.wire.layout`. Aggregators are pure: they return a
+(never sent), all in the flat layout of :mod:`lordba_fl.methods.lordba.layout`. Aggregators are pure: they return a
 new :class:`ServerState` and never modify the one they were given, so a round that fails half-way, or
 a reply that fails to decode, leaves the global state exactly as it was.
 """
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lordba_fl.adapter.fit import fit_from, fit_lordba
-from lordba_fl.budgets import flip_allowance
-from lordba_fl.wire.codec import CodecError, CodecOptions, Update, decode_update
-from lordba_fl.wire.layout import AdapterSpec, AdapterState, split_carriers, split_scales
+from lordba_fl.methods.lordba.budgets import flip_allowance
+from lordba_fl.methods.lordba.codec import CodecError, CodecOptions, Update, decode_update
+from lordba_fl.methods.lordba.layout import AdapterSpec, AdapterState, split_carriers, split_scales
 
 
 @dataclass

@@ -18,7 +18,7 @@ held version's). A frame is::
                                                     sign/scale encodings, scale set, bit and flip
                                                     counts, raw and compressed section lengths, CRC-32
     layer table   (zstd)  per layer: name, in, out, r, carrier offset, scale offset (AdapterSpec.table_bytes)
-    sign section  (zstd)  the carrier stream (see lordba_fl.wire.layout): PACKED = bit-packed LSB first,
+    sign section  (zstd)  the carrier stream (see lordba_fl.methods.lordba.layout): PACKED = bit-packed LSB first,
                           or GAPS = run lengths between set bits, each as k bytes of 255 then one byte
                           < 255 (sum = gap), chosen when sparser and smaller (flip masks usually are)
     scale section (zstd)  FP16 = fp16 values, low bytes then high bytes; Q8 = one fp16 step per
@@ -57,8 +57,9 @@ from lordba_fl.errors import (  # noqa: F401  (re-exported: the codec's errors)
     ShapeMismatchError,
     TruncatedFrameError,
 )
+from lordba_fl.wire.codes import fp16_round, pack_codes, unpack_codes  # noqa: F401  (re-exported)
 from lordba_fl.wire.frame import Container, bounded_inflate, check_zstd_level
-from lordba_fl.wire.layout import UNVERSIONED, AdapterSpec, AdapterState
+from lordba_fl.methods.lordba.layout import UNVERSIONED, AdapterSpec, AdapterState
 
 # --------------------------------------------------------------------------------------------------
 # Frames
@@ -201,7 +202,7 @@ class FrameHeader:
 
 @dataclass
 class Update:
-    """A client's round result in flat layout (:mod:`lordba_fl.wire.layout`).
+    """A client's round result in flat layout (:mod:`lordba_fl.methods.lordba.layout`).
 
     ``flips`` is the bool carrier-stream mask of signs the client flipped against the broadcast it
     trained from (``version``); ``scale_delta`` is ``s_k - s^t`` (fp32, ``(n_scales,)``).
@@ -375,30 +376,6 @@ def _decode_fp16_xor(raw: bytes, base: np.ndarray, n: int) -> np.ndarray:
     return values
 
 
-def fp16_round(x32: np.ndarray, up: bool) -> np.ndarray:
-    """``x32`` to fp16 rounded up (``up``) or down instead of to nearest (inf where it overflows)."""
-    with np.errstate(over="ignore"):
-        h = x32.astype(np.float16)
-    wrong = h.astype(np.float32) < x32 if up else h.astype(np.float32) > x32
-    return np.where(wrong, np.nextafter(h, np.float16(np.inf if up else -np.inf)), h)
-
-
-def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned ``bits``-bit codes (1, 2, 4 or 8 bits) packed little-end first into bytes (the last padded)."""
-    per = 8 // bits
-    pad = (-q.size) % per
-    q = np.concatenate([q.astype(np.uint8), np.zeros(pad, np.uint8)]).reshape(-1, per)  # (bytes, per)
-    shifts = (np.arange(per, dtype=np.uint8) * bits)[None, :]
-    return np.bitwise_or.reduce(q << shifts, axis=1).astype(np.uint8)
-
-
-def unpack_codes(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """Inverse of :func:`pack_codes`: the first ``n`` codes."""
-    per = 8 // bits
-    shifts = (np.arange(per, dtype=np.uint8) * bits)[None, :]
-    return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
-
-
 def _encode_q(values: np.ndarray, segments: np.ndarray, rng: np.random.Generator, bits: int) -> bytes:
     levels = (1 << (bits - 1)) - 1  # 127, 7, 1: symmetric codes, so a zero delta is exactly 0
     starts = np.concatenate([[0], np.cumsum(segments)[:-1]])  # (S,)
@@ -570,7 +547,7 @@ def encode_update(
     Parameters
     ----------
     update : Update
-        Flip mask ``(n_bits,)`` bool and scale deltas ``(n_scales,)`` in :mod:`lordba_fl.wire.layout` order.
+        Flip mask ``(n_bits,)`` bool and scale deltas ``(n_scales,)`` in :mod:`lordba_fl.methods.lordba.layout` order.
     spec : AdapterSpec
         The federation's adapter layout.
     options : CodecOptions, optional

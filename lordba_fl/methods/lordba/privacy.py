@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lordba_fl.budgets import flip_allowance
+from lordba_fl.methods.lordba.budgets import flip_allowance
 from lordba_fl.options import option
 
 DP_MODES = ("off", "local")

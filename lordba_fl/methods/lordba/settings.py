@@ -1,0 +1,120 @@
+"""LoRDBA's settings: the run's shared values it reads and its own run-config keys (flips, codec,
+init, aggregator, client state, DP), declared, typed and checked here."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from lordba_fl.adapter.config import SCALE_INITS, SCALE_LRS, SIGN_INITS
+from lordba_fl.methods.base import MethodSettings
+from lordba_fl.methods.lordba.aggregation import REFIT_MODES, SCALE_RULES
+from lordba_fl.methods.lordba.budgets import FlipControl
+from lordba_fl.methods.lordba.clientstate import STATE_DTYPES, STATE_KINDS
+from lordba_fl.methods.lordba.privacy import DPConfig
+from lordba_fl.options import option
+from lordba_fl.registry import AGGREGATORS
+
+
+@dataclass(frozen=True)
+class LoRDBASettings(MethodSettings):
+    """A LoRDBA federation's settings: the run's shared values it reads (scales, rounds, tiers, ...)
+    and its own run-config keys (flips, codec, init, aggregator, client state and DP), declared here
+    and documented in docs/configuration.md."""
+
+    scales: tuple[str, ...]
+    weight_cap: float
+    rounds: int  # dp: the noise is calibrated over the run
+    tiers: str  # hetero.tiers: nested ranks per partition
+    top_rank: int  # a lower tier's node: the run's rank (its version 0 is nested in that rank's)
+    # ---- its own keys ----
+    flip: FlipControl = FlipControl()
+    aggregator: str = option("refit", "server.aggregator", "refit | vote, or an aggregator factory by import path 'pkg.module:make'")
+    refit_mode: str = option("faithful", "server.refit",
+        "faithful (warm-started, flips only where the fit error falls) | svd (first design: fresh SVD signs)")
+    refit_restart: bool = option(False, "server.refit-restart",
+        "also try a fresh SVD fit aligned to the current carriers; keep the better")
+    error_feedback: bool = option(True, "server.error-feedback",
+        "faithful refit: add the part of the last target the broadcast could not represent to the next (server RAM: one fp32 dW per layer)")
+    server_flip_budget_start: float = option(0.04, "server.flip-budget-start",
+        "refit: round 1's server.flip-budget, halving each round down to it (0: no schedule; off under dp.mode=local)")
+    server_flip_budget: float = option(0.005, "server.flip-budget",
+        "refit: most of each layer's signs a round may change (largest error reductions first; 1: no limit)")
+    seeded_base: bool = option(True, "server.seeded-base",
+        "a node's first downlink is a delta against the seeded version 0 every party builds (not with init.from / base-svd)")
+    state_mantissa_bits: int = option(7, "codec.state-mantissa-bits",
+        "mantissa bits of broadcast scales (10: fp16; 7: bfloat16 precision, cheaper downlink deltas)")
+    scale_init: str = option("normalized", "init.scales",
+        "normalized (s_in = 1/sqrt(in), s_mid = 1/sqrt(r): LoRA-sized steps) | ones")
+    scale_lr: str = option("uniform", "scale-lr",
+        "uniform (every scale at lr) | relative (lr times the scale's normalized init over the full set's: s_mid at lr/sqrt(in) without s_in)")
+    sign_init: str = option("random", "init.signs",
+        "random (seeded) | base-svd (top singular vectors of each frozen base weight, zero bytes)")
+    init_from: str = option("", "init.from",
+        "start from an adapter: a PEFT LoRA directory (svd import) or a packed LoRDBA .safetensors")
+    warmup_rounds: int = option(0, "init.warmup-rounds",
+        "first rounds train float factors on the device and fit them to signs there (QAT-full, federated)")
+    warmup_budget: float = option(1.0, "init.warmup-budget",
+        "flip budget of a warm-up round (1: no limit, the device fit may also restart from its own SVD)")
+    beta: float = option(0.0, "server.beta", "latent momentum")
+    tau: float = option(0.0, "server.tau", "hysteresis")
+    eta: float = option(1.0, "server.eta", "server lr on scales (1 = FedAvg)")
+    scale_encoding: str = option("q8", "codec.scale-encoding",
+        "uplink scale deltas: q8 | q4 | q2 (codes in [-127,127] / [-7,7] / [-1,1], one fp16 step per layer, unbiased) | fp16")
+    scale_error_feedback: bool = option(False, "codec.scale-error-feedback",
+        "each client keeps what quantizing its scale delta lost and adds it to its next one (state: 4 bytes a scale)")
+    history: int = option(4, "server.history", "sign versions kept for downlink deltas")
+    enforce_budget: bool = option(True, "server.enforce-budget", "reject updates flipping more than flip.budget of the signs")
+    norm_bound: float = option(2.0, "server.norm-bound",
+        "bound a scale delta's L2 norm at this x the round's median (0: off; never fires on honest clients: simulations/bench_faults.py)")
+    scale_rule: str = option("mean", "server.scale-rule",
+        "mean | trimmed-mean | median: scale deltas (vote) / client products (refit)")
+    trim: float = option(0.2, "server.trim", "fraction trimmed at each end by trimmed-mean")
+    dp: DPConfig = DPConfig()
+    client_state: str = option("none", "client.state", "none | latent | latent+optimizer: kept per client in context.state")
+    client_state_dtype: str = option("q8", "client.state-dtype", "fp32 | fp16 | q8 (log-coded bytes) for stored latents / moments")
+
+    def __post_init__(self):
+        for key, value, known in (("server.refit", self.refit_mode, REFIT_MODES), ("init.scales", self.scale_init, SCALE_INITS),
+                                  ("scale-lr", self.scale_lr, SCALE_LRS), ("init.signs", self.sign_init, SIGN_INITS),
+                                  ("server.scale-rule", self.scale_rule, SCALE_RULES),
+                                  ("codec.scale-encoding", self.scale_encoding, ("q8", "q4", "q2", "fp16")),
+                                  ("client.state", self.client_state, STATE_KINDS),
+                                  ("client.state-dtype", self.client_state_dtype, STATE_DTYPES)):
+            if value not in known:
+                raise ValueError(f"run config {key!r} must be one of {list(known)}; got {value!r}")
+        AGGREGATORS.get(self.aggregator)  # an import path is imported now: a typo fails at start
+        for key, value, ok, accepted in (
+            ("server.history", self.history, self.history >= 1, ">= 1 (sign versions kept)"),
+            ("server.trim", self.trim, 0.0 <= self.trim < 0.5, "in [0, 0.5)"),
+            ("server.norm-bound", self.norm_bound, self.norm_bound >= 0, ">= 0 (0: off)"),
+            ("server.flip-budget", self.server_flip_budget, 0.0 <= self.server_flip_budget <= 1.0, "a fraction in [0, 1] (1: no limit)"),
+            ("server.flip-budget-start", self.server_flip_budget_start, 0.0 <= self.server_flip_budget_start <= 1.0,
+             "a fraction in [0, 1] (0: no schedule)"),
+            ("codec.state-mantissa-bits", self.state_mantissa_bits, 1 <= self.state_mantissa_bits <= 10,
+             "in 1..10 (10: fp16, 7: bfloat16's precision)"),
+            ("init.warmup-rounds", self.warmup_rounds, self.warmup_rounds >= 0, ">= 0"),
+            ("init.warmup-budget", self.warmup_budget, 0.0 <= self.warmup_budget <= 1.0, "a fraction in [0, 1] (1: no limit)"),
+        ):
+            if not ok:
+                raise ValueError(f"run config {key!r} must be {accepted}; got {value!r}")
+        if self.client_state == "latent+optimizer" and self.train.optimizer != "adamw":
+            raise ValueError("client.state=latent+optimizer keeps AdamW moments; set train.optimizer=adamw "
+                             "or client.state=latent")
+        if self.dp.on:
+            if self.aggregator != "vote":
+                raise ValueError("dp.mode=local privatizes flip masks and scale deltas aggregated by the vote; "
+                                 f"set server.aggregator=vote (got {self.aggregator!r})")
+            if self.scale_error_feedback:
+                raise ValueError("codec.scale-error-feedback carries a client's past deltas into the next, which "
+                                 "dp.mode's per-round noise does not account for: turn one of them off")
+            if self.warmup_rounds:
+                raise ValueError("init.warmup-rounds sends device-fitted updates that dp.mode=local does not privatize; "
+                                 "set init.warmup-rounds=0 under DP")
+            # dp.mode=local calibrates its noise to one flip budget for the whole run: no schedule
+            object.__setattr__(self, "flip", dataclasses.replace(self.flip, budget_start=0.0))
+            object.__setattr__(self, "server_flip_budget_start", 0.0)
+
+    @property
+    def stateful(self) -> bool:
+        return self.client_state != "none"
