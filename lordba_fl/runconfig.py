@@ -12,7 +12,7 @@ import functools
 from dataclasses import dataclass, field
 
 from lordba_fl.attacks import Attack
-from lordba_fl.base.models import MODELS
+from lordba_fl.base.models import MODELS, RUNTIMES
 from lordba_fl.base.quant import QUANT_BACKENDS
 from lordba_fl.hetero import parse_tiers
 from lordba_fl.options import declared_keys, option
@@ -86,7 +86,7 @@ PROFILES = {
     # low-RAM devices (phones, Raspberry Pi, Jetson): one example per step, recomputed activations,
     # bf16 where the device has it; see simulations/bench_edge.py for what it costs
     "edge": {"train.batch-size": 1, "train.gradient-checkpointing": True, "train.return-memory": True,
-             "compute-dtype": "auto", "quant": "q4_1"},
+             "compute-dtype": "auto", "quant": "q4_1", "model-runtime": "lean"},
 }
 
 TASK_DEFAULTS = {
@@ -107,6 +107,9 @@ class RunConfig:
         "lordba | lora-fedavg | ffa-lora | lora-q2 | lora-q4 | lora-q2-both | fed-sb | fedkseed, or a Method subclass by import path 'pkg.module:Class'")
     model: str = option("smollm2-135m", "model", "smollm2-135m (embedded) | tiny-llama (tests, --quick)")
     quant: str = option("q4_1", "quant", "frozen base: q4_1 | nf4 | int8 | none")
+    model_runtime: str = option("transformers", "model-runtime",
+        "transformers | lean (the same model in plain torch: no transformers modelling import, logits only at targets, "
+        "the embedding in its GGUF Q8_0 blocks; LoRDBA on a q4_1 base)")
     task: str = option("shakespeare", "task",
         "shakespeare | gsm | skills | files (your own data: data.files.*), or a task loader by import path 'pkg.module:load'")
     task_options: dict = field(default_factory=lambda: {k: dict(v) for k, v in TASK_DEFAULTS.items()})
@@ -153,11 +156,19 @@ class RunConfig:
     def check_names(self) -> None:
         """Registered names, checked where the config enters (:func:`parse_run_config`), i.e. when the
         run starts rather than when a worker first loads a model."""
-        for key, value, known in (("model", self.model, MODELS), ("quant", self.quant, QUANT_BACKENDS)):
+        for key, value, known in (("model", self.model, MODELS), ("quant", self.quant, QUANT_BACKENDS),
+                                  ("model-runtime", self.model_runtime, RUNTIMES)):
             if value not in known:
                 raise ValueError(f"run config {key!r} must be one of {sorted(known)}; got {value!r}")
         for registry, value in ((METHODS, self.method), (TASKS, self.task)):
             registry.get(value)  # imports an import path now: a typo fails at start, listing the names
+        runtimes = getattr(METHODS.get(self.method), "runtimes", ("transformers",))
+        if self.model_runtime not in runtimes:
+            raise ValueError(f"method {self.method!r} runs on model-runtime {' | '.join(runtimes)} (its adapter needs "
+                             f"transformers' model classes); got {self.model_runtime!r}")
+        if self.model_runtime == "lean" and self.model == "smollm2-135m" and self.quant != "q4_1":
+            raise ValueError(f"model-runtime='lean' runs the embedded model on its q4_1 base; got quant={self.quant!r}: "
+                             "set quant='q4_1' or model-runtime='transformers'")
 
     def torch_device(self):
         """The device clients train on: ``auto`` is the first CUDA device when one is visible."""

@@ -53,9 +53,8 @@ def child(overrides: dict, frame_path: Path) -> dict:
         marks[name] = {"t_s": round(time.perf_counter() - T_PROCESS, 3), "rss_MB": round(_rss_mb(), 1),
                        "peak_MB": round(_peak_mb(), 1)}
 
+    import flwr.clientapp  # noqa: F401  (what the ClientApp process imports first)
     import torch
-    import transformers.models.llama.modeling_llama  # noqa: F401  (what loading the model imports)
-    from transformers import PreTrainedTokenizerFast  # noqa: F401
 
     import lordba_fl.methods.lordba.method as lordba_method
     from lordba_fl.base.models import load_model
@@ -64,12 +63,15 @@ def child(overrides: dict, frame_path: Path) -> dict:
     from lordba_fl.runconfig import parse_run_config
     from lordba_fl.train import return_freed_memory
 
+    cfg = parse_run_config(overrides)
+    if cfg.model_runtime == "transformers":  # what loading that model imports (the lean runtime imports neither)
+        import transformers.models.llama.modeling_llama  # noqa: F401
+        from transformers import PreTrainedTokenizerFast  # noqa: F401
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     mark("imports")
-    cfg = parse_run_config(overrides)
     if cfg.train.return_memory:
         return_freed_memory()  # what the ClientApp does first (lordba_fl.federation.apps._config)
-    model, tok = load_model(cfg.model, cfg.quant, compute_dtype=cfg.torch_compute_dtype())
+    model, tok = load_model(cfg.model, cfg.quant, compute_dtype=cfg.torch_compute_dtype(), runtime=cfg.model_runtime)
     mark("base")
     method = make_method(cfg)
     model = method.adapt(model).to(cfg.torch_device())
@@ -108,6 +110,8 @@ def child(overrides: dict, frame_path: Path) -> dict:
         "trainable_params": n_trainable,
         "torch_threads": torch.get_num_threads(),
         "compute_dtype": str(cfg.torch_compute_dtype()),
+        "heavy_modules": sorted(m for m in ("peft", "bitsandbytes", "transformers.modeling_utils", "torch._dynamo",
+                                            "scipy", "datasets") if m in sys.modules),
     }
 
 
@@ -215,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         "uplink_bytes": runs[-1]["uplink_bytes"],
         "downlink_bytes": down,
         "train_loss": runs[-1]["train_loss"],
+        "heavy_modules": runs[-1]["heavy_modules"],
         # where memory goes (last run): resident MB after each phase, and what each phase added
         "rss_after_MB": {k: v["rss_MB"] for k, v in m.items()},
         "added_MB": {

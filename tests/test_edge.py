@@ -137,21 +137,25 @@ request = message_from_proto(proto)
 run_config = json.loads(open(sys.argv[2]).read())
 from clients.app import app
 
-context = Context(run_id=1, node_id=request.metadata.dst_node_id, node_config={"partition-id": 0, "num-partitions": 4},
+node = request.metadata.dst_node_id
+context = Context(run_id=1, node_id=node, node_config={"partition-id": node - 100, "num-partitions": 4},
                   state=RecordDict(), run_config=run_config)
 reply = app(request, context)
-heavy = sorted(m for m in ("peft", "bitsandbytes", "datasets", "pandas", "matplotlib") if m in sys.modules)
+heavy = sorted(m for m in ("peft", "bitsandbytes", "datasets", "pandas", "matplotlib", "transformers.modeling_utils",
+                           "torch._dynamo") if m in sys.modules)
 print(json.dumps({"error": reply.error.reason if reply.has_error() else None,
                   "train_loss": reply.content["metrics"]["train_loss"] if not reply.has_error() else None,
                   "heavy": heavy}))
 """
 
 
-@pytest.mark.parametrize("method", ["lordba", "lora-fedavg"])
-def test_a_client_process_imports_only_what_its_method_uses(tmp_path, method):
+@pytest.mark.parametrize("method, model, runtime", [("lordba", "smollm2-135m", "lean"), ("lordba", "tiny-llama", "transformers"),
+                                                   ("lora-fedavg", "tiny-llama", "transformers")])
+def test_a_client_process_imports_only_what_its_method_uses(tmp_path, method, model, runtime):
     """A fresh ClientApp process answering a real train message of a q4_1 federation: a LoRDBA client
-    never imports PEFT, bitsandbytes or the data-set stack (its partition comes from the client cache);
-    a LoRA client needs PEFT (which shows the check sees an import when there is one)."""
+    never imports PEFT, bitsandbytes or the data-set stack (its partition comes from the client cache),
+    and on the lean runtime (the edge profile's) not transformers' modelling stack or torch's compiler
+    either; a LoRA client needs PEFT (which shows the check sees an import when there is one)."""
     import json
 
     from flwr.common.serde import message_to_proto
@@ -161,13 +165,14 @@ def test_a_client_process_imports_only_what_its_method_uses(tmp_path, method):
     from lordba_fl.federation.apps import run_server
     from lordba_fl.runconfig import DEFAULTS, builtin_method_keys, method_keys
 
-    cfg = {**DEFAULTS, "model": "tiny-llama", "quant": "q4_1", "task": "shakespeare", "data.shakespeare.max-clients": 4,
-           "rounds": 1, "clients-per-round": 4, "rank": 4, "alpha": 8.0, "train.local-steps": 1, "train.batch-size": 1,
-           "train.seq-len": 32, "eval.examples": 2, "eval.generate": 0, "method": method, "out-dir": str(tmp_path)}
+    cfg = {**DEFAULTS, "model": model, "quant": "q4_1", "model-runtime": runtime, "task": "shakespeare",
+           "data.shakespeare.max-clients": 4, "rounds": 1, "clients-per-round": 1, "rank": 4, "alpha": 8.0,
+           "train.local-steps": 1, "train.batch-size": 1, "train.seq-len": 32, "eval.examples": 2, "eval.generate": 0,
+           "eval.client-side": False, "method": method, "out-dir": str(tmp_path)}
     cfg.update({k: d for k, (_, d, _) in builtin_method_keys().items() if k not in method_keys(method)})
     grid = LocalGrid(make_client_app(), 4, cfg)
     run_server(grid, cfg)  # fills the client data cache, as a deployed node keeps it
-    request = next(m for m in grid.sent if m.metadata.message_type == "train" and m.metadata.dst_node_id == 100)
+    request = next(m for m in grid.sent if m.metadata.message_type == "train")
     (tmp_path / "request.bin").write_bytes(message_to_proto(request).SerializeToString())
     (tmp_path / "run_config.json").write_text(json.dumps(cfg))
     proc = subprocess.run([sys.executable, "-c", _CLIENT_PROCESS, str(tmp_path / "request.bin"),
@@ -177,6 +182,6 @@ def test_a_client_process_imports_only_what_its_method_uses(tmp_path, method):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["error"] is None and out["train_loss"] > 0
     if method == "lordba":
-        assert out["heavy"] == []
+        assert out["heavy"] == ([] if runtime == "lean" else ["torch._dynamo", "transformers.modeling_utils"])
     else:
         assert "peft" in out["heavy"]  # (PEFT itself imports bitsandbytes where it is installed)

@@ -59,9 +59,16 @@ def base_fingerprint(model: nn.Module) -> str:
     if emb is not None and getattr(emb, "weight", None) is not None:
         w = emb.weight.detach()
         step = max(1, w.shape[0] // 64)
-        sample = w[::step][:64, :64].to(torch.bfloat16).float().cpu().contiguous()  # (<=64, <=64)
-        h.update(str(tuple(w.shape)).encode())
-        h.update(sample.numpy().tobytes())
+        sample = w[::step][:64, :64]  # (<=64, <=64)
+        shape = tuple(w.shape)
+    elif emb is not None and hasattr(emb, "rows"):  # an embedding kept quantized: its rows, dequantized
+        shape = (emb.num_embeddings, emb.embedding_dim)
+        step = max(1, shape[0] // 64)
+        with torch.no_grad():
+            sample = emb(torch.arange(0, shape[0], step)[:64])[:, :64]
+    if emb is not None and (getattr(emb, "weight", None) is not None or hasattr(emb, "rows")):
+        h.update(str(shape).encode())
+        h.update(sample.to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

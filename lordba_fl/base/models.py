@@ -213,6 +213,7 @@ def _tiny_llama(quant: str = "q4_1", compute_dtype: torch.dtype = torch.float32)
 
 
 MODELS = {"smollm2-135m": load_default_model, "tiny-llama": _tiny_llama}
+RUNTIMES = ("transformers", "lean")
 
 
 def model_tokenizer(name: str):
@@ -221,8 +222,69 @@ def model_tokenizer(name: str):
     return load_tokenizer(default_model_dir()) if name in ("smollm2-135m", "tiny-llama") else None
 
 
-def load_model(name: str = "smollm2-135m", quant: str = "q4_1", compute_dtype: torch.dtype = torch.float32):
-    """A registered model (frozen, quantized base) and its tokenizer."""
+def load_model(name: str = "smollm2-135m", quant: str = "q4_1", compute_dtype: torch.dtype = torch.float32,
+               runtime: str = "transformers"):
+    """A registered model (frozen, quantized base) and its tokenizer.
+
+    ``runtime='lean'`` computes the same model with :mod:`lordba_fl.base.lean` (no transformers
+    modelling import, logits only where there are targets, the embedded model's embedding in its
+    GGUF Q8_0 blocks); ``'transformers'`` (default) is transformers' own model class.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"model-runtime must be one of {list(RUNTIMES)}; got {runtime!r}")
+    if runtime == "lean":
+        return _load_lean(name, quant, compute_dtype)
     return MODELS[name](quant=quant, compute_dtype=compute_dtype)
+
+
+def _load_lean(name: str, quant: str, compute_dtype: torch.dtype):
+    from lordba_fl.base import lean
+
+    if name == "smollm2-135m" and quant == "q4_1":
+        path = default_model_dir()
+        cached = path / "base-q4_1.safetensors"
+        if not cached.is_file():  # built once, by the transformers model
+            load_default_model("q4_1")
+        model = lean.load_lean(path, cached, q8_embedding_file(path, cached))
+        tok = lean.LeanTokenizer(path)
+    elif name in MODELS and name != "smollm2-135m":
+        base, tok = MODELS[name](quant=quant, compute_dtype=torch.float32)
+        model = lean.from_transformers(base)
+    else:
+        raise ValueError(f"model-runtime='lean' runs the embedded model on its q4_1 base (quant='q4_1'); got "
+                         f"model={name!r}, quant={quant!r}: set quant='q4_1' or model-runtime='transformers'")
+    if compute_dtype != torch.float32:
+        cast_unquantized_(model, compute_dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+def q8_embedding_file(model_dir: Path, base_file: Path) -> Path | None:
+    """The embedding of ``base_file`` in GGUF's Q8_0 blocks (``embed-q8_0.safetensors``, written once),
+    or None where Q8_0 does not reproduce it exactly (the fp32 embedding is then used as it is)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lordba_fl.base.lean import Q80Embedding
+
+    target = model_dir / "embed-q8_0.safetensors"
+    marker = model_dir / "embed-q8_0.inexact"
+    if target.is_file():
+        return target
+    if marker.is_file():
+        return None
+    with safe_open(str(base_file), "pt") as f:
+        weight = f.get_tensor("model.embed_tokens.weight")
+    q = Q80Embedding.from_weight(weight)
+    exact = torch.equal(q.rows(0, q.num_embeddings), weight)  # the GGUF's own Q8_0 values come back bit for bit
+    del weight
+    if not exact:
+        marker.write_text("the fp32 embedding is not a Q8_0 matrix; the lean runtime keeps it in fp32\n")
+        return None
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    save_file({"codes": q.codes, "steps": q.steps}, str(tmp), metadata={"format": str(CACHE_FORMAT)})
+    os.replace(tmp, target)
+    return target

@@ -63,7 +63,7 @@ def client_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
 
 def _adapted_model(cfg: RunConfig):
     """The frozen quantized base with the method's adapter, on ``cfg.device``; its tokenizer and method."""
-    model, tok = load_model(cfg.model, cfg.quant, compute_dtype=cfg.torch_compute_dtype())
+    model, tok = load_model(cfg.model, cfg.quant, compute_dtype=cfg.torch_compute_dtype(), runtime=cfg.model_runtime)
     method = make_method(cfg)
     model = method.adapt(model).to(cfg.torch_device())
     return model, tok, method
@@ -71,7 +71,7 @@ def _adapted_model(cfg: RunConfig):
 
 def _worker(cfg: RunConfig):
     run = (cfg.method, cfg.model, cfg.quant, cfg.scales, cfg.seed, cfg.task, tuple(sorted(cfg.task_kwargs().items())),
-           tuple(sorted(cfg.method_options.items())), cfg.codec_level, cfg.device, cfg.compute_dtype)
+           tuple(sorted(cfg.method_options.items())), cfg.codec_level, cfg.device, cfg.compute_dtype, cfg.model_runtime)
     key = (run, cfg.rank, cfg.alpha, cfg.top_rank)  # one adapted model per device tier of the same run
     if key not in _WORKER:
         if any(k[0] != run for k in _WORKER):  # another run: drop its models

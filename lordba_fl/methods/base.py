@@ -58,6 +58,8 @@ class Method(ABC):
     # reply metrics this method's clients send besides the common ones (lordba_fl.wire.replies.REPLY_METRICS):
     # name -> accepted values; the server refuses a reply with any other key
     reply_metrics: dict = {}
+    # model runtimes (``model-runtime``) the method's adapter works on: the lean runtime has no PEFT
+    runtimes: tuple[str, ...] = ("transformers",)
 
     def __init__(self, cfg):
         self.cfg = cfg  # an instance of settings_type

@@ -33,6 +33,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lordba_fl.train import PlainAdamW
+
 STATE_DTYPES = ("fp32", "fp16", "q8")
 STATE_KINDS = ("none", "latent", "latent+optimizer")
 BLOCK = 1024
@@ -125,7 +127,7 @@ def unpack_floats(buf: bytes, n: int, dtype: str) -> torch.Tensor:
 
 
 def _adam_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
-    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW | PlainAdamW):
         raise ValueError(
             f"client.state=latent+optimizer keeps Adam moments; {type(optimizer).__name__} has none "
             "(set train.optimizer=adamw or client.state=latent)"

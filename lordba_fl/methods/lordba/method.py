@@ -77,14 +77,16 @@ RESIDUAL_KEY = "lordba.scale-residual"  # context.state: what quantizing its sca
 log = logging.getLogger("lordba_fl")
 
 
-def budget_flips(latent: torch.Tensor, broadcast_negative: torch.Tensor, budget: float) -> torch.Tensor:
+def budget_flips(latent: torch.Tensor, broadcast_negative: torch.Tensor, budget: float,
+                 overwrite: bool = False) -> torch.Tensor:
     """Flip mask ``sign(L) XOR S`` limited to ``budget * n`` flips, keeping the largest ``|L|``."""
     flips = (latent < 0) ^ broadcast_negative  # (n,)
     k = flip_allowance(latent.numel(), budget)
     n_flips = int(flips.sum())
     if n_flips <= k:
         return flips
-    pressure = latent.abs().masked_fill_(~flips, -1.0)  # (n,); one temporary (devices' peak memory)
+    # (n,): one temporary, or none where the caller no longer needs ``latent`` (``overwrite``: peak memory on devices)
+    pressure = (latent.abs_() if overwrite else latent.abs()).masked_fill_(~flips, -1.0)
     keep = torch.zeros_like(flips)
     if k > 0:
         keep[torch.topk(pressure, k).indices] = True
@@ -172,6 +174,7 @@ def broadcast_problem(scales: torch.Tensor) -> str:
 
 class LoRDBAMethod(Method):
     name = "lordba"
+    runtimes = ("transformers", "lean")
     reply_metrics = {"flip_rate": Bound(0, 1), "device_fit_error": Bound(0, 1e6)}
     settings_type = LoRDBASettings
     nested_ranks = True
@@ -515,7 +518,7 @@ class LoRDBAMethod(Method):
         if keep is None or cfg.client_state != "latent+optimizer":
             opt = None  # the moments are not kept: free them too
         latent = read_latents(model, self.spec)
-        flips = budget_flips(latent, glob.negative, flip.budget_at(server_round))
+        flips = budget_flips(latent, glob.negative, flip.budget_at(server_round), overwrite=keep is None)
         delta = read_scales(model, self.spec) - glob.scales
         metrics["flip_rate"] = float(flips.float().mean())
         if cfg.dp.on:
@@ -525,6 +528,7 @@ class LoRDBAMethod(Method):
         update = Update(server_round, glob.version, flips, delta)
         if keep is not None:
             self._keep_(keep, latent, opt)
+        del latent, opt  # not needed by the encoder (peak memory on devices)
         metrics["held_version"] = float(glob.version)
         return encode_update(update, self.spec, self.options, rng=seed), metrics
 
