@@ -114,14 +114,16 @@ def load_memory_table(path: str | Path) -> list[dict]:
 
 
 def fit_memory(rows: list[dict], budget_mb: float, *, model: str, quant: str, seq_len: int, top_rank: int,
-               rank: int | None = None) -> dict:
-    """The measured setting a node with ``budget_mb`` trains: among the rows of this model, base and
-    sequence length (ranks up to ``top_rank``, or exactly ``rank`` when the node declares one) whose
-    peak fits, the largest rank, then the largest batch, then without checkpointing (faster)."""
+               rank: int | None = None, runtime: str = "transformers") -> dict:
+    """The measured setting a node with ``budget_mb`` trains: among the rows of this model, base, model
+    runtime and sequence length (ranks up to ``top_rank``, or exactly ``rank`` when the node declares one)
+    whose peak fits, the largest rank, then the largest batch, then without checkpointing (faster)."""
     same = [r for r in rows if r["model"] == model and r["quant"] == quant and int(r["seq_len"]) == seq_len
+            and r.get("model_runtime", "transformers") == runtime
             and int(r["rank"]) <= top_rank and (rank is None or int(r["rank"]) == rank)]
     if not same:
-        raise ValueError(f"the memory table has no measurement for model {model!r}, quant {quant!r}, seq-len {seq_len}"
+        raise ValueError(f"the memory table has no measurement for model {model!r}, quant {quant!r}, "
+                         f"model-runtime {runtime!r}, seq-len {seq_len}"
                          f"{'' if rank is None else f', rank {rank}'} (ranks <= {top_rank}); measure them with "
                          "`python -m simulations.bench_edge --sweep` on the device")
     fits = [r for r in same if float(r["peak_rss_MB"]) <= budget_mb]
@@ -134,7 +136,8 @@ def fit_memory(rows: list[dict], budget_mb: float, *, model: str, quant: str, se
 
 
 def node_profile(node_config: dict, tiers: tuple[tuple[int, float], ...], seed: int, partition_id: int,
-                 top_rank: int, *, model: str = "", quant: str = "", seq_len: int = 0) -> NodeProfile:
+                 top_rank: int, *, model: str = "", quant: str = "", seq_len: int = 0,
+                 runtime: str = "transformers") -> NodeProfile:
     """A node's :class:`NodeProfile` from its node config (``rank``, ``local-steps``, ``batch-size``,
     ``memory-mb``, ``memory-table``), else its tier's rank."""
     steps, batch = _positive_int(node_config, "local-steps"), _positive_int(node_config, "batch-size")
@@ -148,6 +151,7 @@ def node_profile(node_config: dict, tiers: tuple[tuple[int, float], ...], seed: 
     if batch is not None:
         raise ValueError("node_config sets both memory-mb and batch-size; memory-mb chooses the batch, drop one")
     rows = load_memory_table(node_config.get("memory-table", MEMORY_TABLE))
-    best = fit_memory(rows, float(budget), model=model, quant=quant, seq_len=seq_len, top_rank=top_rank, rank=declared)
+    best = fit_memory(rows, float(budget), model=model, quant=quant, seq_len=seq_len, top_rank=top_rank, rank=declared,
+                      runtime=runtime)
     return NodeProfile(int(best["rank"]), steps, int(best["batch_size"]), bool(best["gradient_checkpointing"]),
                        float(best["peak_rss_MB"]))

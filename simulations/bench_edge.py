@@ -164,6 +164,7 @@ def sweep(args: argparse.Namespace, overrides: dict, frame_path: Path) -> None:
                 cfg = parse_run_config({**overrides, **parse_config_args([run_config])})
                 runs = measure(args.profile, run_config, args.reps, args.threads, frame_path)
                 emit({"bench": "edge", "kind": "memory", "model": cfg.model, "quant": cfg.quant,
+                      "model_runtime": cfg.model_runtime,
                       "seq_len": cfg.train.seq_len, "rank": rank, "batch_size": batch, "gradient_checkpointing": ckpt,
                       "peak_rss_MB": statistics.median(r["marks"]["uplink"]["peak_MB"] for r in runs),
                       "step_s": round(statistics.median(r["step_s"] for r in runs), 3), "reps": args.reps,

@@ -401,9 +401,12 @@ def test_memory_budget_picks_the_largest_measured_rank_then_batch_that_fits(tmp_
         prof(900, **{"batch-size": 2})
     with pytest.raises(ValueError, match="positive number of MB"):
         prof(-1)
-    with pytest.raises(ValueError, match="no measurement for model 'smollm2-135m', quant 'q4_1', seq-len 64"):
+    with pytest.raises(ValueError, match="no measurement for model 'smollm2-135m', quant 'q4_1', model-runtime "
+                                         "'transformers', seq-len 64"):
         node_profile({"memory-mb": 900, "memory-table": table}, (), 0, 0, 16, model="smollm2-135m", quant="q4_1",
                      seq_len=64)
+    with pytest.raises(ValueError, match="model-runtime 'lean', seq-len 128"):  # rows of another runtime do not count
+        node_profile({"memory-mb": 900, "memory-table": table}, (), 0, 0, 16, runtime="lean", **kw)
     with pytest.raises(FileNotFoundError, match="bench_edge --sweep"):
         node_profile({"memory-mb": 900, "memory-table": str(tmp_path / "none.jsonl")}, (), 0, 0, 16, **kw)
     bad = tmp_path / "bad.jsonl"

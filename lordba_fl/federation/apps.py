@@ -128,7 +128,7 @@ def tier_config(cfg: RunConfig, context) -> RunConfig:
     if cfg.memory_mb and "memory-mb" not in node_cfg and "batch-size" not in node_cfg:
         node_cfg["memory-mb"] = cfg.memory_mb  # the run's budget for every node that states none of its own
     prof = node_profile(node_cfg, parse_tiers(cfg.tiers, cfg.rank), cfg.seed, pid, cfg.rank,
-                        model=cfg.model, quant=cfg.quant, seq_len=cfg.train.seq_len)
+                        model=cfg.model, quant=cfg.quant, seq_len=cfg.train.seq_len, runtime=cfg.model_runtime)
     train = {k: v for k, v in (("steps", prof.local_steps), ("batch_size", prof.batch_size),
                                 ("gradient_checkpointing", prof.gradient_checkpointing)) if v is not None}
     if train:

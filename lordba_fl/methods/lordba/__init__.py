@@ -8,9 +8,10 @@ from lordba_fl.methods.lordba.method import (
     RESIDUAL_KEY,
     LoRDBAMethod,
     budget_flips,
+    flip_agreement,
     float_factor_groups,
     train_groups,
 )
 from lordba_fl.methods.lordba.settings import LoRDBASettings
 
-__all__ = ["RESIDUAL_KEY", "LoRDBAMethod", "LoRDBASettings", "budget_flips", "float_factor_groups", "train_groups"]
+__all__ = ["RESIDUAL_KEY", "LoRDBAMethod", "LoRDBASettings", "budget_flips", "flip_agreement", "float_factor_groups", "train_groups"]
