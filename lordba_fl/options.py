@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import field
 from typing import Any
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple[str, ...]": str}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple[str, ...]": tuple}  # tuple: a comma list
 
 
 def option(default: Any, key: str, help: str = "") -> Any:

@@ -124,8 +124,6 @@ class RunConfig:
     rank: int = option(16, "rank", "Adapter rank r.")
     alpha: float = option(32.0, "alpha",
         "Adapter scaling numerator: the update is scaled by alpha / rank (LoRA's lora_alpha).")
-    scales: tuple[str, ...] = option(("mid", "out"), "scales",
-        "Channel-wise LoRDBA scales trained and sent: a comma list of in, mid, out.")
     lr: float = option(1e-3, "lr", "scales (LoRDBA) / LoRA factors")
     train: TrainConfig = TrainConfig()
     codec_level: int = option(3, "codec.level", "zstd level of every frame (-7 fastest .. 22 smallest; 3: zstd's default).")
@@ -207,8 +205,6 @@ class RunConfig:
             ("eval.metric-every", self.metric_every, self.metric_every >= 0, ">= 0 (0: after the last round only)"),
             ("seed", self.seed, self.seed >= 0, ">= 0"),
             ("client.memory-mb", self.memory_mb, self.memory_mb >= 0, ">= 0 MB (0: off)"),
-            ("scales", self.scales, bool(self.scales) and set(self.scales) <= {"in", "mid", "out"},
-             "a non-empty comma list of in, mid, out"),
         ):
             if not ok:
                 raise ValueError(f"run config {key!r} must be {accepted}; got {value!r}")
@@ -242,6 +238,12 @@ def _coerce(key: str, value, typ: type):
     """``value`` as ``typ``: TOML values arrive typed; CLI overrides of booleans may be strings."""
     if typ is bool and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
+    if typ is tuple:  # a comma list ("mid,out"), or a TOML array
+        if isinstance(value, str):
+            return tuple(s.strip() for s in value.split(",") if s.strip())
+        if isinstance(value, list | tuple) and all(isinstance(s, str) for s in value):
+            return tuple(value)
+        raise ValueError(f"run config {key!r} must be a comma list of names; got {value!r}")
     if isinstance(value, bool) != (typ is bool):
         raise ValueError(f"run config {key!r} must be {'true or false' if typ is bool else 'a ' + typ.__name__}; got {value!r}")
     if typ is float and isinstance(value, int):
@@ -284,8 +286,6 @@ def parse_run_config(run_config: dict) -> RunConfig:
             continue
         path, typ = _KEYS[key]
         value = _coerce(key, value, typ)
-        if path == "scales":
-            value = tuple(s.strip() for s in value.split(",") if s.strip())
         if "." in path:
             group, name = path.split(".")
             nested[group][name] = value
@@ -354,11 +354,11 @@ def settings_for(settings_type: type, run: RunConfig):
 def run_config_dict(cfg: RunConfig) -> dict:
     """The flat run-config form of ``cfg`` (inverse of :func:`parse_run_config`)."""
     out = {}
-    for key, (path, _) in _KEYS.items():
+    for key, (path, typ) in _KEYS.items():
         obj = cfg
         for part in path.split("."):
             obj = getattr(obj, part)
-        out[key] = ",".join(obj) if path == "scales" else obj
+        out[key] = ",".join(obj) if typ is tuple else obj
     for task, options in cfg.task_options.items():
         for k, v in options.items():
             out[f"{_TASK_PREFIX}{task}.{k.replace('_', '-')}"] = v
@@ -386,7 +386,8 @@ def builtin_method_keys() -> dict[str, tuple[type, object, tuple[str, ...]]]:
 
 def __getattr__(name: str):
     if name == "DEFAULTS":  # built lazily: the built-in methods' keys come from their modules, which import this one
-        return {**run_config_dict(RunConfig()), **{k: d for k, (_, d, _) in builtin_method_keys().items()}}
+        return {**run_config_dict(RunConfig()),
+                **{k: ",".join(d) if isinstance(d, tuple) else d for k, (_, d, _) in builtin_method_keys().items()}}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

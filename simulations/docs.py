@@ -24,6 +24,8 @@ def _value(v) -> str:
         return "true" if v else "false"
     if isinstance(v, str):
         return f'"{v}"'
+    if isinstance(v, tuple):  # a comma list, as the run config writes it
+        return f'"{",".join(v)}"'
     return repr(v)
 
 

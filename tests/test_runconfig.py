@@ -20,13 +20,14 @@ def test_pyproject_mirrors_the_defaults():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = parse_run_config({"rank": 8, "train.local-steps": 2, "flip.budget": 0.5, "scales": "mid,out",
+    cfg = parse_run_config({"rank": 8, "train.local-steps": 2, "flip.budget": 0.5, "scales": "out,in",
                             "server.beta": 1, "data.shakespeare.min-lines": 50, "client.state": "latent+optimizer",
                             "client.state-dtype": "fp16", "resume": "true"})
     lordba = make_method(cfg).cfg  # LoRDBA's own keys reach its settings
     assert cfg.rank == 8 and cfg.train == TrainConfig(steps=2) and lordba.flip == FlipControl(flip_budget=0.5)
     assert lordba.stateful and lordba.client_state_dtype == "fp16" and cfg.resume is True
-    assert cfg.scales == ("mid", "out") and lordba.beta == 1.0 and cfg.task_kwargs() == {"min_lines": 50, "max_clients": None, "sdist": None}
+    assert lordba.scales == ("in", "out") and lordba.beta == 1.0  # a LoRDBA key, in canonical order
+    assert cfg.task_kwargs() == {"min_lines": 50, "max_clients": None, "sdist": None}
     assert lordba.train == cfg.train and lordba.rank == 8  # and the run's shared values
     assert cfg.task_options["gsm"]["num_clients"] == 8
 

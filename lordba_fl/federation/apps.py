@@ -70,7 +70,7 @@ def _adapted_model(cfg: RunConfig):
 
 
 def _worker(cfg: RunConfig):
-    run = (cfg.method, cfg.model, cfg.quant, cfg.scales, cfg.seed, cfg.task, tuple(sorted(cfg.task_kwargs().items())),
+    run = (cfg.method, cfg.model, cfg.quant, cfg.seed, cfg.task, tuple(sorted(cfg.task_kwargs().items())),
            tuple(sorted(cfg.method_options.items())), cfg.codec_level, cfg.device, cfg.compute_dtype, cfg.model_runtime)
     key = (run, cfg.rank, cfg.alpha, cfg.top_rank)  # one adapted model per device tier of the same run
     if key not in _WORKER:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from lordba_fl.adapter.config import SCALE_INITS, SCALE_LRS, SIGN_INITS
+from lordba_fl.adapter.config import SCALE_INITS, SCALE_LRS, SCALE_NAMES, SIGN_INITS
 from lordba_fl.methods.base import MethodSettings
 from lordba_fl.methods.lordba.aggregation import REFIT_MODES, SCALE_RULES
 from lordba_fl.methods.lordba.budgets import FlipControl
@@ -22,12 +22,13 @@ class LoRDBASettings(MethodSettings):
     and its own run-config keys (flips, codec, init, aggregator, client state and DP), declared here
     and documented in docs/configuration.md."""
 
-    scales: tuple[str, ...]
     weight_cap: float
     rounds: int  # dp: the noise is calibrated over the run
     tiers: str  # hetero.tiers: nested ranks per partition
     top_rank: int  # a lower tier's node: the run's rank (its version 0 is nested in that rank's)
     # ---- its own keys ----
+    scales: tuple[str, ...] = option(("mid", "out"), "scales",
+        "channel-wise scales trained and sent: a comma list of in, mid, out")
     flip: FlipControl = FlipControl()
     aggregator: str = option("refit", "server.aggregator", "refit | vote, or an aggregator factory by import path 'pkg.module:make'")
     refit_mode: str = option("faithful", "server.refit",
@@ -83,6 +84,9 @@ class LoRDBASettings(MethodSettings):
                                   ("client.state-dtype", self.client_state_dtype, STATE_DTYPES)):
             if value not in known:
                 raise ValueError(f"run config {key!r} must be one of {list(known)}; got {value!r}")
+        if not self.scales or not set(self.scales) <= set(SCALE_NAMES):
+            raise ValueError(f"run config 'scales' must be a non-empty comma list of in, mid, out; got {self.scales!r}")
+        object.__setattr__(self, "scales", tuple(s for s in SCALE_NAMES if s in self.scales))  # canonical order
         AGGREGATORS.get(self.aggregator)  # an import path is imported now: a typo fails at start
         for key, value, ok, accepted in (
             ("server.history", self.history, self.history >= 1, ">= 1 (sign versions kept)"),
