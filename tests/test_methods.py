@@ -6,6 +6,7 @@ from lordba_fl.adapter.fit import _product
 from lordba_fl.methods.lordba.aggregation import Refit, ServerState
 from lordba_fl.methods.lora import FP16, QUANT, decode_lora, dequantize_channels, encode_lora, quantize_channels
 from lordba_fl.methods.lordba import budget_flips
+from lordba_fl.methods.lordba.budgets import flip_allowance
 from lordba_fl.methods.lordba.codec import CodecError, Update
 from lordba_fl.methods.lordba.layout import AdapterSpec, AdapterState, LayerSpec, split_carriers, split_scales
 
@@ -137,3 +138,16 @@ def test_lora_q2_both_nodes_rebuild_the_global_state_from_2_bit_deltas():
     assert len(m.downlink(1, 4)) < len(full) / 4
     m.history.pop(1)  # older deltas dropped: a node at version 0 now gets the fp16 state
     assert m.downlink(5, 4) == full
+
+
+def test_budget_cut_matches_a_full_sort_and_breaks_ties_by_position():
+    g = torch.Generator().manual_seed(3)
+    latent = torch.randn(20_000, generator=g) * 1e-3
+    latent[::7] = 2e-4  # many equal magnitudes, some at the cut
+    neg = torch.rand(20_000, generator=g) < 0.5
+    for budget in (0.0, 1e-4, 0.01, 0.1, 0.3):
+        kept = budget_flips(latent.clone(), neg, budget, overwrite=True)
+        wanted = (latent < 0) ^ neg
+        k = min(int(wanted.sum()), flip_allowance(latent.numel(), budget))
+        order = sorted(wanted.nonzero().squeeze(1).tolist(), key=lambda i: (-abs(float(latent[i])), i))
+        assert kept.nonzero().squeeze(1).tolist() == sorted(order[:k])
