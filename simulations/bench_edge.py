@@ -195,8 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(child(overrides, args.child)))
         return
-    frame_path = Path(args.out).parent / "bench_edge_downlink.bin"
-    frame_path.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    frame_path = Path(tempfile.mkdtemp(prefix="lordba-edge-")) / "downlink.bin"  # not beside --out (e.g. the package)
     if args.sweep:
         sweep(args, overrides, frame_path)
         return
