@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 IGNORE = -100  # label of a position without a target (transformers' convention)
-HEAD_ROWS = 8192  # vocabulary rows dequantized / multiplied at a time by the head
+HEAD_ROWS = 4096  # vocabulary rows dequantized / multiplied at a time by the head
 Q8_BLOCK = 32  # values per fp16 step in GGUF's Q8_0
 
 
@@ -151,15 +151,22 @@ def head_logits(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 
 class HeadCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``h @ Wᵀ`` against ``labels`` for a frozen head ``W``: the forward keeps
-    only ``h`` and each row's log-sum-exp; the backward recomputes the logits ``HEAD_ROWS`` vocabulary
-    rows at a time, so no ``(tokens, vocabulary)`` tensor outlives one call."""
+    """Summed cross-entropy of ``h @ Wᵀ`` against ``labels`` for a frozen head ``W``, ``HEAD_ROWS``
+    vocabulary rows at a time both ways: the forward keeps a running log-sum-exp per row (never the
+    ``(tokens, vocabulary)`` logits) and saves only ``h`` and that log-sum-exp; the backward
+    recomputes each chunk's logits."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
-        logits = head_logits(head, h.float())  # (N, V)
-        lse = torch.logsumexp(logits, dim=-1)
-        picked = logits.gather(1, labels[:, None]).squeeze(1)
+        hf = h.float()
+        lse = torch.full((hf.shape[0],), -math.inf, device=h.device)
+        picked = torch.zeros(hf.shape[0], device=h.device)
+        for s in range(0, head.num_embeddings, HEAD_ROWS):
+            e = min(s + HEAD_ROWS, head.num_embeddings)
+            logits = hf @ head.rows(s, e, torch.float32).T  # (N, chunk)
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+            hit = (labels >= s) & (labels < e)
+            picked[hit] = logits[hit.nonzero().squeeze(1), labels[hit] - s]
         ctx.save_for_backward(h, labels, lse)
         ctx.head = head
         return (lse - picked).sum()
