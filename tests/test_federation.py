@@ -178,7 +178,7 @@ def test_stateful_clients_keep_compact_state(tmp_path, stateless_rows, kind, dty
     ckpt = load_file(str(run_dir / "ckpt-2.safetensors"))
     n_bits, n_scales = ckpt["negative"].numel(), ckpt["scales"].numel()
     n_params = 2 * 7 * 2  # tiny-llama: 2 layers x 7 targets, latents A and B ...
-    n_params += 2 * 7 * len(parse_run_config(dict(DEFAULTS)).scales)  # ... and its scales (default: mid, out)
+    n_params += 2 * 7 * len(make_method(parse_run_config(dict(DEFAULTS))).cfg.scales)  # ... and its scales (default: mid, out)
     state = grid.contexts[100].state
     assert ("lordba.optimizer" in state) == (kind == "latent+optimizer")
     rec = state["lordba.latent"]
