@@ -48,6 +48,8 @@ def test_the_embedded_model_gives_transformers_logits_and_loss(smollm2_pair):
     assert ln.generate(ids[:1, :8], max_new_tokens=6).tolist() == hf.generate(
         ids[:1, :8], attention_mask=torch.ones_like(ids[:1, :8]), max_new_tokens=6, do_sample=False,
         pad_token_id=ltok.pad_token_id).tolist()
+    with pytest.raises(ValueError, match="unpadded prompts"):  # a padding mask would be ignored: refused
+        ln.generate(ids, attention_mask=mask, max_new_tokens=2)
 
 
 def test_the_q8_embedding_holds_the_gguf_values_bit_for_bit(smollm2_pair):

@@ -370,6 +370,9 @@ class LeanLlamaForCausalLM(nn.Module):
         """Greedy decoding until ``max_new_tokens`` or the end-of-sequence token (no KV cache)."""
         if do_sample:
             raise ValueError("the lean runtime decodes greedily only (do_sample=False)")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("the lean runtime generates from unpadded prompts (an all-ones attention_mask); "
+                             "generate one prompt at a time")
         ids = input_ids
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         eos = self.config.eos_token_id
