@@ -82,6 +82,15 @@ LORDBA_VARIANTS: dict[str, dict] = {
                       "server.flip-budget-start": 0.04, "codec.scale-encoding": "q4", "codec.scale-error-feedback": True},
     "lordba-q2-sef": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
                       "server.flip-budget-start": 0.04, "codec.scale-encoding": "q2", "codec.scale-error-feedback": True},
+    # capacity levers, each alone over the defaults: 4x the late-round flip budgets (client 8%, server 2%: do
+    # the budgets withhold capacity?), one warm-up round of float factors fitted on the device (informed
+    # signs), clients keeping their own sign latents across the rounds they join (evidence accumulates)
+    "lordba-wide": {**_LEAN, "server.error-feedback": True, "flip.budget": 0.08, "flip.budget-start": 0.0,
+                    "server.flip-budget": 0.02, "server.flip-budget-start": 0.04},
+    "lordba-hot-warmup": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
+                          "server.flip-budget-start": 0.04, "init.warmup-rounds": 1},
+    "lordba-hot-state": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
+                         "server.flip-budget-start": 0.04, "client.state": "latent"},
     "lordba-lean-3s": {**_LEAN, "scales": "in,mid,out", "server.error-feedback": False},
     "lordba-lean-warmup": {**_LEAN, "init.warmup-rounds": 2, "server.error-feedback": False},
     "lordba-lean-ef-warmup": {**_LEAN, "init.warmup-rounds": 1, "server.error-feedback": True},
@@ -146,8 +155,9 @@ TASK_SETTINGS: dict[str, dict] = {
     "shakespeare": {"data.shakespeare.max-clients": 8},
     "gsm": {"data.gsm.num-clients": 8, "data.gsm.per-template": 8, "train.seq-len": 192, "train.batch-size": 2},
     # skills: 4 families x 2 clients (the task's defaults); every problem fits 96 tokens (longest: 79);
-    # exact match on all 200 held-out problems (50 per family) at the end of each run
-    "skills": {"train.seq-len": 96, "eval.examples": 200, "eval.generate": 200, "eval.metric-every": 5},
+    # exact match on all 200 held-out problems (50 per family) after the last round only (generating them
+    # costs more than a round's training here)
+    "skills": {"train.seq-len": 96, "eval.examples": 200, "eval.generate": 200, "eval.metric-every": 0},
 }
 SUPERNODES = 8  # one virtual SuperNode per client partition above (8 of each task)
 
