@@ -49,7 +49,7 @@ class TrainConfig:
     optimizer: str = option("adamw", "train.optimizer", "adamw | sgd")
     gradient_checkpointing: bool = option(False, "train.gradient-checkpointing", "recompute activations in backward (low-RAM devices)")
     return_memory: bool = option(False, "train.return-memory",
-        "hand freed tensor memory back to the OS at once (glibc: a fixed 128 KiB mmap threshold): a lower "
+        "hand freed tensor memory back to the OS at once (glibc: a fixed 16 KiB mmap threshold): a lower "
         "peak RSS on low-RAM devices for a few more page faults; set for the whole client process")
 
     def __post_init__(self):
@@ -60,15 +60,18 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}; got {self.optimizer!r}")
 
 
-def return_freed_memory(threshold: int = 128 * 1024) -> bool:
+def return_freed_memory(threshold: int = 16 * 1024) -> bool:
     """Make the C allocator serve every block of ``threshold`` bytes or more with its own ``mmap``, so
     a freed tensor's pages go back to the OS at once (``train.return-memory``).
 
     glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
     activations, gradients and optimizer temporaries of that size come from the heap and stay resident:
-    a client's RSS then climbs step after step. Fixing the threshold stops that (measured on the edge
-    profile: ``simulations/bench_edge.py``). Returns False where the C library has no ``mallopt``
-    (not glibc: nothing changes). Affects the whole process, so call it before the model loads."""
+    a client's RSS then climbs step after step. Fixing the threshold stops that. 16 KiB and not glibc's
+    starting 128 KiB: an adapter's per-layer tensors (latents, their gradients and moments: 12-98 KiB
+    each on SmolLM2-135M at rank 16) would otherwise share heap pages with longer-lived blocks, and a
+    freed gradient's pages stay resident (measured on the edge profile, ``simulations/bench_edge.py``:
+    peak 567 -> 508 MB, the same losses and bytes). Returns False where the C library has no
+    ``mallopt`` (not glibc: nothing changes). Affects the whole process, so call it before the model loads."""
     import ctypes
 
     try:
@@ -77,6 +80,22 @@ def return_freed_memory(threshold: int = 128 * 1024) -> bool:
         return False
     m_mmap_threshold = -3  # glibc's M_MMAP_THRESHOLD
     return bool(mallopt(m_mmap_threshold, int(threshold)))
+
+
+def trim_freed_memory() -> bool:
+    """Hand the C heap's free pages back to the OS now (glibc ``malloc_trim(0)``), also those between
+    blocks still in use: blocks the heap served before the mmap threshold applied (a freed hole is
+    reused before a new mapping is made) keep their pages resident after they are freed. Called after
+    every training step and after a round frees its gradients and moments when ``train.return-memory``
+    is set (a few milliseconds). Returns False where the C library has no ``malloc_trim``."""
+    import ctypes
+
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim(0)
+    return True
 
 
 class PlainAdamW:
@@ -104,22 +123,42 @@ class PlainAdamW:
     @torch.no_grad()
     def step(self) -> None:
         for g in self.param_groups:
-            beta1, beta2 = g["betas"]
-            lr, eps = g["lr"], g["eps"]
             for p in g["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state.get(p)
-                if st is None:
-                    st = self.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                          "exp_avg_sq": torch.zeros_like(p)}
-                st["step"] += 1
-                st["exp_avg"].lerp_(p.grad, 1 - beta1)
-                st["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                step = st["step"].item()
-                bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-                denom = (st["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(eps)
-                p.addcdiv_(st["exp_avg"], denom, value=-(lr / (1 - beta1**step)))
+                if p.grad is not None:
+                    self._update(p, g)
+
+    @torch.no_grad()
+    def _update(self, p: torch.Tensor, g: dict) -> None:
+        beta1, beta2 = g["betas"]
+        lr, eps = g["lr"], g["eps"]
+        st = self.state.get(p)
+        if st is None:
+            st = self.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
+        st["step"] += 1
+        st["exp_avg"].lerp_(p.grad, 1 - beta1)
+        st["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        step = st["step"].item()
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        denom = (st["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(eps)
+        p.addcdiv_(st["exp_avg"], denom, value=-(lr / (1 - beta1**step)))
+
+    def step_in_backward(self) -> list:
+        """Update each parameter the moment backward has accumulated its gradient, and drop that
+        gradient: the whole set of gradients never exists at once (one parameter's at a time). AdamW
+        is elementwise, so this computes exactly what ``backward(); step()`` computes, as long as one
+        backward makes one step (no gradient accumulation over micro-batches; autograd sums a
+        parameter's uses before its hook runs, and runs it after every node that needs its old value).
+        Returns the hook handles (``handle.remove()`` restores the plain behaviour)."""
+        handles = []
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.requires_grad:
+                    def hook(param, g=g):
+                        self._update(param, g)
+                        param.grad = None
+                    handles.append(p.register_post_accumulate_grad_hook(hook))
+        return handles
 
 
 def _adamw(groups: list[dict]):
@@ -250,6 +289,8 @@ def train_local(
     model's device. Returns mean loss and counts.
     """
     batches = micro_batches(encode_examples(tok, examples, cfg.seq_len), cfg, seed)
+    if cfg.return_memory and hasattr(tok, "release"):
+        tok.release()  # the round's examples are encoded: a device's tokenizer frees its tables until used again
     opt = optimizer if optimizer is not None else make_optimizer(groups, cfg)
     device = model_device(model)
     if cfg.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
@@ -260,19 +301,29 @@ def train_local(
     model.train()
     losses, seen = [], 0
     pad = pad_id_of(tok)
-    for step in range(cfg.steps):
-        opt.zero_grad(set_to_none=True)
-        for _ in range(cfg.grad_accum):
-            batch = batch_to(collate(next(batches), pad), device)
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss.item()} at step {step}; lower the learning rate")
-            (loss / cfg.grad_accum).backward()
-            losses.append(float(loss.detach()))
-            seen += batch["input_ids"].shape[0]
-        opt.step()
-        if after_step is not None:
-            after_step(step)
+    # one backward a step on CPU AdamW: each parameter steps as soon as its gradient is complete (same
+    # numbers, and a device never holds every gradient at once: lower peak memory)
+    in_backward = opt.step_in_backward() if cfg.grad_accum == 1 and isinstance(opt, PlainAdamW) else None
+    try:
+        for step in range(cfg.steps):
+            opt.zero_grad(set_to_none=True)
+            for _ in range(cfg.grad_accum):
+                batch = batch_to(collate(next(batches), pad), device)
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss is {loss.item()} at step {step}; lower the learning rate")
+                (loss / cfg.grad_accum).backward()
+                losses.append(float(loss.detach()))
+                seen += batch["input_ids"].shape[0]
+            if in_backward is None:
+                opt.step()
+            if cfg.return_memory:
+                trim_freed_memory()
+            if after_step is not None:
+                after_step(step)
+    finally:
+        for handle in in_backward or ():
+            handle.remove()
     model.eval()
     return {"train_loss": sum(losses) / len(losses), "train_examples": float(seen), "steps": float(cfg.steps)}
 

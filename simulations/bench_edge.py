@@ -4,7 +4,7 @@ Under Flower's deployment engine every message starts a new ClientApp process, s
 exactly that: a new Python process that imports the stack, memory-maps the quantized base, attaches
 the adapter, decodes a first-contact (full-state) downlink, trains ``train.local-steps`` steps on
 one Shakespeare client and encodes its uplink. Resident memory is sampled at each phase and its
-peak read from the kernel (``ru_maxrss``) so the breakdown shows where memory goes: imports, base,
+peak read from the kernel (``VmHWM``) so the breakdown shows where memory goes: imports, base,
 adapter, decoded broadcast, first training step (activations, gradients, optimizer state).
 
 One JSON line per run with ``peak_rss_MB``, ``step_s`` (median), ``start_to_first_step_s``,
@@ -42,7 +42,19 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak resident memory: the kernel's high-water mark of its own address space
+    (``VmHWM``). Not ``ru_maxrss``: Linux carries the parent's resident size at fork into the child's
+    ``ru_maxrss`` across ``exec``, so a child started by a larger parent (this benchmark, which built the
+    server's frame with a model loaded) would report the parent's size. ``ru_maxrss`` where there is no
+    ``/proc`` (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
 def child(overrides: dict, frame_path: Path) -> dict:

@@ -134,6 +134,34 @@ def test_lean_tokenizer_gives_transformers_ids_and_text():
     assert torch.equal(tok(PROMPTS[0], return_tensors="pt")["input_ids"], ref(PROMPTS[0], return_tensors="pt")["input_ids"])
 
 
+def test_a_released_lean_tokenizer_frees_its_tables_and_reloads_them_on_use():
+    """``train.return-memory``: training releases the tokenizer once its examples are encoded (the same
+    step as without it); the next call loads it again and gives the same ids."""
+    from lordba_fl.base.models import load_model
+    from lordba_fl.data import Example
+    from lordba_fl.methods import make_method
+    from lordba_fl.methods.lordba import train_groups
+    from lordba_fl.methods.lordba.layout import read_scales, read_state, write_state_
+    from lordba_fl.train import TrainConfig, train_local
+
+    model, tok = load_model("smollm2-135m", "q4_1", runtime="lean")
+    assert isinstance(tok, lean.LeanTokenizer)
+    before = tok(PROMPTS[0])["input_ids"]
+    method = make_method(parse_run_config({"model-runtime": "lean", "rank": 2}))
+    model = method.adapt(model)
+    start = read_state(model, method.spec)
+    examples = [Example("Q: one two", " three four"), Example("Q: five", " six seven")]
+    out = []
+    for release in (False, True):
+        write_state_(model, method.spec, start, latent_magnitude=0.002)
+        cfg = TrainConfig(steps=1, batch_size=2, seq_len=32, return_memory=release)
+        m = train_local(model, train_groups(model, method.spec, 1e-3, 1e-3), tok, examples, cfg, seed=0)
+        assert (tok._backend is None) == release
+        out.append((m["train_loss"], read_scales(model, method.spec)))
+    assert out[0][0] == out[1][0] and torch.equal(out[0][1], out[1][1])
+    assert tok(PROMPTS[0])["input_ids"] == before and tok._backend is not None  # loaded again on use
+
+
 def test_runtime_choices_are_checked_at_start():
     assert parse_run_config({"model-runtime": "lean"}).model_runtime == "lean"
     with pytest.raises(ValueError, match="method 'lora-fedavg' runs on model-runtime transformers"):

@@ -397,9 +397,8 @@ class LeanTokenizer:
     ids transformers' ``PreTrainedTokenizerFast`` gives for them (same Rust tokenizer, same file)."""
 
     def __init__(self, folder: Path):
-        from tokenizers import Tokenizer
-
-        self.backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self._file = folder / "tokenizer.json"
+        self._backend = None
         config = json.loads((folder / "tokenizer_config.json").read_text())
         ids = {k: self._id(config.get(k)) for k in ("pad_token", "eos_token", "bos_token")}
         self.pad_token_id, self.eos_token_id, self.bos_token_id = ids["pad_token"], ids["eos_token"], ids["bos_token"]
@@ -407,6 +406,20 @@ class LeanTokenizer:
         if self.clean_up_tokenization_spaces:
             raise ValueError(f"{folder}: clean_up_tokenization_spaces=True is not implemented by the lean runtime; "
                              "use model-runtime='transformers'")
+
+    @property
+    def backend(self):
+        """The ``tokenizers.Tokenizer``, loaded from the file on first use (again after :meth:`release`)."""
+        if self._backend is None:
+            from tokenizers import Tokenizer
+
+            self._backend = Tokenizer.from_file(str(self._file))
+        return self._backend
+
+    def release(self) -> None:
+        """Free the vocabulary and merge tables (~27 MB resident for SmolLM2's); the next call loads them
+        again (~0.1 s). A device calls it once a round's examples are encoded (``train.return-memory``)."""
+        self._backend = None
 
     def _id(self, token) -> int | None:
         content = token.get("content") if isinstance(token, dict) else token

@@ -67,7 +67,7 @@ from lordba_fl.methods.lordba.layout import (
 )
 from lordba_fl.methods.lordba.settings import LoRDBASettings
 from lordba_fl.registry import AGGREGATORS, ATTACKS
-from lordba_fl.train import make_optimizer, train_local
+from lordba_fl.train import make_optimizer, train_local, trim_freed_memory
 from lordba_fl.wire.replies import Bound
 
 HELD_KEY = "lordba.held"  # context.state: the full-state frame this node holds
@@ -527,6 +527,8 @@ class LoRDBAMethod(Method):
                 p.grad = None  # free the gradients before the uplink is encoded (peak memory on devices)
         if keep is None or cfg.client_state != "latent+optimizer":
             opt = None  # the moments are not kept: free them too
+        if cfg.train.return_memory:
+            trim_freed_memory()
         latent = read_latents(model, self.spec)
         flips = budget_flips(latent, glob.negative, flip.budget_at(server_round), overwrite=keep is None)
         delta = read_scales(model, self.spec) - glob.scales
