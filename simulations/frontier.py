@@ -87,6 +87,10 @@ LORDBA_VARIANTS: dict[str, dict] = {
     # signs), clients keeping their own sign latents across the rounds they join (evidence accumulates)
     "lordba-wide": {**_LEAN, "server.error-feedback": True, "flip.budget": 0.08, "flip.budget-start": 0.0,
                     "server.flip-budget": 0.02, "server.flip-budget-start": 0.04},
+    # the budgets keep halving to zero (client 8%, 4%, 2%, ...; server 4%, 2%, 1%, ...): late rounds train
+    # the scales on settled signs, and the flip masks (40% of the bytes) fade out
+    "lordba-decay": {**_LEAN, "server.error-feedback": True, "flip.budget": 0.0, "flip.budget-start": 0.08,
+                     "server.flip-budget": 0.0, "server.flip-budget-start": 0.04},
     "lordba-hot-warmup": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
                           "server.flip-budget-start": 0.04, "init.warmup-rounds": 1},
     "lordba-hot-state": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
