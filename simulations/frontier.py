@@ -91,6 +91,10 @@ LORDBA_VARIANTS: dict[str, dict] = {
     # the scales on settled signs, and the flip masks (40% of the bytes) fade out
     "lordba-decay": {**_LEAN, "server.error-feedback": True, "flip.budget": 0.0, "flip.budget-start": 0.08,
                      "server.flip-budget": 0.0, "server.flip-budget-start": 0.04},
+    # agreement instead of a schedule: a client's flip enters the refit's target only where another
+    # client of the round made it too (the defaults otherwise)
+    "lordba-quorum": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
+                      "server.flip-budget-start": 0.04, "server.flip-quorum": 2},
     "lordba-hot-warmup": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
                           "server.flip-budget-start": 0.04, "init.warmup-rounds": 1},
     "lordba-hot-state": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,

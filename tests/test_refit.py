@@ -124,6 +124,30 @@ def test_error_feedback_carries_the_residual_into_the_next_target():
         assert _rel(got[n], total_target[n]) <= _rel(fit[n], total_target[n]) + 1e-7
 
 
+def test_a_flip_quorum_keeps_only_flips_enough_clients_share():
+    """server.flip-quorum=2: a flip only one client made is dropped from its product (its scale delta
+    stands); flips two clients share are kept. Equal to the quorum-1 refit of the filtered updates."""
+    state = _state(7)
+    g = torch.Generator().manual_seed(7)
+    shared = torch.rand(SPEC.n_bits, generator=g) < 0.03
+    ups = []
+    for k in range(3):
+        own = torch.rand(SPEC.n_bits, generator=g) < 0.02
+        flips = (shared | own) if k < 2 else own  # clients 0 and 1 share `shared`; client 2 only has its own
+        ups.append((Update(1, state.version, flips, torch.randn(SPEC.n_scales, generator=g) * 0.1), float(k + 1)))
+    count = sum(u.flips.int() for u, _ in ups)
+    filtered = [(Update(1, u.round, u.flips & (count >= 2), u.scale_delta), w) for u, w in ups]
+    assert any(bool((u.flips & (count < 2)).any()) for u, _ in ups)  # something to drop
+    got = Refit(SPEC, quorum=2)(ServerState.initial(state), ups)
+    ref = Refit(SPEC)(ServerState.initial(state), filtered)
+    assert torch.equal(got.state.negative, ref.state.negative) and torch.equal(got.state.scales, ref.state.scales)
+    sent = sum(int(u.flips.sum()) for u, _ in ups)
+    assert got.info["quorum_kept"] == pytest.approx(sum(int(u.flips.sum()) for u, _ in filtered) / sent)
+    assert not torch.equal(Refit(SPEC)(ServerState.initial(state), ups).state.scales, got.state.scales)
+    with pytest.raises(ValueError, match="flip-quorum"):
+        Refit(SPEC, quorum=0)
+
+
 def test_bad_refit_settings_are_refused():
     with pytest.raises(ValueError, match="faithful"):
         Refit(SPEC, mode="bogus")

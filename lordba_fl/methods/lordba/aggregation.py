@@ -250,6 +250,11 @@ class Refit:
     when its error is lower. ``mode="svd"`` is the first design: signs of a fresh SVD, the current
     carriers discarded (not idempotent; kept for comparison).
 
+    With ``quorum`` k > 1, a client's sign flip enters the target only where at least k of the
+    round's clients flipped that sign (``server.flip-quorum``): flips no other client confirms are
+    treated as local noise and the client's product is formed on the current sign there (its scale
+    delta stands). ``info["quorum_kept"]`` is the fraction of the clients' flips kept.
+
     The round's relative fit error per layer (broadcast against target, the paper's
     residual-to-magnitude ratio) is returned in ``ServerState.info["fit_error"]``.
     """
@@ -262,12 +267,15 @@ class Refit:
     passes: int = 3
     restart: bool = False
     error_feedback: bool = False
+    quorum: int = 1
 
     def __post_init__(self):
         if self.mode not in REFIT_MODES:
             raise ValueError(f"server.refit must be one of {REFIT_MODES}; got {self.mode!r}")
         if self.error_feedback and self.mode != "faithful":
             raise ValueError("server.error-feedback needs server.refit='faithful'")
+        if not (isinstance(self.quorum, int) and self.quorum >= 1):
+            raise ValueError(f"server.flip-quorum must be an integer >= 1 (1: every client flip counts); got {self.quorum!r}")
 
     def __call__(self, server: ServerState, updates: Sequence[tuple[Update, float]], budget: float = 1.0) -> ServerState:
         """One aggregation step; ``budget``: the most of each layer's signs this round may change (1: no limit)."""
@@ -284,10 +292,18 @@ class Refit:
         new_neg = split_carriers(self.spec, negative)
         new_scales = split_scales(self.spec, scales)
         old_signs = split_carriers(self.spec, old.signs())
+        flips = [u.flips for u, _ in updates]
+        info = {}
+        if self.quorum > 1:
+            count = torch.stack(flips).sum(0, dtype=torch.int32) if flips else None  # clients flipping each sign
+            confirmed = count >= self.quorum
+            sent = sum(int(f.sum()) for f in flips)
+            flips = [f & confirmed for f in flips]
+            info["quorum_kept"] = sum(int(f.sum()) for f in flips) / sent if sent else 1.0
         clients = [
-            (split_carriers(self.spec, old.signs() * (1.0 - 2.0 * u.flips.float())),
+            (split_carriers(self.spec, old.signs() * (1.0 - 2.0 * f.float())),
              split_scales(self.spec, old.scales + u.scale_delta.float()), w)
-            for u, w in updates
+            for f, (u, w) in zip(flips, updates)
         ]
         residual = dict(server.residual or {})
         errors = {}
@@ -324,7 +340,7 @@ class Refit:
             for kind, view in new_scales[name].items():
                 view.copy_(fitted[kind].float())
         state = AdapterState(old.version + 1, negative, scales)
-        info = {"fit_error": errors}
+        info["fit_error"] = errors
         return ServerState(state, state.signs(), residual if self.error_feedback else None, info)
 
 
@@ -345,4 +361,4 @@ def make_vote(spec: AdapterSpec, cfg) -> LatentVote:
 def make_refit(spec: AdapterSpec, cfg) -> Refit:
     """``server.aggregator = "refit"``: :class:`Refit` from ``server.refit/refit-restart/error-feedback``."""
     return Refit(spec, scale_rule=cfg.scale_rule, trim=cfg.trim, mode=cfg.refit_mode, restart=cfg.refit_restart,
-                 error_feedback=cfg.error_feedback and cfg.refit_mode == "faithful")
+                 error_feedback=cfg.error_feedback and cfg.refit_mode == "faithful", quorum=cfg.flip_quorum)

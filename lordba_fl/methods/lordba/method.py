@@ -360,6 +360,8 @@ class LoRDBAMethod(Method):
         metrics["client_flip_rate"] = sum(rates) / len(rates)
         metrics.update(flip_agreement([u.flips for u, _ in accepted]))
         metrics["global_flip_rate"] = float((new.negative ^ old.negative).float().mean())
+        if "quorum_kept" in self.server.info:  # server.flip-quorum: the share of client flips confirmed
+            metrics["quorum_kept"] = float(self.server.info["quorum_kept"])
         errors = sorted(self.server.info.get("fit_error", {}).values())
         if errors:  # refit: broadcast vs aggregate, relative Frobenius error per layer
             # 6 significant digits: float64 BLAS sums may differ in the last bits between processes

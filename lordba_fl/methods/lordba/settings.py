@@ -41,6 +41,8 @@ class LoRDBASettings(MethodSettings):
         "refit: round 1's server.flip-budget, halving each round down to it (0: no schedule; off under dp.mode=local)")
     server_flip_budget: float = option(0.005, "server.flip-budget",
         "refit: most of each layer's signs a round may change (largest error reductions first; 1: no limit)")
+    flip_quorum: int = option(1, "server.flip-quorum",
+        "refit: a client's sign flip counts only where at least this many of the round's clients flipped it (1: all count)")
     seeded_base: bool = option(True, "server.seeded-base",
         "a node's first downlink is a delta against the seeded version 0 every party builds (not with init.from / base-svd)")
     state_mantissa_bits: int = option(7, "codec.state-mantissa-bits",
@@ -91,6 +93,7 @@ class LoRDBASettings(MethodSettings):
         for key, value, ok, accepted in (
             ("server.history", self.history, self.history >= 1, ">= 1 (sign versions kept)"),
             ("server.trim", self.trim, 0.0 <= self.trim < 0.5, "in [0, 0.5)"),
+            ("server.flip-quorum", self.flip_quorum, self.flip_quorum >= 1, "an integer >= 1 (1: every client flip counts)"),
             ("server.norm-bound", self.norm_bound, self.norm_bound >= 0, ">= 0 (0: off)"),
             ("server.flip-budget", self.server_flip_budget, 0.0 <= self.server_flip_budget <= 1.0, "a fraction in [0, 1] (1: no limit)"),
             ("server.flip-budget-start", self.server_flip_budget_start, 0.0 <= self.server_flip_budget_start <= 1.0,
