@@ -95,6 +95,11 @@ LORDBA_VARIANTS: dict[str, dict] = {
     # client of the round made it too (the defaults otherwise)
     "lordba-quorum": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
                       "server.flip-budget-start": 0.04, "server.flip-quorum": 2},
+    # the sign vote with FedAvg scales (server.beta = 0: a sign flips where most of the round's clients
+    # flipped it) instead of the refit; and signs from the frozen base's principal directions (zero bytes)
+    "lordba-vote": {**_LEAN, "server.aggregator": "vote", "flip.budget-start": 0.08},
+    "lordba-hot-base-svd": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
+                            "server.flip-budget-start": 0.04, "init.signs": "base-svd"},
     "lordba-hot-warmup": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
                           "server.flip-budget-start": 0.04, "init.warmup-rounds": 1},
     "lordba-hot-state": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
