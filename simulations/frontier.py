@@ -100,6 +100,9 @@ LORDBA_VARIANTS: dict[str, dict] = {
     "lordba-vote": {**_LEAN, "server.aggregator": "vote", "flip.budget-start": 0.08},
     "lordba-hot-base-svd": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
                             "server.flip-budget-start": 0.04, "init.signs": "base-svd"},
+    # the flip budget applied after every local step: clients train their scales on the signs they send
+    "lordba-step": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
+                    "server.flip-budget-start": 0.04, "flip.every-step": True},
     "lordba-hot-warmup": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
                           "server.flip-budget-start": 0.04, "init.warmup-rounds": 1},
     "lordba-hot-state": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,

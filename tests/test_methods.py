@@ -151,3 +151,37 @@ def test_budget_cut_matches_a_full_sort_and_breaks_ties_by_position():
         k = min(int(wanted.sum()), flip_allowance(latent.numel(), budget))
         order = sorted(wanted.nonzero().squeeze(1).tolist(), key=lambda i: (-abs(float(latent[i])), i))
         assert kept.nonzero().squeeze(1).tolist() == sorted(order[:k])
+
+
+@pytest.mark.parametrize("every_step", [False, True])
+def test_a_per_step_budget_trains_the_scales_on_the_signs_that_are_sent(every_step):
+    """flip.every-step: after each local step the latents are projected onto the round's flip budget,
+    so the adapter the client trained is the adapter it sends (its flips are exactly the uplink's);
+    without it the client trains on more flips than it sends. The tiny model at m0 << E * lr."""
+    from lordba_fl.base.models import load_model
+    from lordba_fl.methods import make_method
+    from lordba_fl.methods.lordba.codec import decode_update
+    from lordba_fl.methods.lordba.layout import read_latents
+    from lordba_fl.runconfig import parse_run_config
+
+    cfg = parse_run_config({"model": "tiny-llama", "rank": 4, "train.local-steps": 6, "train.batch-size": 2,
+                            "flip.m0": 1e-4, "flip.latent-lr": 1e-2, "flip.budget": 0.01, "flip.budget-start": 0.0,
+                            "flip.every-step": every_step, "server.seeded-base": False})
+    server = make_method(cfg)
+    server.init_server(server.adapt(load_model("tiny-llama")[0]))
+    model, tok = load_model("tiny-llama")
+    client = make_method(cfg)
+    model = client.adapt(model)
+    texts = [f"{a} {b} {a} {b} {a}" for a in "abcdefgh" for b in "ijklmnop"]
+    from lordba_fl.data import Example
+
+    examples = [Example(t[:5], t[5:]) for t in texts]
+    frame, metrics = client.client_train(model, tok, server.downlink(1, 1), None, examples, 1, seed=0)
+    update = decode_update(frame, client.spec, client.options)
+    trained = (read_latents(model, client.spec) < 0) ^ server.server.state.negative
+    allowed = flip_allowance(client.spec.n_bits, 0.01)
+    assert int(update.flips.sum()) == allowed  # the budget binds: more signs wanted to flip
+    if every_step:
+        assert torch.equal(trained, update.flips)
+    else:
+        assert int(trained.sum()) > allowed

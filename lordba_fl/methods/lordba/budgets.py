@@ -43,6 +43,10 @@ class FlipControl:
         The budget of round 1 when larger than ``flip_budget`` (0: no schedule); it halves every
         round until it reaches ``flip_budget`` (:func:`halving_budget`), so early rounds, where the
         signs have most to learn, may flip more.
+    every_step : bool
+        Project the latents onto the budget after every local step (flips beyond the budget's top
+        ``|L|`` go back to the broadcast sign at the smallest magnitude), so the client trains its
+        scales on the signs it will send rather than on flips the budget reverts at the end.
     """
 
     m0: float = option(0.002, "flip.m0", "latent magnitude of broadcast signs (below E * lr: clients can flip)")
@@ -50,6 +54,8 @@ class FlipControl:
     flip_budget: float = option(0.02, "flip.budget", "max fraction of signs a client flips per round")
     budget_start: float = option(0.08, "flip.budget-start",
         "round 1's client budget, halving each round down to flip.budget (0: no schedule; off under dp.mode=local)")
+    every_step: bool = option(False, "flip.every-step",
+        "apply the flip budget after every local step, not only before sending: the scales train on the signs that are sent")
 
     def __post_init__(self):
         if not self.m0 > 0:

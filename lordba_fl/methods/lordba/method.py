@@ -103,6 +103,22 @@ def budget_flips(latent: torch.Tensor, broadcast_negative: torch.Tensor, budget:
     return keep
 
 
+@torch.no_grad()
+def project_flips_(model: nn.Module, spec, broadcast_negative: torch.Tensor, budget: float) -> int:
+    """Keep at most ``budget``'s flips (:func:`budget_flips`) in the model's latents: every other latent
+    whose sign left the broadcast goes back to the broadcast sign at the smallest magnitude (the nearest
+    point of the budget's set). Returns how many were put back."""
+    latent = read_latents(model, spec)
+    keep = budget_flips(latent.clone(), broadcast_negative, budget, overwrite=True)
+    back = ((latent < 0) ^ broadcast_negative) & ~keep
+    n = int(back.sum())
+    if n:
+        tiny = torch.finfo(latent.dtype).tiny
+        latent[back] = torch.where(broadcast_negative[back], -tiny, tiny)
+        write_latents_(model, spec, latent)
+    return n
+
+
 def flip_agreement(masks: list[torch.Tensor]) -> dict[str, float]:
     """How often clients flip the same signs: of the positions any client flipped, the fraction
     flipped by two or more (``flip_agreement``), and what independent clients with the same flip
@@ -523,7 +539,11 @@ class LoRDBAMethod(Method):
                 load_optimizer_(opt, keep[OPTIMIZER_KEY], keep[OPTIMIZER_KEY]["dtype"])
             except StateError as e:  # e.g. flip.latent-lr switched on since: start the moments afresh
                 log.warning("dropping this node's stored optimizer state: %s", e)
-        metrics = train_local(model, groups, tok, examples, cfg.train, seed, optimizer=opt)
+        after_step = None
+        if flip.every_step:
+            step_budget = flip.budget_at(server_round)
+            after_step = lambda _step: project_flips_(model, self.spec, glob.negative, step_budget)  # noqa: E731
+        metrics = train_local(model, groups, tok, examples, cfg.train, seed, after_step=after_step, optimizer=opt)
         for g in groups:
             for p in g["params"]:
                 p.grad = None  # free the gradients before the uplink is encoded (peak memory on devices)
