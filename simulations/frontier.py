@@ -103,6 +103,10 @@ LORDBA_VARIANTS: dict[str, dict] = {
     # the flip budget applied after every local step: clients train their scales on the signs they send
     "lordba-step": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
                     "server.flip-budget-start": 0.04, "flip.every-step": True},
+    # the levers together: the per-step budget with the decaying budgets, and with the sign vote
+    "lordba-step-decay": {**_LEAN, "server.error-feedback": True, "flip.budget": 0.0, "flip.budget-start": 0.08,
+                          "server.flip-budget": 0.0, "server.flip-budget-start": 0.04, "flip.every-step": True},
+    "lordba-step-vote": {**_LEAN, "server.aggregator": "vote", "flip.budget-start": 0.08, "flip.every-step": True},
     "lordba-hot-warmup": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
                           "server.flip-budget-start": 0.04, "init.warmup-rounds": 1},
     "lordba-hot-state": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
