@@ -69,9 +69,10 @@ def return_freed_memory(threshold: int = 16 * 1024) -> bool:
     a client's RSS then climbs step after step. Fixing the threshold stops that. 16 KiB and not glibc's
     starting 128 KiB: an adapter's per-layer tensors (latents, their gradients and moments: 12-98 KiB
     each on SmolLM2-135M at rank 16) would otherwise share heap pages with longer-lived blocks, and a
-    freed gradient's pages stay resident (measured on the edge profile, ``simulations/bench_edge.py``:
-    peak 567 -> 508 MB, the same losses and bytes). Returns False where the C library has no
-    ``mallopt`` (not glibc: nothing changes). Affects the whole process, so call it before the model loads."""
+    freed gradient's pages stay resident (the edge profile's round, ``simulations/bench_edge.py``: with
+    the other parts of ``train.return-memory``, peak 566 -> 493 MB, the same losses and bytes). Returns
+    False where the C library has no ``mallopt`` (not glibc: nothing changes). Affects the whole
+    process, so call it before the model loads."""
     import ctypes
 
     try:
