@@ -69,48 +69,42 @@ _NO_SCHEDULE = {"flip.budget-start": 0.0, "server.flip-budget-start": 0.0}  # th
 _LEAN = {**_NO_SCHEDULE, "method": "lordba", "server.aggregator": "refit", "scales": "mid,out", "flip.m0": 0.002,
          "flip.budget": 0.02,
          "server.flip-budget": 0.005, "codec.state-mantissa-bits": 7}
+# the library's defaults (pyproject.toml): the lean settings, the refit's error feedback, and budgets
+# that start at 8% / 4% and halve each round down to the lean ones ("hot")
+_DEFAULTS = {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08, "server.flip-budget-start": 0.04}
+_DECAY = {"flip.budget": 0.0, "server.flip-budget": 0.0}  # the budgets halve all the way to zero
 LORDBA_VARIANTS: dict[str, dict] = {
     "lordba-lean-ef": {**_LEAN, "server.error-feedback": True},
     "lordba-lean": {**_LEAN, "server.error-feedback": False},
     # early rounds flip more (the signs have most to learn there): budgets halve each round to the lean ones
-    "lordba-lean-ef-hot": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
-                           "server.flip-budget-start": 0.04},  # = the defaults (pyproject.toml)
+    "lordba-lean-ef-hot": dict(_DEFAULTS),  # = the defaults
     # cheaper uplink scales: 4 / 2-bit deltas (unbiased rounding), alone and with client error feedback
-    "lordba-q4": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08, "server.flip-budget-start": 0.04,
-                  "codec.scale-encoding": "q4"},
-    "lordba-q4-sef": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
-                      "server.flip-budget-start": 0.04, "codec.scale-encoding": "q4", "codec.scale-error-feedback": True},
-    "lordba-q2-sef": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
-                      "server.flip-budget-start": 0.04, "codec.scale-encoding": "q2", "codec.scale-error-feedback": True},
-    # capacity levers, each alone over the defaults: 4x the late-round flip budgets (client 8%, server 2%: do
-    # the budgets withhold capacity?), one warm-up round of float factors fitted on the device (informed
-    # signs), clients keeping their own sign latents across the rounds they join (evidence accumulates)
-    "lordba-wide": {**_LEAN, "server.error-feedback": True, "flip.budget": 0.08, "flip.budget-start": 0.0,
-                    "server.flip-budget": 0.02, "server.flip-budget-start": 0.04},
+    "lordba-q4": {**_DEFAULTS, "codec.scale-encoding": "q4"},
+    "lordba-q4-sef": {**_DEFAULTS, "codec.scale-encoding": "q4", "codec.scale-error-feedback": True},
+    "lordba-q2-sef": {**_DEFAULTS, "codec.scale-encoding": "q2", "codec.scale-error-feedback": True},
+    # capacity levers, each alone over the defaults. 4x the late-round flip budgets (client 8% every round,
+    # server 4%, 2%, 2%, ...: do the budgets withhold capacity?)
+    "lordba-wide": {**_DEFAULTS, "flip.budget": 0.08, "flip.budget-start": 0.0, "server.flip-budget": 0.02},
     # the budgets keep halving to zero (client 8%, 4%, 2%, ...; server 4%, 2%, 1%, ...): late rounds train
     # the scales on settled signs, and the flip masks (40% of the bytes) fade out
-    "lordba-decay": {**_LEAN, "server.error-feedback": True, "flip.budget": 0.0, "flip.budget-start": 0.08,
-                     "server.flip-budget": 0.0, "server.flip-budget-start": 0.04},
+    "lordba-decay": {**_DEFAULTS, **_DECAY},
     # agreement instead of a schedule: a client's flip enters the refit's target only where another
-    # client of the round made it too (the defaults otherwise)
-    "lordba-quorum": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
-                      "server.flip-budget-start": 0.04, "server.flip-quorum": 2},
+    # client of the round made it too
+    "lordba-quorum": {**_DEFAULTS, "server.flip-quorum": 2},
     # the sign vote with FedAvg scales (server.beta = 0: a sign flips where most of the round's clients
-    # flipped it) instead of the refit; and signs from the frozen base's principal directions (zero bytes)
+    # flipped it) instead of the refit
     "lordba-vote": {**_LEAN, "server.aggregator": "vote", "flip.budget-start": 0.08},
-    "lordba-hot-base-svd": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
-                            "server.flip-budget-start": 0.04, "init.signs": "base-svd"},
+    # signs from the frozen base's principal directions (zero bytes); one warm-up round of float factors
+    # fitted on the device (informed signs); clients keeping their own sign latents across the rounds
+    # they join (evidence accumulates)
+    "lordba-hot-base-svd": {**_DEFAULTS, "init.signs": "base-svd"},
+    "lordba-hot-warmup": {**_DEFAULTS, "init.warmup-rounds": 1},
+    "lordba-hot-state": {**_DEFAULTS, "client.state": "latent"},
     # the flip budget applied after every local step: clients train their scales on the signs they send
-    "lordba-step": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
-                    "server.flip-budget-start": 0.04, "flip.every-step": True},
+    "lordba-step": {**_DEFAULTS, "flip.every-step": True},
     # the levers together: the per-step budget with the decaying budgets, and with the sign vote
-    "lordba-step-decay": {**_LEAN, "server.error-feedback": True, "flip.budget": 0.0, "flip.budget-start": 0.08,
-                          "server.flip-budget": 0.0, "server.flip-budget-start": 0.04, "flip.every-step": True},
+    "lordba-step-decay": {**_DEFAULTS, **_DECAY, "flip.every-step": True},
     "lordba-step-vote": {**_LEAN, "server.aggregator": "vote", "flip.budget-start": 0.08, "flip.every-step": True},
-    "lordba-hot-warmup": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
-                          "server.flip-budget-start": 0.04, "init.warmup-rounds": 1},
-    "lordba-hot-state": {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08,
-                         "server.flip-budget-start": 0.04, "client.state": "latent"},
     "lordba-lean-3s": {**_LEAN, "scales": "in,mid,out", "server.error-feedback": False},
     "lordba-lean-warmup": {**_LEAN, "init.warmup-rounds": 2, "server.error-feedback": False},
     "lordba-lean-ef-warmup": {**_LEAN, "init.warmup-rounds": 1, "server.error-feedback": True},
