@@ -295,7 +295,7 @@ class Refit:
         flips = [u.flips for u, _ in updates]
         info = {}
         if self.quorum > 1:
-            count = torch.stack(flips).sum(0, dtype=torch.int32) if flips else None  # clients flipping each sign
+            count = torch.stack(flips).sum(0, dtype=torch.int32)  # clients flipping each sign (updates: not empty)
             confirmed = count >= self.quorum
             sent = sum(int(f.sum()) for f in flips)
             flips = [f & confirmed for f in flips]

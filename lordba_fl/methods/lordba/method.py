@@ -109,7 +109,7 @@ def project_flips_(model: nn.Module, spec, broadcast_negative: torch.Tensor, bud
     whose sign left the broadcast goes back to the broadcast sign at the smallest magnitude (the nearest
     point of the budget's set). Returns how many were put back."""
     latent = read_latents(model, spec)
-    keep = budget_flips(latent.clone(), broadcast_negative, budget, overwrite=True)
+    keep = budget_flips(latent, broadcast_negative, budget)
     back = ((latent < 0) ^ broadcast_negative) & ~keep
     n = int(back.sum())
     if n:
