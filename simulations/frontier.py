@@ -105,6 +105,10 @@ LORDBA_VARIANTS: dict[str, dict] = {
     # the levers together: the per-step budget with the decaying budgets, and with the sign vote
     "lordba-step-decay": {**_DEFAULTS, **_DECAY, "flip.every-step": True},
     "lordba-step-vote": {**_LEAN, "server.aggregator": "vote", "flip.budget-start": 0.08, "flip.every-step": True},
+    # flips chosen by the summed straight-through gradient (first-order gain) instead of AdamW's |L|:
+    # alone over the defaults, and with the per-step budget and the decaying budgets
+    "lordba-grad": {**_DEFAULTS, "flip.select": "gradient"},
+    "lordba-grad-step-decay": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "flip.select": "gradient"},
     "lordba-lean-3s": {**_LEAN, "scales": "in,mid,out", "server.error-feedback": False},
     "lordba-lean-warmup": {**_LEAN, "init.warmup-rounds": 2, "server.error-feedback": False},
     "lordba-lean-ef-warmup": {**_LEAN, "init.warmup-rounds": 1, "server.error-feedback": True},

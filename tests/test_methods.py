@@ -185,3 +185,61 @@ def test_a_per_step_budget_trains_the_scales_on_the_signs_that_are_sent(every_st
         assert torch.equal(trained, update.flips)
     else:
         assert int(trained.sum()) > allowed
+
+
+@pytest.mark.parametrize("every_step", [False, True])
+def test_gradient_selection_flips_the_signs_with_the_largest_summed_gradient(every_step):
+    """flip.select=gradient: the latents stay out of AdamW; the flips sent are the budget's largest
+    |sum of straight-through gradients| among the signs that descent pushes across (ties: lowest
+    positions), recomputed here from hooks that record every gradient of the round independently."""
+    from lordba_fl.base.models import load_model
+    from lordba_fl.data import Example
+    from lordba_fl.methods import make_method
+    from lordba_fl.methods.lordba.codec import decode_update
+    from lordba_fl.methods.lordba.layout import checked_layers, read_latents
+    from lordba_fl.runconfig import parse_run_config
+
+    cfg = parse_run_config({"model": "tiny-llama", "rank": 4, "train.local-steps": 3, "train.batch-size": 2,
+                            "flip.select": "gradient", "flip.budget": 0.01, "flip.budget-start": 0.0,
+                            "flip.every-step": every_step, "server.seeded-base": False})
+    server = make_method(cfg)
+    server.init_server(server.adapt(load_model("tiny-llama")[0]))
+    client = make_method(cfg)
+    model = client.adapt(load_model("tiny-llama")[0])
+    tok = load_model("tiny-llama")[1]
+    latents = [p for m in checked_layers(model, client.spec) for p in (m.lordba_latent_A, m.lordba_latent_B)]
+    sums = [torch.zeros(p.numel()) for p in latents]  # fp32, added in step order: as .grad accumulates
+
+    def recorder(acc):
+        def hook(grad):
+            acc.add_(grad.reshape(-1))
+        return hook
+
+    for p, acc in zip(latents, sums):
+        p.register_hook(recorder(acc))
+    texts = [f"{a} {b} {a} {b} {a}" for a in "abcdefgh" for b in "ijklmnop"]
+    examples = [Example(t[:5], t[5:]) for t in texts]
+    frame, _ = client.client_train(model, tok, server.downlink(1, 1), None, examples, 1, seed=0)
+    update = decode_update(frame, client.spec, client.options)
+
+    g = torch.cat(sums)  # (n_bits,)
+    negative = server.server.state.negative
+    wanted = torch.where(negative, g < 0, g > 0)
+    k = flip_allowance(client.spec.n_bits, 0.01)
+    assert int(wanted.sum()) > k  # the budget binds
+    order = sorted(wanted.nonzero().squeeze(1).tolist(), key=lambda i: (-abs(float(g[i])), i))
+    assert update.flips.nonzero().squeeze(1).tolist() == sorted(order[:k])
+    assert all(p.grad is None for p in latents)  # freed before the uplink
+    # every latent is at +-m0 on the sent signs (every step) or on the broadcast signs (never moved)
+    latent = read_latents(model, client.spec)
+    signs = negative ^ update.flips if every_step else negative
+    assert torch.equal(latent < 0, signs) and torch.allclose(latent.abs(), torch.full_like(latent, client.cfg.flip.m0))
+
+
+def test_gradient_selection_refuses_kept_latent_state():
+    from lordba_fl.runconfig import parse_run_config
+
+    with pytest.raises(ValueError, match="client.state=none or flip.select=latent"):
+        parse_run_config({"flip.select": "gradient", "client.state": "latent"})
+    with pytest.raises(ValueError, match="flip.select must be one of"):
+        parse_run_config({"flip.select": "hessian"})

@@ -25,6 +25,9 @@ def halving_budget(budget: float, start: float, server_round: int) -> float:
     return max(budget, start * 0.5 ** max(server_round - 1, 0))
 
 
+FLIP_SELECTS = ("latent", "gradient")
+
+
 @dataclass(frozen=True)
 class FlipControl:
     """How a LoRDBA client's sign flips are made rare and earned (DESIGN.md §3).
@@ -47,6 +50,14 @@ class FlipControl:
         Project the latents onto the budget after every local step (flips beyond the budget's top
         ``|L|`` go back to the broadcast sign at the smallest magnitude), so the client trains its
         scales on the signs it will send rather than on flips the budget reverts at the end.
+    select : str
+        How a client picks its flips. ``latent``: the latents train with the scales (AdamW) and the
+        signs whose latents crossed are kept, largest ``|L|`` first. ``gradient``: the latents stay
+        out of the optimizer at ``+-m0`` and their straight-through gradients add up over the round's
+        steps; a sign flips where the summed gradient pushes its latent across, the largest
+        ``|sum g|`` first (the budget's largest first-order loss decreases). AdamW moves every
+        latent whose gradient kept its sign by the same ``steps * lr``, so after a few local steps
+        ``|L|`` ranks consistent signs, not strong ones; the summed gradient keeps their size.
     """
 
     m0: float = option(0.002, "flip.m0", "latent magnitude of broadcast signs (below E * lr: clients can flip)")
@@ -56,6 +67,8 @@ class FlipControl:
         "round 1's client budget, halving each round down to flip.budget (0: no schedule; off under dp.mode=local)")
     every_step: bool = option(False, "flip.every-step",
         "apply the flip budget after every local step, not only before sending: the scales train on the signs that are sent")
+    select: str = option("latent", "flip.select",
+        "latent (AdamW-trained latents, largest |L|) | gradient (summed straight-through gradients, largest first-order gain)")
 
     def __post_init__(self):
         if not self.m0 > 0:
@@ -66,6 +79,8 @@ class FlipControl:
             raise ValueError(f"flip.budget must be a fraction in [0, 1]; got {self.flip_budget}")
         if not 0.0 <= self.budget_start <= 1.0:
             raise ValueError(f"flip.budget-start must be a fraction in [0, 1] (0: no schedule); got {self.budget_start}")
+        if self.select not in FLIP_SELECTS:
+            raise ValueError(f"flip.select must be one of {FLIP_SELECTS}; got {self.select!r}")
 
     def budget_at(self, server_round: int) -> float:
         """The client flip budget of ``server_round`` (:func:`halving_budget`)."""

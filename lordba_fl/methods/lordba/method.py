@@ -53,6 +53,7 @@ from lordba_fl.methods.lordba.layout import (
     AdapterSpec,
     AdapterState,
     at_rank,
+    checked_layers,
     embed_carriers,
     embed_scales,
     read_latents,
@@ -117,6 +118,27 @@ def project_flips_(model: nn.Module, spec, broadcast_negative: torch.Tensor, bud
         latent[back] = torch.where(broadcast_negative[back], -tiny, tiny)
         write_latents_(model, spec, latent)
     return n
+
+
+@torch.no_grad()
+def gradient_flips(model: nn.Module, spec, broadcast_negative: torch.Tensor, budget: float) -> torch.Tensor:
+    """``flip.select=gradient``: the flip mask from the latents' summed straight-through gradients
+    ``G`` (their ``.grad``, added up over the round's steps). A sign is wanted where descent pushes its
+    latent across (``G > 0`` on a positive sign, ``G < 0`` on a negative one); the budget keeps the
+    largest ``|G|`` (:func:`budget_flips`; ties at the cut: the lowest positions). No gradient: no flip."""
+    parts = []
+    for m in checked_layers(model, spec):
+        for p in (m.lordba_latent_A, m.lordba_latent_B):
+            parts.append(p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device))
+    g = torch.cat(parts).float().cpu()  # (n_bits,)
+    return budget_flips(g.neg(), broadcast_negative, budget) & (g != 0)
+
+
+@torch.no_grad()
+def write_flips_(model: nn.Module, spec, broadcast_negative: torch.Tensor, flips: torch.Tensor, m0: float) -> None:
+    """Latents at ``+-m0`` carrying the signs ``broadcast XOR flips``."""
+    latent = torch.full((spec.n_bits,), m0, dtype=torch.float32)
+    write_latents_(model, spec, latent.masked_fill_(broadcast_negative ^ flips, -m0))
 
 
 def flip_agreement(masks: list[torch.Tensor]) -> dict[str, float]:
@@ -532,7 +554,13 @@ class LoRDBAMethod(Method):
             write_state_(model, self.spec, glob, latent_magnitude=None)
         else:
             write_state_(model, self.spec, glob, latent_magnitude=flip.m0)
-        groups = train_groups(model, self.spec, cfg.lr, flip.latent_lr, cfg.scale_lr)
+        by_gradient = flip.select == "gradient" and flip.latent_lr > 0
+        groups = train_groups(model, self.spec, cfg.lr, 0.0 if by_gradient else flip.latent_lr, cfg.scale_lr)
+        latents = [p for m in checked_layers(model, self.spec) for p in (m.lordba_latent_A, m.lordba_latent_B)]
+        if by_gradient:  # outside the optimizer: their .grad sums the round's straight-through gradients
+            for p in latents:
+                p.grad = None
+                p.requires_grad_(True)
         opt = make_optimizer(groups, cfg.train)
         if cfg.client_state == "latent+optimizer" and keep is not None and OPTIMIZER_KEY in keep:
             try:
@@ -540,19 +568,22 @@ class LoRDBAMethod(Method):
             except StateError as e:  # e.g. flip.latent-lr switched on since: start the moments afresh
                 log.warning("dropping this node's stored optimizer state: %s", e)
         after_step = None
-        if flip.every_step:
-            step_budget = flip.budget_at(server_round)
-            after_step = lambda _step: project_flips_(model, self.spec, glob.negative, step_budget)  # noqa: E731
+        budget = flip.budget_at(server_round)
+        if flip.every_step and by_gradient:  # the step's signs: the summed gradient's flips so far
+            after_step = lambda _step: write_flips_(  # noqa: E731
+                model, self.spec, glob.negative, gradient_flips(model, self.spec, glob.negative, budget), flip.m0)
+        elif flip.every_step:
+            after_step = lambda _step: project_flips_(model, self.spec, glob.negative, budget)  # noqa: E731
         metrics = train_local(model, groups, tok, examples, cfg.train, seed, after_step=after_step, optimizer=opt)
-        for g in groups:
-            for p in g["params"]:
-                p.grad = None  # free the gradients before the uplink is encoded (peak memory on devices)
+        chosen = gradient_flips(model, self.spec, glob.negative, budget) if by_gradient else None
+        for p in [p for g in groups for p in g["params"]] + latents:
+            p.grad = None  # free the gradients before the uplink is encoded (peak memory on devices)
         if keep is None or cfg.client_state != "latent+optimizer":
             opt = None  # the moments are not kept: free them too
         if cfg.train.return_memory:
             trim_freed_memory()
         latent = read_latents(model, self.spec)
-        flips = budget_flips(latent, glob.negative, flip.budget_at(server_round), overwrite=keep is None)
+        flips = chosen if by_gradient else budget_flips(latent, glob.negative, budget, overwrite=keep is None)
         delta = read_scales(model, self.spec) - glob.scales
         metrics["flip_rate"] = float(flips.float().mean())
         if cfg.dp.on:

@@ -105,6 +105,9 @@ class LoRDBASettings(MethodSettings):
         ):
             if not ok:
                 raise ValueError(f"run config {key!r} must be {accepted}; got {value!r}")
+        if self.stateful and self.flip.select == "gradient":
+            raise ValueError("client.state keeps each node's latent magnitudes, which flip.select=gradient does not "
+                             "train (its latents stay at +-flip.m0): set client.state=none or flip.select=latent")
         if self.client_state == "latent+optimizer" and self.train.optimizer != "adamw":
             raise ValueError("client.state=latent+optimizer keeps AdamW moments; set train.optimizer=adamw "
                              "or client.state=latent")
