@@ -465,6 +465,17 @@ def load_records(path: Path) -> list[dict]:
 
 
 # ---- plots ----------------------------------------------------------------------------------------
+def variant_colors(records: list[dict]) -> dict[str, tuple]:
+    """A colour per variant present in ``records`` (declared order; tab10, tab20 beyond 10 variants):
+    distinct for up to 20 variants on one chart."""
+    from matplotlib import colormaps
+
+    present = {r["variant"] for r in records}
+    variants = [v for v in dict.fromkeys([*LORDBA_VARIANTS, *BASELINES, *sorted(present)]) if v in present]
+    cmap = colormaps["tab10" if len(variants) <= 10 else "tab20"]
+    return {v: cmap(i % cmap.N) for i, v in enumerate(variants)}
+
+
 def plot_frontier(records: list[dict], out_dir: Path) -> list[Path]:
     """``frontier.png`` (final eval loss vs cumulative bytes per client, a panel per task) and
     ``frontier_curves.png`` (eval loss by round per run, a panel per task)."""
@@ -479,9 +490,7 @@ def plot_frontier(records: list[dict], out_dir: Path) -> list[Path]:
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    variants = list(dict.fromkeys([*LORDBA_VARIANTS, *BASELINES, *(r["variant"] for r in records)]))
-    color = {v: colors[i % len(colors)] for i, v in enumerate(variants)}
+    color = variant_colors(records)
     paths = []
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)

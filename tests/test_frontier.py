@@ -202,3 +202,13 @@ def test_load_records_keeps_the_last_record_of_each_run(tmp_path):
     lines = [_rec("lora-fedavg", 16, 4.0, 1.0), {"kind": "pareto", "task": "shakespeare"}, _rec("lora-fedavg", 16, 3.0, 1.0)]
     f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     assert [r["final_eval_loss"] for r in load_records(f)] == [3.0]
+
+
+def test_every_variant_on_a_chart_gets_its_own_colour():
+    from simulations.frontier import BASELINES, LORDBA_VARIANTS, variant_colors
+
+    names = [*list(LORDBA_VARIANTS)[-8:], *BASELINES, "user-variant"]  # 15: beyond tab10's 10
+    colors = variant_colors([{"variant": v} for v in names])
+    assert set(colors) == set(names) and len(set(colors.values())) == len(names)
+    few = variant_colors([{"variant": "lordba-step-decay"}, {"variant": "lordba-lean-ef-hot"}])
+    assert len(set(few.values())) == 2  # were the same green when colours cycled over every declared variant
