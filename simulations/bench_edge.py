@@ -97,8 +97,11 @@ def child(overrides: dict, frame_path: Path) -> dict:
 
     def timed_train_local(*args, **kwargs):
         last = [time.perf_counter()]
+        inner = kwargs.pop("after_step", None)  # the method's own (flip.every-step): part of the step
 
         def after_step(step):
+            if inner is not None:
+                inner(step)
             now = time.perf_counter()
             steps.append(now - last[0])
             last[0] = now

@@ -20,8 +20,9 @@ from simulations.common import emit, launch
 
 def run_one(target: float, clip: float, flip_epsilon: float, model: str, rounds: int, out_dir: Path) -> dict:
     name = "no-dp" if target == 0 else f"dp-eps{target:g}-clip{clip:g}-flip{flip_epsilon:g}"
-    over = {**SMALL_RUN, "model": model, "rounds": rounds, "server.aggregator": "vote", "out-dir": str(out_dir),
-            "name": name}
+    # dp.mode=local needs one flip budget for every round (the default halves down to none): 2% in both arms
+    over = {**SMALL_RUN, "model": model, "rounds": rounds, "server.aggregator": "vote", "flip.budget": 0.02,
+            "out-dir": str(out_dir), "name": name}
     if target > 0:
         over.update({"dp.mode": "local", "dp.target-epsilon": target, "dp.clip": clip, "dp.flip-epsilon": flip_epsilon})
     rows, code, wall = launch(over, supernodes=10)

@@ -457,8 +457,11 @@ def test_halving_budget_by_hand():
     from lordba_fl.methods import make_method
     from lordba_fl.runconfig import parse_run_config
 
-    dp = make_method(parse_run_config({"dp.mode": "local", "server.aggregator": "vote"})).cfg  # one budget: the noise
+    dp = make_method(parse_run_config({"dp.mode": "local", "server.aggregator": "vote", "flip.budget": 0.02})).cfg
+    # one budget: the noise is calibrated to it
     assert dp.flip.budget_start == 0.0 and dp.server_flip_budget_start == 0.0 and dp.flip.budget_at(1) == dp.flip.flip_budget
+    with pytest.raises(ValueError, match=r"set flip.budget > 0"):  # the default budget halves to none
+        make_method(parse_run_config({"dp.mode": "local", "server.aggregator": "vote"}))
 
 
 def test_scheduled_budgets_let_early_rounds_flip_more_and_honest_clients_spend_them(tmp_path):

@@ -212,3 +212,17 @@ def test_every_variant_on_a_chart_gets_its_own_colour():
     assert set(colors) == set(names) and len(set(colors.values())) == len(names)
     few = variant_colors([{"variant": "lordba-step-decay"}, {"variant": "lordba-lean-ef-hot"}])
     assert len(set(few.values())) == 2  # were the same green when colours cycled over every declared variant
+
+
+def test_the_default_variant_is_the_librarys_defaults():
+    """The frontier's default LoRDBA variant is what a run with no overrides does (the README's claims
+    rest on it); every other variant states its flip settings, so it keeps its meaning when they change."""
+    from lordba_fl.methods import make_method
+    from lordba_fl.runconfig import parse_run_config
+    from simulations.frontier import DEFAULT_VARIANTS, LORDBA_VARIANTS
+
+    default = make_method(parse_run_config({})).cfg  # the LoRDBA settings, every option resolved
+    for name in DEFAULT_VARIANTS:
+        assert make_method(parse_run_config(dict(LORDBA_VARIANTS[name]))).cfg == default
+    assert make_method(parse_run_config(dict(LORDBA_VARIANTS["lordba-step"]))).cfg != default
+    assert all("flip.every-step" in over for over in LORDBA_VARIANTS.values())

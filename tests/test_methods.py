@@ -153,6 +153,34 @@ def test_budget_cut_matches_a_full_sort_and_breaks_ties_by_position():
         assert kept.nonzero().squeeze(1).tolist() == sorted(order[:k])
 
 
+@pytest.mark.parametrize("budget", [0.0, 0.003, 0.05, 0.3, 1.0])
+def test_projecting_flips_carrier_by_carrier_equals_the_flat_budget_cut(budget):
+    """project_flips_ works per carrier in place; it must put back exactly what the flat rule does
+    (budget_flips on the whole stream: largest |L| kept, ties at the cut to the lowest positions),
+    here on latents drawn from six magnitudes, so the cut falls inside a large tie."""
+    from lordba_fl.base.models import load_model
+    from lordba_fl.methods import make_method
+    from lordba_fl.methods.lordba.layout import read_latents, write_latents_
+    from lordba_fl.methods.lordba.method import project_flips_
+    from lordba_fl.runconfig import parse_run_config
+
+    method = make_method(parse_run_config({"model": "tiny-llama", "rank": 4}))
+    model = method.adapt(load_model("tiny-llama")[0])
+    spec = method.spec
+    g = torch.Generator().manual_seed(3)
+    levels = torch.tensor([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0]) * 1e-3
+    latent = levels[torch.randint(0, 6, (spec.n_bits,), generator=g)]
+    negative = torch.rand(spec.n_bits, generator=g) < 0.5
+    write_latents_(model, spec, latent)
+    keep = budget_flips(latent, negative, budget)
+    back = ((latent < 0) ^ negative) & ~keep
+    tiny = torch.finfo(torch.float32).tiny
+    expected = latent.clone()
+    expected[back] = torch.where(negative[back], -tiny, tiny)
+    assert project_flips_(model, spec, negative, budget) == int(back.sum())
+    assert torch.equal(read_latents(model, spec), expected)
+
+
 @pytest.mark.parametrize("every_step", [False, True])
 def test_a_per_step_budget_trains_the_scales_on_the_signs_that_are_sent(every_step):
     """flip.every-step: after each local step the latents are projected onto the round's flip budget,

@@ -62,10 +62,11 @@ class FlipControl:
 
     m0: float = option(0.002, "flip.m0", "latent magnitude of broadcast signs (below E * lr: clients can flip)")
     latent_lr: float = option(1e-3, "flip.latent-lr", "0 freezes the signs")
-    flip_budget: float = option(0.02, "flip.budget", "max fraction of signs a client flips per round")
+    flip_budget: float = option(0.0, "flip.budget",
+        "the client budget's floor: the most signs a client flips per round once flip.budget-start has halved down to it (0: down to none)")
     budget_start: float = option(0.08, "flip.budget-start",
         "round 1's client budget, halving each round down to flip.budget (0: no schedule; off under dp.mode=local)")
-    every_step: bool = option(False, "flip.every-step",
+    every_step: bool = option(True, "flip.every-step",
         "apply the flip budget after every local step, not only before sending: the scales train on the signs that are sent")
     select: str = option("latent", "flip.select",
         "latent (AdamW-trained latents, largest |L|) | gradient (summed straight-through gradients, largest first-order gain)")

@@ -11,6 +11,7 @@ node gets a delta against what it last acknowledged.
 from __future__ import annotations
 
 import inspect
+import math
 import logging
 from pathlib import Path
 
@@ -60,6 +61,7 @@ from lordba_fl.methods.lordba.layout import (
     read_scales,
     read_state,
     seeded_state,
+    split_carriers,
     split_scales,
     truncate_state,
     with_rank,
@@ -106,18 +108,43 @@ def budget_flips(latent: torch.Tensor, broadcast_negative: torch.Tensor, budget:
 
 @torch.no_grad()
 def project_flips_(model: nn.Module, spec, broadcast_negative: torch.Tensor, budget: float) -> int:
-    """Keep at most ``budget``'s flips (:func:`budget_flips`) in the model's latents: every other latent
-    whose sign left the broadcast goes back to the broadcast sign at the smallest magnitude (the nearest
-    point of the budget's set). Returns how many were put back."""
-    latent = read_latents(model, spec)
-    keep = budget_flips(latent, broadcast_negative, budget)
-    back = ((latent < 0) ^ broadcast_negative) & ~keep
-    n = int(back.sum())
-    if n:
-        tiny = torch.finfo(latent.dtype).tiny
-        latent[back] = torch.where(broadcast_negative[back], -tiny, tiny)
-        write_latents_(model, spec, latent)
-    return n
+    """Keep at most ``budget``'s flips (:func:`budget_flips`: the largest ``|L|``, ties at the cut the
+    lowest positions) in the model's latents: every other latent whose sign left the broadcast goes back
+    to the broadcast sign at the smallest magnitude (the nearest point of the budget's set). Returns how
+    many were put back.
+
+    Runs after every local step (``flip.every-step``), while the optimizer's moments are alive, so it
+    works carrier by carrier in place: beyond a bit per sign it holds only the wanted flips' magnitudes
+    (a flat copy of every latent cost a device ~55 MB at its peak)."""
+    pairs = []  # (latent, its broadcast-negative view), in carrier-stream order
+    for m, (a_neg, b_neg) in zip(checked_layers(model, spec), split_carriers(spec, broadcast_negative).values()):
+        pairs += [(m.lordba_latent_A, a_neg), (m.lordba_latent_B, b_neg)]
+    wanted = [(p < 0) ^ neg.to(p.device) for p, neg in pairs]
+    n_flips = sum(int(w.sum()) for w in wanted)
+    k = flip_allowance(spec.n_bits, budget)
+    if n_flips <= k:
+        return 0
+    if k:
+        magnitudes = torch.cat([p[w].abs().float() for (p, _), w in zip(pairs, wanted)])  # (n_flips,)
+        cut = float(torch.kthvalue(magnitudes.cpu(), n_flips - k + 1).values)  # the k-th largest
+        del magnitudes
+        ties_left = k - sum(int((p[w].abs() > cut).sum()) for (p, _), w in zip(pairs, wanted))
+    else:
+        cut, ties_left = math.inf, 0
+    back_total = 0
+    for (p, neg), w in zip(pairs, wanted):
+        keep = w & (p.abs() > cut)
+        if ties_left > 0:
+            ties = (w & (p.abs() == cut)).reshape(-1).nonzero().squeeze(1)[:ties_left]
+            keep.view(-1)[ties] = True
+            ties_left -= ties.numel()
+        back = w & ~keep
+        n = int(back.sum())
+        if n:
+            tiny = torch.finfo(p.dtype).tiny
+            p[back] = torch.where(neg.to(p.device)[back], -tiny, tiny).to(p.dtype)
+            back_total += n
+    return back_total
 
 
 @torch.no_grad()

@@ -39,8 +39,8 @@ class LoRDBASettings(MethodSettings):
         "faithful refit: add the part of the last target the broadcast could not represent to the next (server RAM: one fp32 dW per layer)")
     server_flip_budget_start: float = option(0.04, "server.flip-budget-start",
         "refit: round 1's server.flip-budget, halving each round down to it (0: no schedule; off under dp.mode=local)")
-    server_flip_budget: float = option(0.005, "server.flip-budget",
-        "refit: most of each layer's signs a round may change (largest error reductions first; 1: no limit)")
+    server_flip_budget: float = option(0.0, "server.flip-budget",
+        "refit: the floor of the most of each layer's signs a round may change, once server.flip-budget-start has halved down to it (largest error reductions first; 1: no limit)")
     flip_quorum: int = option(1, "server.flip-quorum",
         "refit: a client's sign flip counts only where at least this many of the round's clients flipped it (1: all count)")
     seeded_base: bool = option(True, "server.seeded-base",
@@ -121,6 +121,10 @@ class LoRDBASettings(MethodSettings):
             if self.warmup_rounds:
                 raise ValueError("init.warmup-rounds sends device-fitted updates that dp.mode=local does not privatize; "
                                  "set init.warmup-rounds=0 under DP")
+            if self.flip.flip_budget == 0:
+                raise ValueError("dp.mode=local calibrates its noise to one flip budget for every round, and "
+                                 "flip.budget = 0 (the default: the budget halves down to none) would flip nothing: "
+                                 "set flip.budget > 0, e.g. 0.02")
             # dp.mode=local calibrates its noise to one flip budget for the whole run: no schedule
             object.__setattr__(self, "flip", dataclasses.replace(self.flip, budget_start=0.0))
             object.__setattr__(self, "server_flip_budget_start", 0.0)
