@@ -11,8 +11,8 @@ node gets a delta against what it last acknowledged.
 from __future__ import annotations
 
 import inspect
-import math
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
