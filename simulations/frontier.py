@@ -114,10 +114,8 @@ LORDBA_VARIANTS: dict[str, dict] = {
     # alone over the defaults, and with the per-step budget and the decaying budgets
     "lordba-grad": {**_DEFAULTS, "flip.select": "gradient"},
     "lordba-grad-step-decay": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "flip.select": "gradient"},
-    # gradient flips agree across clients: let the budgets keep their floors (2% / 0.5%), and count a
-    # flip in the refit only where two clients of the round made it
+    # gradient flips agree across clients: the budgets keeping their floors (2% / 0.5%)
     "lordba-grad-step": {**_DEFAULTS, "flip.every-step": True, "flip.select": "gradient"},
-    "lordba-grad-step-quorum": {**_DEFAULTS, "flip.every-step": True, "flip.select": "gradient", "server.flip-quorum": 2},
     "lordba-lean-3s": {**_LEAN, "scales": "in,mid,out", "server.error-feedback": False},
     "lordba-lean-warmup": {**_LEAN, "init.warmup-rounds": 2, "server.error-feedback": False},
     "lordba-lean-ef-warmup": {**_LEAN, "init.warmup-rounds": 1, "server.error-feedback": True},

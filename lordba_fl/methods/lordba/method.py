@@ -128,12 +128,12 @@ def project_flips_(model: nn.Module, spec, broadcast_negative: torch.Tensor, bud
         magnitudes = torch.cat([p[w].abs().float() for (p, _), w in zip(pairs, wanted)])  # (n_flips,)
         cut = float(torch.kthvalue(magnitudes.cpu(), n_flips - k + 1).values)  # the k-th largest
         del magnitudes
-        ties_left = k - sum(int((p[w].abs() > cut).sum()) for (p, _), w in zip(pairs, wanted))
     else:
-        cut, ties_left = math.inf, 0
+        cut = math.inf
+    keeps = [w & (p.abs() > cut) for (p, _), w in zip(pairs, wanted)]  # at most k in all
+    ties_left = k - sum(int(keep.sum()) for keep in keeps)
     back_total = 0
-    for (p, neg), w in zip(pairs, wanted):
-        keep = w & (p.abs() > cut)
+    for (p, neg), w, keep in zip(pairs, wanted, keeps):
         if ties_left > 0:
             ties = (w & (p.abs() == cut)).reshape(-1).nonzero().squeeze(1)[:ties_left]
             keep.view(-1)[ties] = True
