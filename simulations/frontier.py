@@ -109,6 +109,12 @@ LORDBA_VARIANTS: dict[str, dict] = {
     "lordba-step": {**_DEFAULTS, "flip.every-step": True},
     # the levers together: the per-step budget with the decaying budgets, and with the sign vote
     "lordba-step-decay": {**_DEFAULTS, **_DECAY, "flip.every-step": True},
+    # the byte levers over the defaults (lordba-step-decay): uplink scale deltas at 4 / 2 bits with
+    # the client's error feedback
+    "lordba-step-decay-q4-sef": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "codec.scale-encoding": "q4",
+                                 "codec.scale-error-feedback": True},
+    "lordba-step-decay-q2-sef": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "codec.scale-encoding": "q2",
+                                 "codec.scale-error-feedback": True},
     "lordba-step-vote": {**_LEAN, "server.aggregator": "vote", "flip.budget-start": 0.08, "flip.every-step": True},
     # flips chosen by the summed straight-through gradient (first-order gain) instead of AdamW's |L|:
     # alone over the defaults, and with the per-step budget and the decaying budgets
