@@ -115,6 +115,12 @@ LORDBA_VARIANTS: dict[str, dict] = {
                                  "codec.scale-error-feedback": True},
     "lordba-step-decay-q2-sef": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "codec.scale-encoding": "q2",
                                  "codec.scale-error-feedback": True},
+    # the downlink's scales as 4 / 2-bit codes toward what each node holds (the server keeps every
+    # node's scales), alone and with the 2-bit uplink
+    "lordba-step-decay-down-q4": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "codec.state-scale-encoding": "q4"},
+    "lordba-step-decay-down-q2": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "codec.state-scale-encoding": "q2"},
+    "lordba-step-decay-q2-both": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "codec.scale-encoding": "q2",
+                                  "codec.scale-error-feedback": True, "codec.state-scale-encoding": "q2"},
     "lordba-step-vote": {**_LEAN, "server.aggregator": "vote", "flip.budget-start": 0.08, "flip.every-step": True},
     # flips chosen by the summed straight-through gradient (first-order gain) instead of AdamW's |L|:
     # alone over the defaults, and with the per-step budget and the decaying budgets

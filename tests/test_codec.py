@@ -335,3 +335,51 @@ def test_state_mantissa_rounding_by_hand(bits16, want):
     assert delta.scales.numpy().astype(np.float16).view(np.uint16).tolist() == [want] * spec.n_scales
     with pytest.raises(ValueError, match="state_mantissa_bits"):
         CodecOptions(state_mantissa_bits=11)
+
+
+@pytest.mark.parametrize("bits, codes", [(2, [1, -1, 0, 0]), (4, [6, -7, 1, 0])])
+def test_quantized_state_delta_by_hand(bits, codes):
+    """codec.state-scale-encoding q2 / q4: the difference to the receiver's scales as nearest-rounded
+    codes; of the candidate steps (max |x| / L times 2^(-j/2)) the one with the least squared error."""
+    from lordba_fl.wire.codes import fp16_round
+
+    spec = _spec(((5, 4, 1),), scales=("out",))
+    opts = CodecOptions(state_mantissa_bits=10, state_scale_encoding=f"q{bits}")
+    neg = torch.zeros(spec.n_bits, dtype=torch.bool)
+    base = AdapterState(1, neg, torch.full((4,), 2.0))
+    target = AdapterState(2, neg, torch.tensor([2.9, 1.0, 2.1, 2.0]))  # differences 0.9, -1, 0.1, 0
+    frame = encode_state(target, spec, opts, base=base)
+    assert read_header(frame).scale_encoding == {2: ScaleEncoding.Q2, 4: ScaleEncoding.Q4}[bits]
+    got = decode_state(frame, spec, opts, base=base)
+    step = fp16_round(np.float32([1.0 / ((1 << (bits - 1)) - 1)]), up=True).astype(np.float32)  # no clipping wins here
+    want = (np.float32(2.0) + np.array(codes, np.float32) * step).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(got.scales.numpy(), want)
+    assert got.version == 2 and torch.equal(got.negative, neg)
+    # a full frame is fp16 whatever the delta encoding
+    assert read_header(encode_state(target, spec, opts)).scale_encoding == ScaleEncoding.FP16
+    with pytest.raises(ValueError, match="state_scale_encoding"):
+        CodecOptions(state_scale_encoding="q3")
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantized_state_deltas_never_move_away_and_repeated_ones_converge(bits):
+    spec = _spec(((64, 48, 4), (32, 96, 4)), scales=("mid", "out"))
+    opts = CodecOptions(state_mantissa_bits=7, state_scale_encoding=f"q{bits}")
+    g = torch.Generator().manual_seed(bits)
+    neg = torch.rand(spec.n_bits, generator=g) < 0.5
+    held = decode_state(encode_state(AdapterState(0, neg, torch.rand(spec.n_scales, generator=g) + 0.5), spec, opts),
+                        spec, opts)  # what a node holds: 7-bit mantissas
+    target = AdapterState(1, neg, held.scales + 0.05 * torch.randn(spec.n_scales, generator=g))
+    # nothing changed: the node keeps exactly what it holds
+    same = decode_state(encode_state(AdapterState(1, neg, held.scales), spec, opts, base=held), spec, opts, base=held)
+    assert torch.equal(same.scales, held.scales)
+    ulp = target.scales.abs() * 2.0**-7  # the held values' rounding
+    errors = []
+    for _ in range(12):  # the same target sent again and again: the node's error shrinks to the rounding
+        new = decode_state(encode_state(target, spec, opts, base=held), spec, opts, base=held)
+        assert bool(((target.scales - new.scales).abs() <= (target.scales - held.scales).abs() + ulp).all())
+        errors.append(float((target.scales - new.scales).norm()))
+        held = AdapterState(0, neg, new.scales)
+    assert errors[-1] <= float(ulp.norm()) and errors[0] > errors[-1]
+    fp16_xor = read_header(encode_state(target, spec, CodecOptions(state_mantissa_bits=7), base=held)).scale_raw
+    assert read_header(encode_state(target, spec, opts, base=held)).scale_raw < fp16_xor * bits / 16 + 64

@@ -181,6 +181,68 @@ def test_projecting_flips_carrier_by_carrier_equals_the_flat_budget_cut(budget):
     assert torch.equal(read_latents(model, spec), expected)
 
 
+def test_quantized_downlink_server_mirrors_what_each_node_holds():
+    """codec.state-scale-encoding=q2: each node's scales move toward the global ones by 2-bit codes;
+    the server holds exactly what each node decoded, reads the node's delta against it, and forgets
+    a node whose reply does not confirm what it was sent."""
+    import torch
+
+    from lordba_fl.federation.apps import _adapted_model
+    from lordba_fl.methods import Reply
+    from lordba_fl.methods.lordba.codec import decode_state, encode_state, encode_update
+    from lordba_fl.methods.lordba.method import HELD_KEY
+    from lordba_fl.runconfig import parse_run_config
+
+    run = parse_run_config({"model": "tiny-llama", "rank": 4, "alpha": 8.0, "codec.state-scale-encoding": "q2",
+                            "codec.scale-encoding": "fp16", "server.aggregator": "vote", "flip.budget": 0.01})
+    server, _, m = _adapted_model(run)
+    m.init_server(server)
+    client, _, cm = _adapted_model(run)
+    g = torch.Generator().manual_seed(0)
+    states = {1: {}, 2: {}}
+
+    def held(node):
+        return decode_state(states[node][HELD_KEY]["frame"], cm.spec, cm.state_options)
+
+    for node in (1, 2):  # first contact: version 0, every party's seeded state
+        assert cm.client_load_(client, m.downlink(node, 1), states[node]) == 0
+        m.note_held(node, 0)
+        assert torch.equal(m.node_scales[node], held(node).scales)
+    for rnd in (1, 2, 3):  # node 1 trains: its scales move by a delta, the global state follows
+        delta = torch.randn(m.spec.n_scales, generator=g) * 0.05
+        frame = encode_update(Update(rnd, m.version, torch.zeros(m.spec.n_bits, dtype=torch.bool), delta), m.spec,
+                              cm.options)
+        metrics, rejected = m.aggregate(rnd, [Reply(1, frame, 1.0)])
+        assert metrics["accepted"] == 1 and not rejected
+        # FedAvg of one client (eta = 1): the global scales are the node's held scales plus its delta
+        torch.testing.assert_close(m.server.state.scales, m.node_scales[1] + delta.half().float(), rtol=0, atol=1e-6)
+        assert cm.client_load_(client, m.downlink(1, rnd + 1), states[1]) == m.version
+        m.note_held(1, m.version)
+        assert torch.equal(m.node_scales[1], held(1).scales)  # the server's mirror is exact
+    # node 2 missed three versions: one 2-bit delta toward the current scales, not three
+    q2 = m.downlink(2, 4)
+    fp16_delta = encode_state(m.server.state, m.spec, m.exact_options, base=held(2))
+    assert len(q2) < 0.35 * len(fp16_delta)
+    assert cm.client_load_(client, q2, states[2]) == m.version
+    m.note_held(2, m.version)
+    before = (m.node_scales[2] - m.server.state.scales).abs()
+    # a reply of node 2 with no change: its scales are the ones it holds, not the global ones
+    u = Update(4, m.version, torch.zeros(m.spec.n_bits, dtype=torch.bool), torch.zeros(m.spec.n_scales))
+    torch.testing.assert_close(m._rebased(2, u).scale_delta + m.server.state.scales, m.node_scales[2], rtol=0, atol=1e-6)
+    assert float(before.max()) > 0  # 2-bit codes: the node holds an approximation
+    tensors, meta = m.server_state()  # a checkpoint keeps what each node holds
+    _, _, resumed = _adapted_model(run)
+    resumed.init_server(server)
+    resumed.load_server_state(tensors, meta)
+    assert resumed.node_scales.keys() == {1, 2} and torch.equal(resumed.node_scales[2], m.node_scales[2])
+    # a node that reports another version than it was sent is forgotten: the seeded delta next time
+    m.downlink(2, 5)
+    m.note_held(2, 0)
+    assert 2 not in m.node_versions and 2 not in m.node_scales
+    m.note_held(1, None)
+    assert 1 not in m.node_scales
+
+
 @pytest.mark.parametrize("every_step", [False, True])
 def test_a_per_step_budget_trains_the_scales_on_the_signs_that_are_sent(every_step):
     """flip.every-step: after each local step the latents are projected onto the round's flip budget,

@@ -24,7 +24,8 @@ held version's). A frame is::
     scale section (zstd)  FP16 = fp16 values, low bytes then high bytes; Q8 = one fp16 step per
                           (layer, scale kind), then int8 values in [-127, 127], value = q * step;
                           FP16_XOR (state deltas) = fp16 bits XOR the base version's fp16 bits,
-                          low bytes then high bytes
+                          low bytes then high bytes; a state delta may instead carry Q8/Q4/Q2
+                          codes of the difference to the receiver's scales (rounded to nearest)
 
 The CRC-32 covers the header (with the CRC field zeroed) and every section. Decoding checks, in
 order: length, magic, format version, CRC, kind, model fingerprint, dictionary, declared sizes
@@ -114,24 +115,35 @@ class CodecOptions:
     scale_encoding : str
         Uplink scale deltas as ``"fp16"``, ``"q8"``, ``"q4"`` or ``"q2"`` (8 / 4 / 2-bit codes in
         ``[-L, L]``, ``L = 2^(bits-1) - 1``, one fp16 step per layer and scale kind, stochastic
-        rounding, so the decoded delta is unbiased). Broadcast scales are always fp16.
+        rounding, so the decoded delta is unbiased).
     dictionary : bytes, optional
         A zstd dictionary (:func:`train_dictionary`) used for every section.
     state_mantissa_bits : int
         Mantissa bits kept of each broadcast (state) scale, 1..10 (10: plain fp16); fewer make the
         downlink's XOR deltas cheaper (7 is bfloat16's precision). Rounded to nearest even, in full
         and delta frames alike, so every receiver holds the same values.
+    state_scale_encoding : str
+        Broadcast scales of a *delta* frame: ``"fp16"`` (the exact fp16 bits XOR the base's) or
+        ``"q8"`` / ``"q4"`` / ``"q2"``: codes in ``[-L, L]`` of the difference to the receiver's
+        scales, rounded to nearest, one fp16 step per layer and scale kind chosen to minimise the
+        squared error (steps above ``L`` clip); the receiver holds ``base + q * step`` rounded to
+        ``state_mantissa_bits``, which the sender reproduces by decoding its own frame. Full frames
+        are always fp16.
     """
 
     level: int = 3
     scale_encoding: str = "fp16"
     dictionary: bytes | None = None
     state_mantissa_bits: int = 10
+    state_scale_encoding: str = "fp16"
 
     def __post_init__(self):
         check_zstd_level(self.level)
         if self.scale_encoding not in _SCALE_ENCODINGS:
             raise ValueError(f"scale_encoding must be one of {sorted(_SCALE_ENCODINGS)}; got {self.scale_encoding!r}")
+        if self.state_scale_encoding not in _SCALE_ENCODINGS:
+            raise ValueError(f"state_scale_encoding must be one of {sorted(_SCALE_ENCODINGS)}; "
+                             f"got {self.state_scale_encoding!r}")
         if isinstance(self.state_mantissa_bits, bool) or self.state_mantissa_bits not in range(1, 11):
             raise ValueError(f"state_mantissa_bits must be an integer in 1..10 (10: fp16); got {self.state_mantissa_bits!r}")
         if self.dictionary is not None and not isinstance(self.dictionary, (bytes, bytearray)):
@@ -391,6 +403,41 @@ def _encode_q(values: np.ndarray, segments: np.ndarray, rng: np.random.Generator
     return step.tobytes() + codes
 
 
+# candidate steps of a nearest-rounded delta: the no-clip step (max |x| / L) times 2^(-j/2), j = 0..8
+_STEP_FRACTIONS = 2.0 ** (-np.arange(9) / 2.0)
+
+
+def _encode_q_nearest(values: np.ndarray, segments: np.ndarray, bits: int) -> bytes:
+    """``values`` as ``bits``-bit codes rounded to nearest, per segment the fp16 step (among
+    :data:`_STEP_FRACTIONS` of the no-clip one) with the least squared error, codes clipped to
+    ``[-L, L]``; the layout of :func:`_encode_q`, so :func:`_decode_q` reads it. Deterministic."""
+    levels = (1 << (bits - 1)) - 1
+    starts = np.concatenate([[0], np.cumsum(segments)[:-1]])  # (S,)
+    seg = np.repeat(np.arange(segments.size), segments)  # (n,) the segment of each value
+    amax = np.maximum.reduceat(np.abs(values), starts)  # (S,)
+
+    def rounded(step):  # (codes, squared error per segment) at one step per segment
+        full = np.repeat(step.astype(np.float32), segments)
+        q = np.clip(np.rint(np.divide(values, full, out=np.zeros_like(values), where=full > 0)), -levels, levels)
+        return q, np.bincount(seg, weights=(values - q * full).astype(np.float64) ** 2, minlength=segments.size)
+
+    best_step, best_err = None, None
+    for f in _STEP_FRACTIONS:
+        step = fp16_round((amax / levels * f).astype(np.float32), up=True)
+        if not np.isfinite(step).all():
+            raise ValueError(f"a broadcast scale delta exceeds {levels} * 65504 and cannot be sent as q{bits}; "
+                             "use codec.state-scale-encoding='fp16'")
+        _, err = rounded(step)
+        if best_step is None:
+            best_step, best_err = step, err
+        else:
+            better = err < best_err
+            best_step, best_err = np.where(better, step, best_step), np.where(better, err, best_err)
+    q, _ = rounded(best_step)
+    codes = q.astype(np.int8).tobytes() if bits == 8 else pack_codes((q + levels).astype(np.uint8), bits).tobytes()
+    return best_step.astype(np.float16).tobytes() + codes
+
+
 def _decode_q(raw: bytes, segments: np.ndarray, bits: int) -> np.ndarray:
     s, n, levels = segments.size, int(segments.sum()), (1 << (bits - 1)) - 1
     step = np.frombuffer(raw[: 2 * s], dtype=np.float16)
@@ -597,9 +644,11 @@ def encode_state(
 ) -> bytes:
     """Encode the broadcast state, in full or as a delta against ``base`` (a version the receiver holds).
 
-    Scales travel as fp16 in both forms: a full frame sends them, a delta frame sends their fp16 bits
-    XOR those of ``base.scales`` (``FP16_XOR``), so a delta reconstructs exactly what a full frame
-    would, provided the receiver holds ``base`` as it was broadcast.
+    Scales travel as fp16 in a full frame. A delta frame sends their fp16 bits XOR those of
+    ``base.scales`` (``FP16_XOR``), so it reconstructs exactly what a full frame would, provided the
+    receiver holds ``base`` as it was broadcast; with ``options.state_scale_encoding`` q8 / q4 / q2 it
+    sends the difference to ``base.scales`` in nearest-rounded codes instead, and the receiver holds
+    an approximation of ``state.scales``: :func:`decode_state` of the frame says which.
     """
     options = options or CodecOptions()
     neg = _as_numpy_bits(state.negative, spec.n_bits, "state.negative")
@@ -612,7 +661,11 @@ def encode_state(
         base_neg = _as_numpy_bits(base.negative, spec.n_bits, "base.negative")
         kind, bits, base_version = FrameKind.STATE_DELTA, neg ^ base_neg, _u32("base.version", base.version)
         base_values = _as_numpy_f32(base.scales, spec.n_scales, "base.scales")
-        enc, raw = ScaleEncoding.FP16_XOR, _encode_fp16_xor(values, base_values, "state.scales", m)
+        enc = _SCALE_ENCODINGS[options.state_scale_encoding]
+        if enc in _QUANT_BITS:
+            raw = _encode_q_nearest(values - base_values, spec.scale_segments, _QUANT_BITS[enc])
+        else:
+            enc, raw = ScaleEncoding.FP16_XOR, _encode_fp16_xor(values, base_values, "state.scales", m)
     return _build(
         kind,
         spec,
@@ -640,7 +693,8 @@ def decode_state(
     """
     options = options or CodecOptions()
     h, bits, scale_raw = _parse(buf, spec, options, (FrameKind.STATE_FULL, FrameKind.STATE_DELTA))
-    allowed = (ScaleEncoding.FP16, ScaleEncoding.FP16_XOR) if h.kind == FrameKind.STATE_DELTA else (ScaleEncoding.FP16,)
+    allowed = ((ScaleEncoding.FP16, ScaleEncoding.FP16_XOR, *_QUANT_BITS) if h.kind == FrameKind.STATE_DELTA
+               else (ScaleEncoding.FP16,))
     if h.scale_encoding not in allowed:
         raise MalformedFrameError(f"{FrameKind(h.kind).name} frames carry {' or '.join(e.name for e in allowed)} "
                                   f"scales; this one declares encoding {h.scale_encoding}")
@@ -656,6 +710,15 @@ def decode_state(
     if h.scale_encoding == ScaleEncoding.FP16_XOR:
         base_values = _as_numpy_f32(base.scales, spec.n_scales, "base.scales")
         scales = torch.from_numpy(_decode_fp16_xor(scale_raw, base_values, spec.n_scales))
+    elif h.scale_encoding in _QUANT_BITS:  # the held scales plus the codes, rounded as the sender's state is
+        base_values = _as_numpy_f32(base.scales, spec.n_scales, "base.scales")
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = base_values + _decode_q(scale_raw, spec.scale_segments, _QUANT_BITS[h.scale_encoding])
+        if not (np.abs(values) <= 65504).all():  # NaN compares False
+            bad = int(np.flatnonzero(~(np.abs(values) <= 65504))[0])
+            raise NonFiniteError(f"scale delta frame takes scale {bad} to {values[bad]:g}, outside fp16's range")
+        bits16 = _fp16_bits(values, "state.scales", options.state_mantissa_bits)
+        scales = torch.from_numpy(bits16.view(np.float16).astype(np.float32))
     else:
         scales = torch.from_numpy(_decode_fp16(scale_raw, spec.n_scales))
     return AdapterState(h.version, negative, scales)

@@ -265,7 +265,10 @@ class LoRDBAMethod(Method):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.options = CodecOptions(level=cfg.codec_level, scale_encoding=cfg.scale_encoding)
-        self.state_options = CodecOptions(level=cfg.codec_level, state_mantissa_bits=cfg.state_mantissa_bits)
+        self.state_options = CodecOptions(level=cfg.codec_level, state_mantissa_bits=cfg.state_mantissa_bits,
+                                          state_scale_encoding=cfg.state_scale_encoding)
+        # exact fp16 deltas: lower tiers (nested states, not tracked per node)
+        self.exact_options = CodecOptions(level=cfg.codec_level, state_mantissa_bits=cfg.state_mantissa_bits)
         self.spec: AdapterSpec | None = None
         self.server: ServerState | None = None
         self.history: dict[int, torch.Tensor] = {}
@@ -274,6 +277,10 @@ class LoRDBAMethod(Method):
         self.node_versions: dict[int, int] = {}
         self.participations: dict[int, int] = {}  # dp: privatized uplinks received per node
         self.node_ranks: dict[int, int] = {}  # heterogeneous devices: the rank each node trains
+        # codec.state-scale-encoding q8/q4/q2: the scales each node holds (with node_versions), and
+        # those of the frame in flight to it until its reply confirms the version
+        self.node_scales: dict[int, torch.Tensor] = {}
+        self.pending_scales: dict[int, tuple[int, torch.Tensor]] = {}
         self._tier_specs: dict[int, AdapterSpec] = {}
 
     # ---- model ----------------------------------------------------------------------------------
@@ -333,10 +340,17 @@ class LoRDBAMethod(Method):
     def version(self) -> int:
         return self.server.state.version
 
+    @property
+    def quantized_downlink(self) -> bool:
+        """``codec.state-scale-encoding`` q8/q4/q2: each node's scales move toward the global ones by
+        nearest-rounded codes, and the server keeps what every node holds (its error feedback)."""
+        return self.state_options.state_scale_encoding != "fp16"
+
     def note_rank(self, node_id: int, rank: int) -> None:
         self.tier_spec(rank)  # refuses a rank outside 1..R
         if self.node_ranks.get(node_id, rank) != rank:
             self.node_versions.pop(node_id, None)  # what it holds is at its old rank: the full state next
+            self.node_scales.pop(node_id, None)
         self.node_ranks[node_id] = rank
 
     def tier_spec(self, rank: int) -> AdapterSpec:
@@ -357,13 +371,35 @@ class LoRDBAMethod(Method):
         if spec is not self.spec:  # a lower tier: exactly the leading components of the global state
             current = truncate_state(self.spec, spec, current)
             base = None if base is None else truncate_state(self.spec, spec, base)
-        return encode_state(current, spec, self.state_options, round=server_round, base=base)
+            return encode_state(current, spec, self.exact_options, round=server_round, base=base)
+        if not self.quantized_downlink:
+            return encode_state(current, spec, self.state_options, round=server_round, base=base)
+        if base is not None and held != 0:  # the node holds its own approximation of version `held`
+            if node_id not in self.node_scales:
+                base = None  # not known (e.g. a resumed server): the full state
+            else:
+                base = AdapterState(held, base.negative, self.node_scales[node_id])
+        frame = encode_state(current, spec, self.state_options, round=server_round, base=base)
+        # what the node will hold: the frame decoded as the node decodes it (the codes' rounding included)
+        self.pending_scales[node_id] = (current.version, decode_state(frame, spec, self.state_options, base=base).scales)
+        return frame
 
     def note_held(self, node_id: int, version: int | None) -> None:
+        pending = self.pending_scales.pop(node_id, None)
         if version is None or version not in self.history:
             self.node_versions.pop(node_id, None)
-        else:
-            self.node_versions[node_id] = version
+            self.node_scales.pop(node_id, None)
+            return
+        tracked = self.quantized_downlink and self.node_ranks.get(node_id, self.cfg.rank) == self.cfg.rank
+        sent = pending is not None and pending[0] == version
+        if tracked and not sent and not (node_id in self.node_scales and self.node_versions.get(node_id) == version):
+            # what it holds is not what the server sent it: the full state (or version 0's delta) next time
+            self.node_versions.pop(node_id, None)
+            self.node_scales.pop(node_id, None)
+            return
+        self.node_versions[node_id] = version
+        if sent:
+            self.node_scales[node_id] = pending[1]
 
     def aggregate(self, server_round: int, replies) -> tuple[dict, list[tuple[int, str]]]:
         cfg = self.cfg
@@ -382,6 +418,7 @@ class LoRDBAMethod(Method):
             rejected += [(members[j], why) for j, why in bad]
             dropped = {j for j, _ in bad}
             kept_idx = [members[j] for j in range(len(members)) if j not in dropped]
+            got = [(self._rebased(replies[i].node_id, u), w) for (u, w), i in zip(got, kept_idx)]
             tier_budget = privacy.max_flip_rate(cfg.dp, budget, spec.n_bits) if dp else budget
             got, refused = RobustOptions(tier_budget if cfg.enforce_budget else 1.0).apply(got)
             rejected += [(kept_idx[j], why) for j, why in refused]
@@ -443,6 +480,14 @@ class LoRDBAMethod(Method):
             return max(cfg.server_flip_budget, cfg.warmup_budget)
         return halving_budget(cfg.server_flip_budget, cfg.server_flip_budget_start, server_round)
 
+    def _rebased(self, node_id: int, u: Update) -> Update:
+        """A node's scale delta against the global scales: it trained from its own held scales
+        (``codec.state-scale-encoding`` q8/q4/q2), so its scales are those plus its delta."""
+        held = self.node_scales.get(node_id)
+        if held is None:
+            return u
+        return Update(u.round, u.version, u.flips, held + u.scale_delta.float() - self.server.state.scales)
+
     def _embed(self, spec: AdapterSpec, u: Update) -> Update:
         """A tier's update in the global layout: no flips and no scale change beyond its components."""
         if spec is self.spec:
@@ -481,6 +526,8 @@ class LoRDBAMethod(Method):
             tensors[f"history_scales.{v}"] = self.scale_history[v]
         for name, r in (self.server.residual or {}).items():
             tensors[f"residual.{name}"] = r
+        for node, sc in self.node_scales.items():
+            tensors[f"node_scales.{node}"] = sc
         meta = {"version": self.version, "node_versions": {str(k): v for k, v in self.node_versions.items()},
                 "participations": {str(k): v for k, v in self.participations.items()},
                 "node_ranks": {str(k): v for k, v in self.node_ranks.items()}}
@@ -496,6 +543,8 @@ class LoRDBAMethod(Method):
         self.node_versions = {int(k): int(v) for k, v in meta["node_versions"].items()}
         self.participations = {int(k): int(v) for k, v in meta.get("participations", {}).items()}
         self.node_ranks = {int(k): int(v) for k, v in meta.get("node_ranks", {}).items()}
+        self.node_scales = {int(k.split(".", 1)[1]): t.clone() for k, t in tensors.items() if k.startswith("node_scales.")}
+        self.pending_scales = {}
 
     # ---- client ---------------------------------------------------------------------------------
     def _held(self, state) -> AdapterState | None:

@@ -47,6 +47,8 @@ class LoRDBASettings(MethodSettings):
         "a node's first downlink is a delta against the seeded version 0 every party builds (not with init.from / base-svd)")
     state_mantissa_bits: int = option(7, "codec.state-mantissa-bits",
         "mantissa bits of broadcast scales (10: fp16; 7: bfloat16 precision, cheaper downlink deltas)")
+    state_scale_encoding: str = option("fp16", "codec.state-scale-encoding",
+        "downlink scale deltas: fp16 (exact XOR of fp16 bits) | q8 | q4 | q2 (codes of the difference to what the node holds; the server keeps each node's scales: 4 bytes a scale per node)")
     scale_init: str = option("normalized", "init.scales",
         "normalized (s_in = 1/sqrt(in), s_mid = 1/sqrt(r): LoRA-sized steps) | ones")
     scale_lr: str = option("uniform", "scale-lr",
@@ -82,6 +84,7 @@ class LoRDBASettings(MethodSettings):
                                   ("scale-lr", self.scale_lr, SCALE_LRS), ("init.signs", self.sign_init, SIGN_INITS),
                                   ("server.scale-rule", self.scale_rule, SCALE_RULES),
                                   ("codec.scale-encoding", self.scale_encoding, ("q8", "q4", "q2", "fp16")),
+                                  ("codec.state-scale-encoding", self.state_scale_encoding, ("fp16", "q8", "q4", "q2")),
                                   ("client.state", self.client_state, STATE_KINDS),
                                   ("client.state-dtype", self.client_state_dtype, STATE_DTYPES)):
             if value not in known:
