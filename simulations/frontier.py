@@ -414,7 +414,9 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
 def frontier_points(records: list[dict]) -> tuple[dict[str, dict], list[str]]:
     """``<variant>-r<rank>`` -> {family, rank, final_eval_loss, total_bytes_per_client, seeds} (means
     over seeds; ``loss_min`` / ``loss_max``: the spread over seeds) for the runs that finished with a
-    loss, and the names left out (failed runs)."""
+    loss, and the names left out (failed runs). ``loss_vs_ref``: the mean over the seeds the
+    reference (:data:`REFERENCE`) also ran of loss / reference loss - 1, seed by seed (``paired_seeds``;
+    None without such a seed): runs with different seeds compared like for like."""
     groups: dict[str, list[dict]] = {}
     for r in records:
         groups.setdefault(f"{r['variant']}-r{r['rank']}", []).append(r)
@@ -432,6 +434,14 @@ def frontier_points(records: list[dict]) -> tuple[dict[str, dict], list[str]]:
                 "total_bytes_per_client": sum(r["total_bytes_per_client"] for r in ok) / len(ok),
                 "seeds": sorted(r["seed"] for r in ok),
             }
+    ref = points.get(f"{REFERENCE[0]}-r{REFERENCE[1]}")
+    ref_loss = {} if ref is None else {r["seed"]: r["final_eval_loss"] for r in groups[f"{REFERENCE[0]}-r{REFERENCE[1]}"]
+                                       if r.get("exit_code") == 0 and r.get("final_eval_loss") is not None}
+    for name, p in points.items():
+        ratios = {r["seed"]: r["final_eval_loss"] / ref_loss[r["seed"]] - 1 for r in groups[name]
+                  if r["seed"] in ref_loss and r.get("exit_code") == 0 and r.get("final_eval_loss") is not None}
+        p["paired_seeds"] = sorted(ratios)
+        p["loss_vs_ref"] = sum(ratios.values()) / len(ratios) if ratios else None
     return points, excluded
 
 
@@ -439,12 +449,14 @@ def pareto_record(task: str, records: list[dict]) -> dict:
     """The ``kind: "pareto"`` line of one task.
 
     ``front``: runs on the Pareto front of (final eval loss, cumulative up + down bytes per client),
-    means over seeds. ``best_lordba``: the LoRDBA run with the lowest final eval loss;
+    means over seeds; the loss is ``loss_vs_ref`` (seed-paired, ``compared_on``) when every run has
+    a seed in common with the reference, else the mean final eval loss. ``best_lordba``: the LoRDBA run with the lowest final eval loss;
     ``best_lordba_on_front``: no baseline run has both lower-or-equal bytes and a lower eval loss
     (``best_lordba_beaten_by`` lists those that do); ``lordba_on_front``: LoRDBA runs on the front.
     """
     points, excluded = frontier_points(records)
-    xy = {n: (p["final_eval_loss"], p["total_bytes_per_client"]) for n, p in points.items()}
+    key = "loss_vs_ref" if points and all(p["loss_vs_ref"] is not None for p in points.values()) else "final_eval_loss"
+    xy = {n: (p[key], p["total_bytes_per_client"]) for n, p in points.items()}
     front = pareto_front(xy)
     lordba = {n: p for n, p in points.items() if p["family"] == "lordba"}
     best = min(lordba, key=lambda n: (xy[n][0], xy[n][1])) if lordba else None
@@ -454,7 +466,7 @@ def pareto_record(task: str, records: list[dict]) -> dict:
         beaten = sorted(n for n, p in points.items()
                         if p["family"] != "lordba" and xy[n][1] <= b and xy[n][0] < loss)
     return {
-        "kind": "pareto", "task": task,
+        "kind": "pareto", "task": task, "compared_on": key,
         "seeds": sorted({s for p in points.values() for s in p["seeds"]}),
         "points": {n: {**points[n], "on_front": n in front}
                    for n in sorted(points, key=lambda n: points[n]["total_bytes_per_client"])},

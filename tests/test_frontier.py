@@ -142,6 +142,26 @@ def test_pareto_record_lordba_on_the_front_and_seed_means():
     assert p["best_lordba_on_front"] is True and p["lordba_on_front"] == ["lordba-vote-flips-r16"]
 
 
+def test_pareto_record_compares_runs_on_the_seeds_they_share_with_the_reference():
+    """A run measured on a hard seed only is not dominated by one measured on an easy seed: losses
+    are compared as ratios to the reference's loss on the same seed."""
+    recs = [
+        _rec("lora-fedavg", 16, 3.90, 2e8, seed=0), _rec("lora-fedavg", 16, 4.30, 2e8, seed=1),
+        _rec("lordba-vote-flips", 16, 4.00, 2e7, seed=0), _rec("lordba-vote-flips", 16, 4.40, 2e7, seed=1),
+        _rec("lora-q2", 4, 4.20, 1e7, seed=0),  # seed 0 only: 7.7% behind, lordba 2.4% (mean loss 4.20 vs 4.20)
+    ]
+    p = pareto_record("shakespeare", recs)
+    assert p["compared_on"] == "loss_vs_ref"
+    pt = p["points"]["lordba-vote-flips-r16"]
+    assert pt["paired_seeds"] == [0, 1] and pt["loss_vs_ref"] == pytest.approx((4.0 / 3.9 + 4.4 / 4.3) / 2 - 1)
+    assert p["points"]["lora-q2-r4"]["loss_vs_ref"] == pytest.approx(4.2 / 3.9 - 1)
+    assert p["front"] == ["lora-q2-r4", "lordba-vote-flips-r16", "lora-fedavg-r16"]
+    assert p["best_lordba_on_front"] is True
+    # a run with no seed in common with the reference: mean losses instead
+    p = pareto_record("shakespeare", recs + [_rec("lora-fedavg", 1, 4.5, 1e7, seed=7)])
+    assert p["compared_on"] == "final_eval_loss" and p["points"]["lora-fedavg-r1"]["loss_vs_ref"] is None
+
+
 def test_a_lower_or_equal_bytes_baseline_with_equal_loss_does_not_beat_lordba():
     recs = [_rec("lordba-vote-flips", 16, 4.0, 2e7), _rec("lora-fedavg", 1, 4.0, 2e7)]
     p = pareto_record("shakespeare", recs)
