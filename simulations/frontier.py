@@ -121,6 +121,12 @@ LORDBA_VARIANTS: dict[str, dict] = {
     "lordba-step-decay-down-q2": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "codec.state-scale-encoding": "q2"},
     "lordba-step-decay-q2-both": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "codec.scale-encoding": "q2",
                                   "codec.scale-error-feedback": True, "codec.state-scale-encoding": "q2"},
+    # 16 kept versions instead of 4: a node back after more than 4 rounds gets a delta against the
+    # version it holds, not against version 0 (bytes only in the exact downlink)
+    "lordba-step-decay-h16": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "server.history": 16},
+    "lordba-step-decay-q2-both-h16": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "codec.scale-encoding": "q2",
+                                      "codec.scale-error-feedback": True, "codec.state-scale-encoding": "q2",
+                                      "server.history": 16},
     "lordba-step-vote": {**_LEAN, "server.aggregator": "vote", "flip.budget-start": 0.08, "flip.every-step": True},
     # flips chosen by the summed straight-through gradient (first-order gain) instead of AdamW's |L|:
     # alone over the defaults, and with the per-step budget and the decaying budgets
