@@ -69,7 +69,7 @@ from simulations.run import QUICK, project_run_config
 # flip.every-step became the default).
 _FLIPS = {"flip.m0": 0.002, "flip.budget": 0.05}
 _NO_SCHEDULE = {"flip.budget-start": 0.0, "server.flip-budget-start": 0.0,  # the budgets every round
-                "flip.every-step": False}
+                "flip.every-step": False, "server.history": 4}  # 4 kept versions: the library's until 16
 _LEAN = {**_NO_SCHEDULE, "method": "lordba", "server.aggregator": "refit", "scales": "mid,out", "flip.m0": 0.002,
          "flip.budget": 0.02,
          "server.flip-budget": 0.005, "codec.state-mantissa-bits": 7}
@@ -122,7 +122,7 @@ LORDBA_VARIANTS: dict[str, dict] = {
     "lordba-step-decay-q2-both": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "codec.scale-encoding": "q2",
                                   "codec.scale-error-feedback": True, "codec.state-scale-encoding": "q2"},
     # 16 kept versions instead of 4: a node back after more than 4 rounds gets a delta against the
-    # version it holds, not against version 0 (bytes only in the exact downlink)
+    # version it holds, not against version 0 (bytes only in the exact downlink): the defaults now
     "lordba-step-decay-h16": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "server.history": 16},
     "lordba-step-decay-q2-both-h16": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "codec.scale-encoding": "q2",
                                       "codec.scale-error-feedback": True, "codec.state-scale-encoding": "q2",
@@ -149,7 +149,7 @@ LORDBA_VARIANTS: dict[str, dict] = {
 }
 # run when --only is not given (each at every rank of LORDBA_RANKS): the library's defaults; the
 # other variants are the ablations measured beside it (README), run with --only
-DEFAULT_VARIANTS = ("lordba-step-decay",)
+DEFAULT_VARIANTS = ("lordba-step-decay-h16",)
 LORDBA_RANKS = (16, 32)
 # baselines: name -> (run-config overrides, ranks); ranks chosen to span LoRDBA's bytes (r 1-4) and quality (r 16)
 BASELINES: dict[str, tuple[dict, tuple[int, ...]]] = {

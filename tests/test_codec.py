@@ -383,3 +383,17 @@ def test_quantized_state_deltas_never_move_away_and_repeated_ones_converge(bits)
     assert errors[-1] <= float(ulp.norm()) and errors[0] > errors[-1]
     fp16_xor = read_header(encode_state(target, spec, CodecOptions(state_mantissa_bits=7), base=held)).scale_raw
     assert read_header(encode_state(target, spec, opts, base=held)).scale_raw < fp16_xor * bits / 16 + 64
+
+
+def test_a_delta_against_a_base_with_more_mantissa_bits_is_exact():
+    """Version 0 is seeded, not broadcast: its scales (e.g. 1/96) need not have the broadcast's 7
+    mantissa bits; a delta against it decodes to exactly what a full frame of the new state does."""
+    spec = _spec(((96, 8, 2),), scales=("in", "mid", "out"))
+    opts = CodecOptions(state_mantissa_bits=7)
+    g = torch.Generator().manual_seed(5)
+    neg = torch.rand(spec.n_bits, generator=g) < 0.5
+    v0 = AdapterState(0, neg, torch.full((spec.n_scales,), 1 / 96))  # not 7-bit representable
+    new = AdapterState(3, neg, torch.rand(spec.n_scales, generator=g) + 0.01)
+    full = decode_state(encode_state(new, spec, opts), spec, opts)
+    got = decode_state(encode_state(new, spec, opts, base=v0), spec, opts, base=v0)
+    assert torch.equal(got.scales, full.scales)

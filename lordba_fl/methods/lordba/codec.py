@@ -378,9 +378,11 @@ def _encode_fp16_xor(values: np.ndarray, base: np.ndarray, what: str, mantissa_b
     return _planes(_fp16_bits(values, what, mantissa_bits) ^ _fp16_bits(base, "base.scales", mantissa_bits))
 
 
-def _decode_fp16_xor(raw: bytes, base: np.ndarray, n: int) -> np.ndarray:
+def _decode_fp16_xor(raw: bytes, base: np.ndarray, n: int, mantissa_bits: int = 10) -> np.ndarray:
+    """Inverse of :func:`_encode_fp16_xor` with the same ``mantissa_bits``: the base is rounded as the
+    sender rounded it (a seeded version 0 need not have ``mantissa_bits``-bit values)."""
     planes = np.frombuffer(raw, dtype=np.uint8).reshape(2, n)
-    x = np.ascontiguousarray(planes.T).view(np.uint16).reshape(n) ^ _fp16_bits(base, "base.scales")
+    x = np.ascontiguousarray(planes.T).view(np.uint16).reshape(n) ^ _fp16_bits(base, "base.scales", mantissa_bits)
     values = x.view(np.float16).astype(np.float32)
     if not np.isfinite(values).all():
         bad = int(np.flatnonzero(~np.isfinite(values))[0])
@@ -709,7 +711,7 @@ def decode_state(
         negative = torch.from_numpy(bits)
     if h.scale_encoding == ScaleEncoding.FP16_XOR:
         base_values = _as_numpy_f32(base.scales, spec.n_scales, "base.scales")
-        scales = torch.from_numpy(_decode_fp16_xor(scale_raw, base_values, spec.n_scales))
+        scales = torch.from_numpy(_decode_fp16_xor(scale_raw, base_values, spec.n_scales, options.state_mantissa_bits))
     elif h.scale_encoding in _QUANT_BITS:  # the held scales plus the codes, rounded as the sender's state is
         base_values = _as_numpy_f32(base.scales, spec.n_scales, "base.scales")
         with np.errstate(over="ignore", invalid="ignore"):

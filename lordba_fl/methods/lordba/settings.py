@@ -68,7 +68,8 @@ class LoRDBASettings(MethodSettings):
         "uplink scale deltas: q8 | q4 | q2 (codes in [-127,127] / [-7,7] / [-1,1], one fp16 step per layer, unbiased) | fp16")
     scale_error_feedback: bool = option(False, "codec.scale-error-feedback",
         "each client keeps what quantizing its scale delta lost and adds it to its next one (state: 4 bytes a scale)")
-    history: int = option(4, "server.history", "sign versions kept for downlink deltas")
+    history: int = option(16, "server.history",
+        "versions kept for downlink deltas (a node back after more rounds gets a delta against version 0; server RAM: ~1 byte a sign per version)")
     enforce_budget: bool = option(True, "server.enforce-budget", "reject updates flipping more than flip.budget of the signs")
     norm_bound: float = option(2.0, "server.norm-bound",
         "bound a scale delta's L2 norm at this x the round's median (0: off; never fires on honest clients: simulations/bench_faults.py)")
