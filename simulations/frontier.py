@@ -127,6 +127,10 @@ LORDBA_VARIANTS: dict[str, dict] = {
     "lordba-step-decay-q2-both-h16": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "codec.scale-encoding": "q2",
                                       "codec.scale-error-feedback": True, "codec.state-scale-encoding": "q2",
                                       "server.history": 16},
+    # the scales at twice lr (scale-lr-ratio = 2): federated, the settled signs leave the scales as the
+    # adapter's moving part (lr swept on an in-process proxy of the skills run, seed 0)
+    "lordba-step-decay-h16-lr2": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "server.history": 16,
+                                  "scale-lr-ratio": 2.0},
     "lordba-step-vote": {**_LEAN, "server.aggregator": "vote", "flip.budget-start": 0.08, "flip.every-step": True},
     # flips chosen by the summed straight-through gradient (first-order gain) instead of AdamW's |L|:
     # alone over the defaults, and with the per-step budget and the decaying budgets
@@ -257,14 +261,16 @@ def plan_runs(task: str, seeds=(0,), lordba_ranks=LORDBA_RANKS, only=None, quick
 def run_config_for(spec: dict, lrs: dict, quick: bool = False, user: dict | None = None,
                    out_dir: str = "results/frontier") -> dict:
     """The run-config overrides of one run: shared settings < task settings < quick < the run's own
-    (method, rank, alpha = 2 rank, lr, seed) < ``user`` (``--run-config``, last, so any setting can change)."""
+    (method, rank, alpha = 2 rank, lr, seed) < ``user`` (``--run-config``, last, so any setting can change).
+    A variant that sets its own ``lr`` keeps it (a learning rate is part of what that variant measures);
+    every other run gets its method's (``lrs``)."""
     cfg = {**SETTINGS, **TASK_SETTINGS.get(spec["task"], {})}
     if quick:  # the tiny model's shrinkage, except what a task needs (gsm's sequence length)
         cfg.update({k: v for k, v in QUICK_SETTINGS.items() if k not in TASK_SETTINGS.get(spec["task"], {})})
     cfg.update(spec["overrides"])
     method = cfg["method"]
-    cfg.update({"task": spec["task"], "rank": spec["rank"], "alpha": float(2 * spec["rank"]), "lr": lrs[method],
-                "seed": spec["seed"]})
+    cfg.update({"task": spec["task"], "rank": spec["rank"], "alpha": float(2 * spec["rank"]),
+                "lr": spec["overrides"].get("lr", lrs[method]), "seed": spec["seed"]})
     cfg.update(user or {})
     cfg["out-dir"] = str(Path(out_dir) / spec["task"])
     cfg["name"] = run_name(spec["variant"], spec["rank"], spec["seed"])

@@ -277,6 +277,38 @@ def test_a_per_step_budget_trains_the_scales_on_the_signs_that_are_sent(every_st
         assert int(trained.sum()) > allowed
 
 
+def test_scale_lr_ratio_sets_the_scales_learning_rate_only(monkeypatch):
+    """scale-lr-ratio: a client's optimizer gets every scale at ratio x lr and the latents at
+    flip.latent-lr, unchanged; a ratio <= 0 is refused with the key named."""
+    import lordba_fl.methods.lordba.method as lm
+    from lordba_fl.adapter.layer import lordba_layers
+    from lordba_fl.base.models import load_model
+    from lordba_fl.data import Example
+    from lordba_fl.methods import make_method
+    from lordba_fl.runconfig import parse_run_config
+
+    seen = []
+    real = lm.make_optimizer
+    monkeypatch.setattr(lm, "make_optimizer", lambda groups, cfg: seen.append(groups) or real(groups, cfg))
+    cfg = parse_run_config({"model": "tiny-llama", "rank": 4, "train.local-steps": 1, "train.batch-size": 2, "lr": 1e-3,
+                            "scale-lr-ratio": 2.5, "flip.latent-lr": 4e-3, "server.seeded-base": False})
+    server = make_method(cfg)
+    server.init_server(server.adapt(load_model("tiny-llama")[0]))
+    client = make_method(cfg)
+    model, tok = load_model("tiny-llama")
+    model = client.adapt(model)
+    examples = [Example(f"{a} {b}", f" {a}") for a in "abcd" for b in "efgh"]
+    client.client_train(model, tok, server.downlink(1, 1), None, examples, 1, seed=0)
+    (groups,) = seen
+    scales = {id(m.scale(k)) for m in lordba_layers(model).values() for k in client.spec.scales}
+    latents = {id(p) for m in lordba_layers(model).values() for p in (m.lordba_latent_A, m.lordba_latent_B)}
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert set(lr_of) == scales | latents
+    assert {lr_of[i] for i in scales} == {1e-3 * 2.5} and {lr_of[i] for i in latents} == {4e-3}
+    with pytest.raises(ValueError, match="scale-lr-ratio"):
+        make_method(parse_run_config({"model": "tiny-llama", "scale-lr-ratio": 0.0}))
+
+
 @pytest.mark.parametrize("every_step", [False, True])
 def test_gradient_selection_flips_the_signs_with_the_largest_summed_gradient(every_step):
     """flip.select=gradient: the latents stay out of AdamW; the flips sent are the budget's largest

@@ -631,7 +631,8 @@ class LoRDBAMethod(Method):
         else:
             write_state_(model, self.spec, glob, latent_magnitude=flip.m0)
         by_gradient = flip.select == "gradient" and flip.latent_lr > 0
-        groups = train_groups(model, self.spec, cfg.lr, 0.0 if by_gradient else flip.latent_lr, cfg.scale_lr)
+        groups = train_groups(model, self.spec, cfg.lr * cfg.scale_lr_ratio, 0.0 if by_gradient else flip.latent_lr,
+                              cfg.scale_lr)
         latents = [p for m in checked_layers(model, self.spec) for p in (m.lordba_latent_A, m.lordba_latent_B)]
         if by_gradient:  # outside the optimizer: their .grad sums the round's straight-through gradients
             for p in latents:

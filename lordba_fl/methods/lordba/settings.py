@@ -53,6 +53,9 @@ class LoRDBASettings(MethodSettings):
         "normalized (s_in = 1/sqrt(in), s_mid = 1/sqrt(r): LoRA-sized steps) | ones")
     scale_lr: str = option("uniform", "scale-lr",
         "uniform (every scale at lr) | relative (lr times the scale's normalized init over the full set's: s_mid at lr/sqrt(in) without s_in)")
+    scale_lr_ratio: float = option(1.0, "scale-lr-ratio",
+        "the scales train at this x lr (the latents at flip.latent-lr), as LoRA+ gives B its own ratio: once the "
+        "federation's signs settle the scales are the adapter's only moving part")
     sign_init: str = option("random", "init.signs",
         "random (seeded) | base-svd (top singular vectors of each frozen base weight, zero bytes)")
     init_from: str = option("", "init.from",
@@ -96,6 +99,7 @@ class LoRDBASettings(MethodSettings):
         AGGREGATORS.get(self.aggregator)  # an import path is imported now: a typo fails at start
         for key, value, ok, accepted in (
             ("server.history", self.history, self.history >= 1, ">= 1 (sign versions kept)"),
+            ("scale-lr-ratio", self.scale_lr_ratio, 0 < self.scale_lr_ratio < float("inf"), "a number > 0 (1: the scales at lr)"),
             ("server.trim", self.trim, 0.0 <= self.trim < 0.5, "in [0, 0.5)"),
             ("server.flip-quorum", self.flip_quorum, self.flip_quorum >= 1, "an integer >= 1 (1: every client flip counts)"),
             ("server.norm-bound", self.norm_bound, self.norm_bound >= 0, ">= 0 (0: off)"),
