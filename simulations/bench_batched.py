@@ -70,13 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     spec = method.spec
     task = load_task("shakespeare", progress=False, **cfg.task_kwargs())
     flip = method.cfg.flip  # LoRDBA's own flip settings
+    scale_lr = cfg.lr * method.cfg.scale_lr_ratio  # the scales' learning rate, as a LoRDBA client trains them
     latent0 = torch.where(read_latents(model, spec) < 0, -flip.m0, flip.m0)  # (n_bits,): the broadcast
     scales0 = read_scales(model, spec)
     for k in args.k:
         jobs = [ClientJob(latent0, scales0, task.train[i], seed=1000 + i) for i in range(k)]
         run = {
-            "sequential": lambda: train_sequential(model, spec, tok, jobs, cfg.train, cfg.lr, flip.latent_lr),
-            "batched": lambda: train_batched(model, spec, tok, jobs, cfg.train, cfg.lr, flip.latent_lr),
+            "sequential": lambda: train_sequential(model, spec, tok, jobs, cfg.train, scale_lr, flip.latent_lr),
+            "batched": lambda: train_batched(model, spec, tok, jobs, cfg.train, scale_lr, flip.latent_lr),
         }
         times: dict[str, list[float]] = {name: [] for name in run}
         results = {}

@@ -69,7 +69,8 @@ from simulations.run import QUICK, project_run_config
 # flip.every-step became the default).
 _FLIPS = {"flip.m0": 0.002, "flip.budget": 0.05}
 _NO_SCHEDULE = {"flip.budget-start": 0.0, "server.flip-budget-start": 0.0,  # the budgets every round
-                "flip.every-step": False, "server.history": 4}  # 4 kept versions: the library's until 16
+                "flip.every-step": False, "server.history": 4,  # 4 kept versions: the library's until 16
+                "scale-lr-ratio": 1.0}  # the scales at lr: the library's until the ratio 2
 _LEAN = {**_NO_SCHEDULE, "method": "lordba", "server.aggregator": "refit", "scales": "mid,out", "flip.m0": 0.002,
          "flip.budget": 0.02,
          "server.flip-budget": 0.005, "codec.state-mantissa-bits": 7}
@@ -122,13 +123,13 @@ LORDBA_VARIANTS: dict[str, dict] = {
     "lordba-step-decay-q2-both": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "codec.scale-encoding": "q2",
                                   "codec.scale-error-feedback": True, "codec.state-scale-encoding": "q2"},
     # 16 kept versions instead of 4: a node back after more than 4 rounds gets a delta against the
-    # version it holds, not against version 0 (bytes only in the exact downlink): the defaults now
+    # version it holds, not against version 0 (bytes only in the exact downlink)
     "lordba-step-decay-h16": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "server.history": 16},
     "lordba-step-decay-q2-both-h16": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "codec.scale-encoding": "q2",
                                       "codec.scale-error-feedback": True, "codec.state-scale-encoding": "q2",
                                       "server.history": 16},
     # the scales at twice lr (scale-lr-ratio = 2): federated, the settled signs leave the scales as the
-    # adapter's moving part (lr swept on an in-process proxy of the skills run, seed 0)
+    # adapter's moving part (lr swept on an in-process replay of the skills run, seed 0): the defaults now
     "lordba-step-decay-h16-lr2": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "server.history": 16,
                                   "scale-lr-ratio": 2.0},
     "lordba-step-vote": {**_LEAN, "server.aggregator": "vote", "flip.budget-start": 0.08, "flip.every-step": True},
@@ -153,7 +154,7 @@ LORDBA_VARIANTS: dict[str, dict] = {
 }
 # run when --only is not given (each at every rank of LORDBA_RANKS): the library's defaults; the
 # other variants are the ablations measured beside it (README), run with --only
-DEFAULT_VARIANTS = ("lordba-step-decay-h16",)
+DEFAULT_VARIANTS = ("lordba-step-decay-h16-lr2",)
 LORDBA_RANKS = (16, 32)
 # baselines: name -> (run-config overrides, ranks); ranks chosen to span LoRDBA's bytes (r 1-4) and quality (r 16)
 BASELINES: dict[str, tuple[dict, tuple[int, ...]]] = {

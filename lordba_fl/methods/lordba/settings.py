@@ -53,9 +53,9 @@ class LoRDBASettings(MethodSettings):
         "normalized (s_in = 1/sqrt(in), s_mid = 1/sqrt(r): LoRA-sized steps) | ones")
     scale_lr: str = option("uniform", "scale-lr",
         "uniform (every scale at lr) | relative (lr times the scale's normalized init over the full set's: s_mid at lr/sqrt(in) without s_in)")
-    scale_lr_ratio: float = option(1.0, "scale-lr-ratio",
-        "the scales train at this x lr (the latents at flip.latent-lr), as LoRA+ gives B its own ratio: once the "
-        "federation's signs settle the scales are the adapter's only moving part")
+    scale_lr_ratio: float = option(2.0, "scale-lr-ratio",
+        "the scales train at this x lr, the latents at flip.latent-lr (as LoRA+ gives B its own ratio): once the "
+        "federation's signs settle, the scales are the adapter's only moving part (1: the scales at lr)")
     sign_init: str = option("random", "init.signs",
         "random (seeded) | base-svd (top singular vectors of each frozen base weight, zero bytes)")
     init_from: str = option("", "init.from",
