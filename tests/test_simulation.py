@@ -45,3 +45,18 @@ def test_simulation_engine_runs_four_clients_two_rounds(tmp_path, method):
     assert [line.split()[1] for line in out if line.startswith("round ")] == ["0/2", "1/2", "2/2"]
     head = proc.stdout.split("--- sample ---")[0].splitlines()
     assert max(len(line) for line in head) <= 100 and sum(" per round" in line for line in head) == 1
+    if method == "lordba":  # the in-process replay computes the same rounds as the simulation engine
+        import torch
+        from flwr.common.config import parse_config_args
+
+        from simulations.replay import replay
+        from simulations.run import QUICK, project_run_config
+
+        threads = torch.get_num_threads()
+        try:
+            rec = replay({**project_run_config(), **QUICK, **parse_config_args([overrides])}, supernodes=4)
+        finally:
+            torch.set_num_threads(threads)
+        got = [rec["eval_loss_by_round"][str(r["round"])] for r in rows[1:]]
+        assert got == pytest.approx([r["eval_loss"] for r in rows[1:]], rel=1e-6)
+        assert rec["up_payload_per_client_round"] == rows[2]["total_up_payload"] / 8

@@ -90,6 +90,13 @@ def read_frame(content: RecordDict) -> bytes:
     return bytes(arr.data)
 
 
+def sample_round(ordered: list[int], seed: int, run_round: int, phase: str, k: int) -> list[int]:
+    """The ``k`` nodes of one round and phase, drawn from ``ordered`` (nodes in partition order) by a
+    generator seeded with the run's seed, the round and the phase; sorted."""
+    rng = random.Random(f"{seed}/{run_round}/{phase}")
+    return sorted(rng.sample(ordered, k))
+
+
 class AdapterStrategy(FedAvg):
     """FedAvg's loop with a method's frames, per-node downlinks and byte accounting.
 
@@ -152,8 +159,7 @@ class AdapterStrategy(FedAvg):
         # sample over the nodes ordered by partition: the simulation engine draws new random node ids
         # every run, so sampling the ids themselves would give the same seed different data
         ordered = sorted(nodes, key=lambda n: (self.partitions.get(n, math.inf), n))
-        rng = random.Random(f"{self.seed}/{run_round}/{phase}")
-        return sorted(rng.sample(ordered, self.clients_per_round))
+        return sample_round(ordered, self.seed, run_round, phase, self.clients_per_round)
 
     def _ask_partitions(self, grid, nodes: list[int], run_round: int) -> None:
         """One small query message per node not seen before: which partition does it hold (metered)."""
