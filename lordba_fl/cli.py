@@ -5,6 +5,7 @@
     lordba-fl run [--quick] [--run-config "..."]    # a federated run (Flower's simulation engine)
     lordba-fl frontier [--task skills] [--only ...]  # quality against bytes, every method
     lordba-fl bench NAME [...]                       # codec | edge | chaos | faults | privacy | adapter | scale | batched
+    lordba-fl replay [--run-config "..."]           # the same run replayed in one process, no Flower: fast sweeps
     lordba-fl centralized | hetero | compare | tables [...]
     lordba-fl export ADAPTER --peft DIR | --merged DIR   # a packed LoRDBA adapter for PEFT / plain transformers
 
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 BENCHES = ("adapter", "batched", "chaos", "codec", "edge", "faults", "privacy", "scale")
-EXPERIMENTS = {"run": "run", "frontier": "frontier", "centralized": "centralized", "hetero": "hetero",
+EXPERIMENTS = {"run": "run", "frontier": "frontier", "replay": "replay", "centralized": "centralized", "hetero": "hetero",
                "compare": "compare", "tables": "tables", "docs": "docs"}
 
 
