@@ -124,7 +124,7 @@ class RunConfig:
     rank: int = option(16, "rank", "Adapter rank r.")
     alpha: float = option(32.0, "alpha",
         "Adapter scaling numerator: the update is scaled by alpha / rank (LoRA's lora_alpha).")
-    lr: float = option(1e-3, "lr", "scales (LoRDBA) / LoRA factors")
+    lr: float = option(1e-3, "lr", "LoRA factors / LoRDBA scales (times scale-lr-ratio)")
     train: TrainConfig = TrainConfig()
     codec_level: int = option(3, "codec.level", "zstd level of every frame (-7 fastest .. 22 smallest; 3: zstd's default).")
     round_timeout: float = option(3600.0, "server.round-timeout",
