@@ -262,16 +262,14 @@ def plan_runs(task: str, seeds=(0,), lordba_ranks=LORDBA_RANKS, only=None, quick
 def run_config_for(spec: dict, lrs: dict, quick: bool = False, user: dict | None = None,
                    out_dir: str = "results/frontier") -> dict:
     """The run-config overrides of one run: shared settings < task settings < quick < the run's own
-    (method, rank, alpha = 2 rank, lr, seed) < ``user`` (``--run-config``, last, so any setting can change).
-    A variant that sets its own ``lr`` keeps it (a learning rate is part of what that variant measures);
-    every other run gets its method's (``lrs``)."""
+    (method, rank, alpha = 2 rank, lr, seed) < ``user`` (``--run-config``, last, so any setting can change)."""
     cfg = {**SETTINGS, **TASK_SETTINGS.get(spec["task"], {})}
     if quick:  # the tiny model's shrinkage, except what a task needs (gsm's sequence length)
         cfg.update({k: v for k, v in QUICK_SETTINGS.items() if k not in TASK_SETTINGS.get(spec["task"], {})})
     cfg.update(spec["overrides"])
     method = cfg["method"]
     cfg.update({"task": spec["task"], "rank": spec["rank"], "alpha": float(2 * spec["rank"]),
-                "lr": spec["overrides"].get("lr", lrs[method]), "seed": spec["seed"]})
+                "lr": lrs[method], "seed": spec["seed"]})
     cfg.update(user or {})
     cfg["out-dir"] = str(Path(out_dir) / spec["task"])
     cfg["name"] = run_name(spec["variant"], spec["rank"], spec["seed"])

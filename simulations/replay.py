@@ -15,7 +15,7 @@ Usage::
 
     python -m simulations.replay --quick                       # tiny model, 2 rounds
     python -m simulations.replay --supernodes 8 --eval-every 3 \\
-        --run-config "task='skills' rounds=15 clients-per-round=3 train.local-steps=4 lr=0.002"
+        --run-config "task='skills' rounds=15 clients-per-round=3 train.local-steps=4 scale-lr-ratio=3"
 
 Prints one JSON line per evaluated round and a summary line (``kind: "replay"``: the overrides, eval
 loss by evaluated round, final loss, mean payload bytes per client-round each way, wall time), which

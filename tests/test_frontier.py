@@ -213,9 +213,6 @@ def test_plan_and_run_config():
     assert (cfg["rank"], cfg["alpha"], cfg["lr"], cfg["rounds"]) == (32, 64.0, 5e-4, 12)
     assert cfg["server.aggregator"] == "refit" and cfg["train.seq-len"] == 192
     assert (cfg["out-dir"], cfg["name"]) == ("/tmp/f/gsm", "lordba-refit-r32-s0")
-    own = {**plan_runs("gsm", lordba_ranks=(16,), only=["lordba-refit"])[0]}
-    own["overrides"] = {**own["overrides"], "lr": 3e-3}  # a variant's own learning rate wins over the method's
-    assert run_config_for(own, lrs)["lr"] == 3e-3
     quick = run_config_for(plan_runs("gsm", quick=True)[0], lrs, quick=True)
     assert quick["model"] == "tiny-llama" and quick["train.seq-len"] == 192  # gsm keeps what a problem needs
 
