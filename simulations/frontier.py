@@ -132,6 +132,10 @@ LORDBA_VARIANTS: dict[str, dict] = {
     # adapter's moving part (lr swept on an in-process replay of the skills run, seed 0): the defaults now
     "lordba-step-decay-h16-lr2": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "server.history": 16,
                                   "scale-lr-ratio": 2.0},
+    # the 2-bit scale deltas both ways (client and server error feedback) over the defaults now
+    "lordba-step-decay-q2-both-h16-lr2": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "server.history": 16,
+                                          "scale-lr-ratio": 2.0, "codec.scale-encoding": "q2",
+                                          "codec.scale-error-feedback": True, "codec.state-scale-encoding": "q2"},
     "lordba-step-vote": {**_LEAN, "server.aggregator": "vote", "flip.budget-start": 0.08, "flip.every-step": True},
     # flips chosen by the summed straight-through gradient (first-order gain) instead of AdamW's |L|:
     # alone over the defaults, and with the per-step budget and the decaying budgets
