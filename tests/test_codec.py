@@ -214,6 +214,32 @@ def test_low_bit_scale_codes_by_hand(encoding, bits):
     assert len(_q8_steps(frame, spec, opts)) == 2  # one fp16 step, then ceil(3 * bits / 8) code bytes
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_nearest_rounded_uplink_codes_by_hand(bits):
+    """codec.scale-rounding = nearest: deterministic codes, per segment the candidate step (max |x| / L
+    times 2^(-j/2)) with the least squared error; small deltas go to zero; decoded like stochastic ones."""
+    from lordba_fl.wire.codes import fp16_round
+
+    spec = _spec(((4, 1, 1),), ("in",))  # one segment of 4 values
+    delta = torch.tensor([0.1, -0.02, 0.01, 0.0])
+    flips = torch.zeros(spec.n_bits, dtype=torch.bool)
+    opts = CodecOptions(scale_encoding=f"q{bits}", scale_rounding="nearest")
+    levels = (1 << (bits - 1)) - 1
+    frames = {encode_update(Update(0, 0, flips, delta), spec, opts, rng=s) for s in range(5)}
+    assert len(frames) == 1  # no randomness
+    got = decode_update(frames.pop(), spec, opts).scale_delta.numpy()
+    if bits == 2:  # j = 0 (step 0.1): error 0.02^2 + 0.01^2; j = 1 (0.0707): 0.0293^2 + 0.02^2 + 0.01^2
+        step = fp16_round(np.float32([0.1]), up=True).astype(np.float32)[0]
+        np.testing.assert_array_equal(got, np.float32([step, 0.0, 0.0, 0.0]))
+    # whatever the step, no value is off by more than half a step unless it clipped, and the squared
+    # error is never above the no-clip step's nearest rounding (one of the candidates)
+    no_clip = fp16_round(np.float32([0.1 / levels]), up=True).astype(np.float32)[0]
+    plain = np.clip(np.rint(delta.numpy() / no_clip), -levels, levels) * no_clip
+    assert float(((got - delta.numpy()) ** 2).sum()) <= float(((plain - delta.numpy()) ** 2).sum())
+    with pytest.raises(ValueError, match="scale_rounding"):
+        CodecOptions(scale_rounding="down")
+
+
 def test_low_bit_scale_sections_with_bad_codes_are_refused():
     from lordba_fl.methods.lordba.codec import _decode_q, pack_codes
 

@@ -73,8 +73,10 @@ def test_refit_of_one_client_reproduces_its_product():
     assert float((got - target).norm() / target.norm()) < 0.5
 
 
-def test_scale_error_feedback_sends_the_sum_of_the_deltas_over_rounds():
-    """Error feedback: what a node sends over rounds adds up to what it trained, less one residual."""
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_scale_error_feedback_sends_the_sum_of_the_deltas_over_rounds(rounding):
+    """Error feedback: what a node sends over rounds adds up to what it trained, less one residual
+    (with either rounding of the codes)."""
     import numpy as np
     import torch
 
@@ -84,7 +86,9 @@ def test_scale_error_feedback_sends_the_sum_of_the_deltas_over_rounds():
     from lordba_fl.methods.lordba.codec import scale_roundtrip
 
     _, _, method = _adapted_model(parse_run_config({"model": "tiny-llama", "rank": 4, "alpha": 8.0,
-                                                    "codec.scale-encoding": "q2", "codec.scale-error-feedback": True}))
+                                                    "codec.scale-encoding": "q2", "codec.scale-error-feedback": True,
+                                                    "codec.scale-rounding": rounding}))
+    assert method.options.scale_rounding == rounding
     state, sent, trained = {}, [], []
     g = torch.Generator().manual_seed(0)
     for rnd in range(5):

@@ -102,6 +102,7 @@ class ScaleEncoding(enum.IntEnum):
 
 _SCALE_ENCODINGS = {"fp16": ScaleEncoding.FP16, "q8": ScaleEncoding.Q8, "q4": ScaleEncoding.Q4, "q2": ScaleEncoding.Q2}
 _QUANT_BITS = {ScaleEncoding.Q8: 8, ScaleEncoding.Q4: 4, ScaleEncoding.Q2: 2}
+SCALE_ROUNDINGS = ("stochastic", "nearest")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,12 @@ class CodecOptions:
         Mantissa bits kept of each broadcast (state) scale, 1..10 (10: plain fp16); fewer make the
         downlink's XOR deltas cheaper (7 is bfloat16's precision). Rounded to nearest even, in full
         and delta frames alike, so every receiver holds the same values.
+    scale_rounding : str
+        How ``q8`` / ``q4`` / ``q2`` uplink codes round: ``"stochastic"`` (the no-clip step
+        ``max|x| / L``, unbiased) or ``"nearest"`` (the step, among ``max|x| / L`` times
+        ``2^(-j/2)``, j = 0..8, with the least squared error per layer and scale kind; codes clip at
+        ``L``; biased toward zero, so pair it with the client's error feedback). Receivers decode
+        both alike.
     state_scale_encoding : str
         Broadcast scales of a *delta* frame: ``"fp16"`` (the exact fp16 bits XOR the base's) or
         ``"q8"`` / ``"q4"`` / ``"q2"``: codes in ``[-L, L]`` of the difference to the receiver's
@@ -136,9 +143,12 @@ class CodecOptions:
     dictionary: bytes | None = None
     state_mantissa_bits: int = 10
     state_scale_encoding: str = "fp16"
+    scale_rounding: str = "stochastic"
 
     def __post_init__(self):
         check_zstd_level(self.level)
+        if self.scale_rounding not in SCALE_ROUNDINGS:
+            raise ValueError(f"scale_rounding must be one of {list(SCALE_ROUNDINGS)}; got {self.scale_rounding!r}")
         if self.scale_encoding not in _SCALE_ENCODINGS:
             raise ValueError(f"scale_encoding must be one of {sorted(_SCALE_ENCODINGS)}; got {self.scale_encoding!r}")
         if self.state_scale_encoding not in _SCALE_ENCODINGS:
@@ -460,14 +470,24 @@ def _decode_q(raw: bytes, segments: np.ndarray, bits: int) -> np.ndarray:
     return q.astype(np.float32) * np.repeat(step.astype(np.float32), segments)
 
 
+def _encode_uplink_scales(values: np.ndarray, spec: AdapterSpec, options: CodecOptions, rng) -> bytes:
+    """An update's scale section: fp16, or ``q8`` / ``q4`` / ``q2`` codes rounded as
+    ``options.scale_rounding`` says (``rng``: the source of the stochastic rounding)."""
+    enc = _SCALE_ENCODINGS[options.scale_encoding]
+    if enc not in _QUANT_BITS:
+        return _encode_fp16(values, "update.scale_delta")
+    if options.scale_rounding == "nearest":
+        return _encode_q_nearest(values, spec.scale_segments, _QUANT_BITS[enc])
+    return _encode_q(values, spec.scale_segments, np.random.default_rng(rng), _QUANT_BITS[enc])
+
+
 def scale_roundtrip(delta, spec: AdapterSpec, options: CodecOptions, rng) -> np.ndarray:
     """The scale delta a receiver decodes from :func:`encode_update` with the same ``rng`` (its
-    stochastic rounding included): what a client keeps the difference of for error feedback."""
+    rounding included): what a client keeps the difference of for error feedback."""
     values = _as_numpy_f32(delta, spec.n_scales, "scale delta")
     enc = _SCALE_ENCODINGS[options.scale_encoding]
     if enc in _QUANT_BITS:
-        return _decode_q(_encode_q(values, spec.scale_segments, np.random.default_rng(rng), _QUANT_BITS[enc]),
-                         spec.scale_segments, _QUANT_BITS[enc])
+        return _decode_q(_encode_uplink_scales(values, spec, options, rng), spec.scale_segments, _QUANT_BITS[enc])
     return values.astype(np.float16).astype(np.float32)
 
 
@@ -600,18 +620,15 @@ def encode_update(
     spec : AdapterSpec
         The federation's adapter layout.
     options : CodecOptions, optional
-        Compression level, scale encoding (fp16 or q8) and dictionary.
+        Compression level, scale encoding (fp16, q8, q4, q2) and rounding, and dictionary.
     rng : numpy Generator or int, optional
-        Source of the q8 stochastic rounding (seed it for reproducible runs).
+        Source of the stochastic rounding of quantized scale deltas (seed it for reproducible runs).
     """
     options = options or CodecOptions()
     bits = _as_numpy_bits(update.flips, spec.n_bits, "update.flips")
     delta = _as_numpy_f32(update.scale_delta, spec.n_scales, "update.scale_delta")
     enc = _SCALE_ENCODINGS[options.scale_encoding]
-    if enc in _QUANT_BITS:
-        raw = _encode_q(delta, spec.scale_segments, np.random.default_rng(rng), _QUANT_BITS[enc])
-    else:
-        raw = _encode_fp16(delta, "update.scale_delta")
+    raw = _encode_uplink_scales(delta, spec, options, rng)
     return _build(
         FrameKind.UPDATE,
         spec,

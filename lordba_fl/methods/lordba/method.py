@@ -264,7 +264,8 @@ class LoRDBAMethod(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.options = CodecOptions(level=cfg.codec_level, scale_encoding=cfg.scale_encoding)
+        self.options = CodecOptions(level=cfg.codec_level, scale_encoding=cfg.scale_encoding,
+                                    scale_rounding=cfg.scale_rounding)
         self.state_options = CodecOptions(level=cfg.codec_level, state_mantissa_bits=cfg.state_mantissa_bits,
                                           state_scale_encoding=cfg.state_scale_encoding)
         # exact fp16 deltas: lower tiers (nested states, not tracked per node)

@@ -10,6 +10,7 @@ from lordba_fl.adapter.config import SCALE_INITS, SCALE_LRS, SCALE_NAMES, SIGN_I
 from lordba_fl.methods.base import MethodSettings
 from lordba_fl.methods.lordba.aggregation import REFIT_MODES, SCALE_RULES
 from lordba_fl.methods.lordba.budgets import FlipControl
+from lordba_fl.methods.lordba.codec import SCALE_ROUNDINGS
 from lordba_fl.methods.lordba.clientstate import STATE_DTYPES, STATE_KINDS
 from lordba_fl.methods.lordba.privacy import DPConfig
 from lordba_fl.options import option
@@ -68,7 +69,11 @@ class LoRDBASettings(MethodSettings):
     tau: float = option(0.0, "server.tau", "hysteresis")
     eta: float = option(1.0, "server.eta", "server lr on scales (1 = FedAvg)")
     scale_encoding: str = option("q8", "codec.scale-encoding",
-        "uplink scale deltas: q8 | q4 | q2 (codes in [-127,127] / [-7,7] / [-1,1], one fp16 step per layer, unbiased) | fp16")
+        "uplink scale deltas: q8 | q4 | q2 (codes in [-127,127] / [-7,7] / [-1,1], one fp16 step per layer, rounded as "
+        "codec.scale-rounding says) | fp16")
+    scale_rounding: str = option("stochastic", "codec.scale-rounding",
+        "q8/q4/q2 uplink codes: stochastic (no-clip step, unbiased) | nearest (the least-squares step per layer, "
+        "codes clip; biased toward zero: pair it with codec.scale-error-feedback)")
     scale_error_feedback: bool = option(False, "codec.scale-error-feedback",
         "each client keeps what quantizing its scale delta lost and adds it to its next one (state: 4 bytes a scale)")
     history: int = option(16, "server.history",
@@ -89,6 +94,7 @@ class LoRDBASettings(MethodSettings):
                                   ("server.scale-rule", self.scale_rule, SCALE_RULES),
                                   ("codec.scale-encoding", self.scale_encoding, ("q8", "q4", "q2", "fp16")),
                                   ("codec.state-scale-encoding", self.state_scale_encoding, ("fp16", "q8", "q4", "q2")),
+                                  ("codec.scale-rounding", self.scale_rounding, SCALE_ROUNDINGS),
                                   ("client.state", self.client_state, STATE_KINDS),
                                   ("client.state-dtype", self.client_state_dtype, STATE_DTYPES)):
             if value not in known:
