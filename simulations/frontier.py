@@ -142,6 +142,10 @@ LORDBA_VARIANTS: dict[str, dict] = {
                                            "scale-lr-ratio": 2.0, "codec.scale-encoding": "q2",
                                            "codec.scale-rounding": "nearest", "codec.scale-error-feedback": True,
                                            "codec.state-scale-encoding": "q2"},
+    "lordba-step-decay-q4n-both-h16-lr2": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "server.history": 16,
+                                           "scale-lr-ratio": 2.0, "codec.scale-encoding": "q4",
+                                           "codec.scale-rounding": "nearest", "codec.scale-error-feedback": True,
+                                           "codec.state-scale-encoding": "q4"},
     "lordba-step-vote": {**_LEAN, "server.aggregator": "vote", "flip.budget-start": 0.08, "flip.every-step": True},
     # flips chosen by the summed straight-through gradient (first-order gain) instead of AdamW's |L|:
     # alone over the defaults, and with the per-step budget and the decaying budgets
