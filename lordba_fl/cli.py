@@ -4,7 +4,7 @@
 
     lordba-fl run [--quick] [--run-config "..."]    # a federated run (Flower's simulation engine)
     lordba-fl frontier [--task skills] [--only ...]  # quality against bytes, every method
-    lordba-fl bench NAME [...]                       # codec | edge | chaos | faults | privacy | adapter | scale | batched
+    lordba-fl bench NAME [...]                       # codec | scale_codes | edge | chaos | faults | privacy | adapter | scale | batched
     lordba-fl replay [--run-config "..."]           # the same run replayed in one process, no Flower: fast sweeps
     lordba-fl centralized | hetero | compare | tables [...]
     lordba-fl export ADAPTER --peft DIR | --merged DIR   # a packed LoRDBA adapter for PEFT / plain transformers
@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ("adapter", "batched", "chaos", "codec", "edge", "faults", "privacy", "scale")
+BENCHES = ("adapter", "batched", "chaos", "codec", "edge", "faults", "privacy", "scale", "scale_codes")
 EXPERIMENTS = {"run": "run", "frontier": "frontier", "replay": "replay", "centralized": "centralized", "hetero": "hetero",
                "compare": "compare", "tables": "tables", "docs": "docs"}
 

@@ -240,6 +240,30 @@ def test_nearest_rounded_uplink_codes_by_hand(bits):
         CodecOptions(scale_rounding="down")
 
 
+def test_scale_code_benchmark_by_hand(tmp_path):
+    """bench scale_codes: deltas between the checkpoint's kept versions, and one delta's error and codes."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from lordba_fl.wire.codes import fp16_round
+    from simulations.bench_scale_codes import code_entropy_bits, measure, version_deltas
+
+    assert code_entropy_bits(np.array([0, 0, 1, -1])) == 1.5
+    v = [np.float32([1.0, 2.0]), np.float32([1.5, 1.0]), np.float32([1.25, 1.0])]
+    save_file({"history_scales.1": v[1], "history_scales.0": v[0], "scales": v[2], "negative": np.zeros(3, bool)},
+              str(tmp_path / "ckpt-3.safetensors"))
+    (tmp_path / "latest.json").write_text(json.dumps({"round": 3}))
+    got = version_deltas(tmp_path)
+    assert [d.tolist() for d in got] == [[0.5, -1.0], [-0.25, 0.0]]
+    spec = _spec(((4, 1, 1),), ("in",))
+    delta = np.float32([0.1, -0.02, 0.01, 0.0])
+    rec = measure(spec, [delta], "q2", "nearest")
+    step = float(fp16_round(np.float32([0.1]), up=True)[0])  # the least-squares step here (see above)
+    want = ((0.1 - step) ** 2 + 0.02 ** 2 + 0.01 ** 2) / float((delta.astype(np.float64) ** 2).sum())
+    assert rec["rel_sq_error"] == pytest.approx(want, rel=1e-6) and rec["nonzero"] == 0.25
+
+
 def test_low_bit_scale_sections_with_bad_codes_are_refused():
     from lordba_fl.methods.lordba.codec import _decode_q, pack_codes
 
