@@ -572,8 +572,8 @@ def plot_frontier(records: list[dict], out_dir: Path) -> list[Path]:
         ax.set(title=task, xscale="log", xlabel="cumulative wire bytes per client (up + down)",
                ylabel="final eval loss")
         ax.ticklabel_format(axis="y", useOffset=False)
-        # a diverged run (final loss above the loss before training) would flatten every other point:
-        # it is listed in the title and left off the y range
+        # a run that ends above the lowest loss any run started from (diverged, or one that barely
+        # learns) would flatten every other point: it is listed in the title with its loss and left off the y range
         initial = min((r["initial_eval_loss"] for r in records if r["task"] == task and r.get("initial_eval_loss")),
                       default=None)
         losses = [p["final_eval_loss"] for p in points.values()]
@@ -582,7 +582,8 @@ def plot_frontier(records: list[dict], out_dir: Path) -> list[Path]:
         if kept and off:
             span = max(kept) - min(kept) or 0.01
             ax.set_ylim(min(kept) - 0.1 * span, max(kept) + 0.1 * span)
-            ax.set_title(f"{task} (off the chart, diverged: {', '.join(off)})", fontsize=9)
+            listed = ", ".join(f"{n} at {points[n]['final_eval_loss']:.3f}" for n in off)
+            ax.set_title(f"{task} (off the chart: {listed})", fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
