@@ -79,6 +79,9 @@ _LEAN = {**_NO_SCHEDULE, "method": "lordba", "server.aggregator": "refit", "scal
 # these with the per-step budget and budgets halving all the way down (lordba-step-decay)
 _DEFAULTS = {**_LEAN, "server.error-feedback": True, "flip.budget-start": 0.08, "server.flip-budget-start": 0.04}
 _DECAY = {"flip.budget": 0.0, "server.flip-budget": 0.0}  # the budgets halve all the way to zero
+# the defaults now (lordba-step-decay-h16-lr2): 16 kept versions, the scales at twice lr
+_NOW = {**_DEFAULTS, **_DECAY, "flip.every-step": True, "server.history": 16, "scale-lr-ratio": 2.0}
+_Q2_BOTH = {"codec.scale-encoding": "q2", "codec.scale-error-feedback": True, "codec.state-scale-encoding": "q2"}
 LORDBA_VARIANTS: dict[str, dict] = {
     "lordba-lean-ef": {**_LEAN, "server.error-feedback": True},
     "lordba-lean": {**_LEAN, "server.error-feedback": False},
@@ -130,22 +133,12 @@ LORDBA_VARIANTS: dict[str, dict] = {
                                       "server.history": 16},
     # the scales at twice lr (scale-lr-ratio = 2): federated, the settled signs leave the scales as the
     # adapter's moving part (lr swept on an in-process replay of the skills run, seed 0): the defaults now
-    "lordba-step-decay-h16-lr2": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "server.history": 16,
-                                  "scale-lr-ratio": 2.0},
+    "lordba-step-decay-h16-lr2": dict(_NOW),
     # the 2-bit scale deltas both ways (client and server error feedback) over the defaults now
-    "lordba-step-decay-q2-both-h16-lr2": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "server.history": 16,
-                                          "scale-lr-ratio": 2.0, "codec.scale-encoding": "q2",
-                                          "codec.scale-error-feedback": True, "codec.state-scale-encoding": "q2"},
+    "lordba-step-decay-q2-both-h16-lr2": {**_NOW, **_Q2_BOTH},
     # the same with the uplink's codes rounded to nearest at the least-squares step (the client's error
     # feedback carries what they drop) instead of stochastically at the no-clip step
-    "lordba-step-decay-q2n-both-h16-lr2": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "server.history": 16,
-                                           "scale-lr-ratio": 2.0, "codec.scale-encoding": "q2",
-                                           "codec.scale-rounding": "nearest", "codec.scale-error-feedback": True,
-                                           "codec.state-scale-encoding": "q2"},
-    "lordba-step-decay-q4n-both-h16-lr2": {**_DEFAULTS, **_DECAY, "flip.every-step": True, "server.history": 16,
-                                           "scale-lr-ratio": 2.0, "codec.scale-encoding": "q4",
-                                           "codec.scale-rounding": "nearest", "codec.scale-error-feedback": True,
-                                           "codec.state-scale-encoding": "q4"},
+    "lordba-step-decay-q2n-both-h16-lr2": {**_NOW, **_Q2_BOTH, "codec.scale-rounding": "nearest"},
     "lordba-step-vote": {**_LEAN, "server.aggregator": "vote", "flip.budget-start": 0.08, "flip.every-step": True},
     # flips chosen by the summed straight-through gradient (first-order gain) instead of AdamW's |L|:
     # alone over the defaults, and with the per-step budget and the decaying budgets

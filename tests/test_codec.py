@@ -231,8 +231,8 @@ def test_nearest_rounded_uplink_codes_by_hand(bits):
     if bits == 2:  # j = 0 (step 0.1): error 0.02^2 + 0.01^2; j = 1 (0.0707): 0.0293^2 + 0.02^2 + 0.01^2
         step = fp16_round(np.float32([0.1]), up=True).astype(np.float32)[0]
         np.testing.assert_array_equal(got, np.float32([step, 0.0, 0.0, 0.0]))
-    # whatever the step, no value is off by more than half a step unless it clipped, and the squared
-    # error is never above the no-clip step's nearest rounding (one of the candidates)
+    # whatever step wins, the squared error is never above the no-clip step's nearest rounding
+    # (one of the candidates)
     no_clip = fp16_round(np.float32([0.1 / levels]), up=True).astype(np.float32)[0]
     plain = np.clip(np.rint(delta.numpy() / no_clip), -levels, levels) * no_clip
     assert float(((got - delta.numpy()) ** 2).sum()) <= float(((plain - delta.numpy()) ** 2).sum())

@@ -115,8 +115,8 @@ class CodecOptions:
         zstd compression level (-7 fastest ... 22 smallest); 3 is zstd's default.
     scale_encoding : str
         Uplink scale deltas as ``"fp16"``, ``"q8"``, ``"q4"`` or ``"q2"`` (8 / 4 / 2-bit codes in
-        ``[-L, L]``, ``L = 2^(bits-1) - 1``, one fp16 step per layer and scale kind, stochastic
-        rounding, so the decoded delta is unbiased).
+        ``[-L, L]``, ``L = 2^(bits-1) - 1``, one fp16 step per layer and scale kind, rounded as
+        ``scale_rounding`` says).
     dictionary : bytes, optional
         A zstd dictionary (:func:`train_dictionary`) used for every section.
     state_mantissa_bits : int
