@@ -148,6 +148,34 @@ def test_a_flip_quorum_keeps_only_flips_enough_clients_share():
         Refit(SPEC, quorum=0)
 
 
+@pytest.mark.parametrize("eta", [0.5, 2.0])
+def test_a_server_learning_rate_fits_the_current_product_plus_eta_times_the_averaged_change(eta):
+    """server.eta: target = P(S, s) + eta (sum w_k P_k / sum w_k - P(S, s)), computed here by hand; the
+    warm start moves the scales by eta x the averaged delta and the fit is never worse than it."""
+    state = _state(9)
+    ups = [(_update(state, 0.02, 0.1, 90 + k), float(k + 1)) for k in range(3)]
+    total = sum(w for _, w in ups)
+    new = Refit(SPEC, eta=eta)(ServerState.initial(state), ups)
+    current = _products(state.negative, state.scales)
+    averaged = {n: sum(w / total * _products(state.negative ^ u.flips, state.scales + u.scale_delta)[n] for u, w in ups)
+                for n in ("a", "b")}
+    warm = _products(state.negative, state.scales + eta * sum(w / total * u.scale_delta for u, w in ups))
+    got = _products(new.state.negative, new.state.scales)
+    for n in ("a", "b"):
+        target = current[n] + eta * (averaged[n] - current[n])
+        assert new.info["fit_error"][n] == pytest.approx(_rel(got[n], target), abs=1e-6)  # fitted to this target
+        assert _rel(got[n], target) <= _rel(warm[n], target) + 1e-7
+    plain = Refit(SPEC)(ServerState.initial(state), ups)
+    assert not torch.equal(plain.state.scales, new.state.scales)
+    # a round in which no client changes anything still changes nothing
+    nothing = Update(1, state.version, torch.zeros(SPEC.n_bits, dtype=torch.bool), torch.zeros(SPEC.n_scales))
+    quiet = Refit(SPEC, eta=eta)(ServerState.initial(state), [(nothing, 1.0), (nothing, 3.0)])
+    assert torch.equal(quiet.state.negative, state.negative) and torch.equal(quiet.state.scales, state.scales)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="server.eta"):
+            Refit(SPEC, eta=bad)
+
+
 def test_bad_refit_settings_are_refused():
     with pytest.raises(ValueError, match="faithful"):
         Refit(SPEC, mode="bogus")

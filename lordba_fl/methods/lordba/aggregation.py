@@ -255,6 +255,12 @@ class Refit:
     treated as local noise and the client's product is formed on the current sign there (its scale
     delta stands). ``info["quorum_kept"]`` is the fraction of the clients' flips kept.
 
+    With a server learning rate ``eta`` != 1 (``server.eta``) the target is the current product plus
+    ``eta`` times the round's averaged change, ``ΔW^t + η (Σ n_k ΔW_k / Σ n_k - ΔW^t)``, and the
+    warm-start scales move by ``η`` times the averaged scale delta (FedOpt's server step applied to the
+    exact products; ``eta = 1`` is the plain average). A round in which no client changes anything
+    still leaves the adapter exactly as it was.
+
     The round's relative fit error per layer (broadcast against target, the paper's
     residual-to-magnitude ratio) is returned in ``ServerState.info["fit_error"]``.
     """
@@ -268,8 +274,12 @@ class Refit:
     restart: bool = False
     error_feedback: bool = False
     quorum: int = 1
+    eta: float = 1.0
 
     def __post_init__(self):
+        if not (self.eta > 0.0 and math.isfinite(self.eta)):
+            raise ValueError(f"server.eta (the server's learning rate on the averaged change) must be a finite number > 0 "
+                             f"(1: the plain average); got {self.eta!r}")
         if self.mode not in REFIT_MODES:
             raise ValueError(f"server.refit must be one of {REFIT_MODES}; got {self.mode!r}")
         if self.error_feedback and self.mode != "faithful":
@@ -288,10 +298,11 @@ class Refit:
         weights = torch.tensor([w for _, w in updates], dtype=torch.float64)
         negative = old.negative.clone()
         deltas = torch.stack([u.scale_delta.float() for u, _ in updates])  # (K, n_scales)
-        scales = old.scales + combine(deltas, weights, self.scale_rule, self.trim).float()  # warm start: averaged scales
+        scales = old.scales + self.eta * combine(deltas, weights, self.scale_rule, self.trim).float()  # warm start: averaged scales
         new_neg = split_carriers(self.spec, negative)
         new_scales = split_scales(self.spec, scales)
         old_signs = split_carriers(self.spec, old.signs())
+        old_scales = split_scales(self.spec, old.scales)
         flips = [u.flips for u, _ in updates]
         info = {}
         if self.quorum > 1:
@@ -315,6 +326,10 @@ class Refit:
             else:
                 target = combine(torch.stack(products), weights, self.scale_rule, self.trim)  # (out, in)
             del products
+            if self.eta != 1.0:  # the server's step: the current product plus eta x the averaged change
+                current = layer_product(*old_signs[name], old_scales[name], layer)
+                target = current + self.eta * (target - current)
+                del current
             if self.error_feedback and name in residual:
                 target = target + residual[name].double()
             if not bool(target.abs().max() > 0):
@@ -361,4 +376,5 @@ def make_vote(spec: AdapterSpec, cfg) -> LatentVote:
 def make_refit(spec: AdapterSpec, cfg) -> Refit:
     """``server.aggregator = "refit"``: :class:`Refit` from ``server.refit/refit-restart/error-feedback``."""
     return Refit(spec, scale_rule=cfg.scale_rule, trim=cfg.trim, mode=cfg.refit_mode, restart=cfg.refit_restart,
-                 error_feedback=cfg.error_feedback and cfg.refit_mode == "faithful", quorum=cfg.flip_quorum)
+                 error_feedback=cfg.error_feedback and cfg.refit_mode == "faithful", quorum=cfg.flip_quorum,
+                 eta=cfg.eta)

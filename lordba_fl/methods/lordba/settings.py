@@ -67,7 +67,8 @@ class LoRDBASettings(MethodSettings):
         "flip budget of a warm-up round (1: no limit, the device fit may also restart from its own SVD)")
     beta: float = option(0.0, "server.beta", "latent momentum")
     tau: float = option(0.0, "server.tau", "hysteresis")
-    eta: float = option(1.0, "server.eta", "server lr on scales (1 = FedAvg)")
+    eta: float = option(1.0, "server.eta",
+        "server learning rate: vote: x the averaged scale step; refit: x the round's averaged change of each layer's product (1 = FedAvg)")
     scale_encoding: str = option("q8", "codec.scale-encoding",
         "uplink scale deltas: q8 | q4 | q2 (codes in [-127,127] / [-7,7] / [-1,1], one fp16 step per layer, rounded as "
         "codec.scale-rounding says) | fp16")
