@@ -247,6 +247,31 @@ def test_quantized_downlink_server_mirrors_what_each_node_holds():
     assert 1 not in m.node_scales
 
 
+def test_server_momentum_is_configured_and_kept_by_a_checkpoint():
+    """server.eta / server.momentum reach the refit; the momentum the server keeps survives a checkpoint."""
+    from lordba_fl.federation.apps import _adapted_model
+    from lordba_fl.methods import Reply
+    from lordba_fl.methods.lordba.codec import encode_update
+    from lordba_fl.runconfig import parse_run_config
+
+    run = parse_run_config({"model": "tiny-llama", "rank": 4, "alpha": 8.0, "server.eta": 1.5, "server.momentum": 0.9})
+    server, _, m = _adapted_model(run)
+    m.init_server(server)
+    assert (m.aggregator.eta, m.aggregator.momentum) == (1.5, 0.9)
+    _, _, cm = _adapted_model(run)
+    delta = torch.randn(m.spec.n_scales, generator=torch.Generator().manual_seed(3)) * 0.05
+    frame = encode_update(Update(1, m.version, torch.zeros(m.spec.n_bits, dtype=torch.bool), delta), m.spec, cm.options)
+    metrics, _ = m.aggregate(1, [Reply(1, frame, 1.0)])
+    assert metrics["accepted"] == 1 and m.server.momentum
+    tensors, meta = m.server_state()
+    _, _, resumed = _adapted_model(run)
+    resumed.init_server(server)
+    resumed.load_server_state(tensors, meta)
+    assert resumed.server.equals(m.server)
+    with pytest.raises(ValueError, match="server.momentum"):
+        parse_run_config({"server.momentum": 1.0})
+
+
 @pytest.mark.parametrize("every_step", [False, True])
 def test_a_per_step_budget_trains_the_scales_on_the_signs_that_are_sent(every_step):
     """flip.every-step: after each local step the latents are projected onto the round's flip budget,

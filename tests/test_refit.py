@@ -176,6 +176,37 @@ def test_a_server_learning_rate_fits_the_current_product_plus_eta_times_the_aver
             Refit(SPEC, eta=bad)
 
 
+def test_server_momentum_keeps_the_change_and_moves_a_quiet_round_by_it():
+    """server.momentum β: M1 = avg1 - P0, target1 = P0 + η M1; in a round where no client changes the
+    broadcast, M2 = β M1 and target2 = P1 + η β M1 (FedAvgM), both computed here by hand."""
+    beta, eta = 0.5, 1.5
+    state = _state(11)
+    ups = [(_update(state, 0.02, 0.1, 110 + k), 1.0) for k in range(2)]
+    refit = Refit(SPEC, eta=eta, momentum=beta)
+    first = refit(ServerState.initial(state), ups)
+    p0 = _products(state.negative, state.scales)
+    avg = {n: sum(0.5 * _products(state.negative ^ u.flips, state.scales + u.scale_delta)[n] for u, _ in ups)
+           for n in ("a", "b")}
+    p1 = _products(first.state.negative, first.state.scales)
+    for n in ("a", "b"):
+        m1 = avg[n] - p0[n]
+        torch.testing.assert_close(first.momentum[n].double(), m1, atol=1e-6, rtol=0)
+        assert first.info["fit_error"][n] == pytest.approx(_rel(p1[n], p0[n] + eta * m1), abs=1e-6)
+    nothing = Update(1, first.state.version, torch.zeros(SPEC.n_bits, dtype=torch.bool), torch.zeros(SPEC.n_scales))
+    second = refit(first, [(nothing, 1.0)])
+    p2 = _products(second.state.negative, second.state.scales)
+    for n in ("a", "b"):
+        m2 = beta * first.momentum[n].double()
+        torch.testing.assert_close(second.momentum[n].double(), m2, atol=1e-6, rtol=0)
+        assert second.info["fit_error"][n] == pytest.approx(_rel(p2[n], p1[n] + eta * m2), abs=1e-6)
+        assert _rel(p2[n], p1[n]) > 1e-3  # the quiet round moved
+    assert first.clone().equals(first) and not first.equals(second)
+    assert Refit(SPEC)(ServerState.initial(state), ups).momentum is None  # off: no server memory
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="server.momentum"):
+            Refit(SPEC, momentum=bad)
+
+
 def test_bad_refit_settings_are_refused():
     with pytest.raises(ValueError, match="faithful"):
         Refit(SPEC, mode="bogus")

@@ -29,6 +29,7 @@ class ServerState:
     latent: torch.Tensor
     residual: dict[str, torch.Tensor] | None = None  # refit error feedback: per layer (out, in) fp32
     info: dict = field(default_factory=dict)  # what the last aggregation measured (not state)
+    momentum: dict[str, torch.Tensor] | None = None  # refit server momentum: per layer (out, in) fp32
 
     @classmethod
     def initial(cls, state: AdapterState) -> ServerState:
@@ -36,13 +37,14 @@ class ServerState:
         return cls(state.clone(), state.signs())
 
     def clone(self) -> ServerState:
-        residual = None if self.residual is None else {k: v.clone() for k, v in self.residual.items()}
-        return ServerState(self.state.clone(), self.latent.clone(), residual)
+        copy = lambda d: None if d is None else {k: v.clone() for k, v in d.items()}  # noqa: E731
+        return ServerState(self.state.clone(), self.latent.clone(), copy(self.residual), momentum=copy(self.momentum))
 
     def equals(self, other: ServerState) -> bool:
-        same_residual = (self.residual or {}).keys() == (other.residual or {}).keys() and all(
-            torch.equal(v, other.residual[k]) for k, v in (self.residual or {}).items())
-        return self.state.equals(other.state) and torch.equal(self.latent, other.latent) and same_residual
+        same = lambda a, b: (a or {}).keys() == (b or {}).keys() and all(  # noqa: E731
+            torch.equal(v, b[k]) for k, v in (a or {}).items())
+        return (self.state.equals(other.state) and torch.equal(self.latent, other.latent)
+                and same(self.residual, other.residual) and same(self.momentum, other.momentum))
 
 
 def collect_updates(
@@ -217,7 +219,8 @@ class LatentVote:
         wants = latent < 0
         negative = torch.where((wants != old.negative) & (latent.abs() > self.tau), wants, old.negative)
         scales = old.scales + self.eta * scale_step
-        return ServerState(AdapterState(old.version + 1, negative, scales), latent, server.residual)
+        return ServerState(AdapterState(old.version + 1, negative, scales), latent, server.residual,
+                           momentum=server.momentum)
 
 
 REFIT_MODES = ("faithful", "svd")
@@ -259,7 +262,10 @@ class Refit:
     ``eta`` times the round's averaged change, ``ΔW^t + η (Σ n_k ΔW_k / Σ n_k - ΔW^t)``, and the
     warm-start scales move by ``η`` times the averaged scale delta (FedOpt's server step applied to the
     exact products; ``eta = 1`` is the plain average). A round in which no client changes anything
-    still leaves the adapter exactly as it was.
+    still leaves the adapter exactly as it was. With ``momentum`` β > 0 (``server.momentum``) the
+    change is FedAvgM's: ``M^t = β M^{t-1} + (Σ n_k ΔW_k / Σ n_k - ΔW^t)`` per layer, kept by the server
+    (``ServerState.momentum``, one fp32 ``(out, in)`` matrix a layer), and the target is
+    ``ΔW^t + η M^t``; a quiet round then still moves by the momentum.
 
     The round's relative fit error per layer (broadcast against target, the paper's
     residual-to-magnitude ratio) is returned in ``ServerState.info["fit_error"]``.
@@ -275,8 +281,11 @@ class Refit:
     error_feedback: bool = False
     quorum: int = 1
     eta: float = 1.0
+    momentum: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"server.momentum must be in [0, 1) (0: off); got {self.momentum!r}")
         if not (self.eta > 0.0 and math.isfinite(self.eta)):
             raise ValueError(f"server.eta (the server's learning rate on the averaged change) must be a finite number > 0 "
                              f"(1: the plain average); got {self.eta!r}")
@@ -317,6 +326,7 @@ class Refit:
             for f, (u, w) in zip(flips, updates)
         ]
         residual = dict(server.residual or {})
+        momentum = dict(server.momentum or {})
         errors = {}
         for layer in self.spec.layers:
             name = layer.name
@@ -326,10 +336,15 @@ class Refit:
             else:
                 target = combine(torch.stack(products), weights, self.scale_rule, self.trim)  # (out, in)
             del products
-            if self.eta != 1.0:  # the server's step: the current product plus eta x the averaged change
+            if self.eta != 1.0 or self.momentum > 0:  # the server's step: current product + eta x the (momentum) change
                 current = layer_product(*old_signs[name], old_scales[name], layer)
-                target = current + self.eta * (target - current)
-                del current
+                change = target - current
+                if self.momentum > 0:
+                    if name in momentum:
+                        change = change + self.momentum * momentum[name].double()
+                    momentum[name] = change.float()
+                target = current + self.eta * change
+                del current, change
             if self.error_feedback and name in residual:
                 target = target + residual[name].double()
             if not bool(target.abs().max() > 0):
@@ -356,7 +371,8 @@ class Refit:
                 view.copy_(fitted[kind].float())
         state = AdapterState(old.version + 1, negative, scales)
         info["fit_error"] = errors
-        return ServerState(state, state.signs(), residual if self.error_feedback else None, info)
+        return ServerState(state, state.signs(), residual if self.error_feedback else None, info,
+                           momentum if self.momentum > 0 else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,4 +393,4 @@ def make_refit(spec: AdapterSpec, cfg) -> Refit:
     """``server.aggregator = "refit"``: :class:`Refit` from ``server.refit/refit-restart/error-feedback``."""
     return Refit(spec, scale_rule=cfg.scale_rule, trim=cfg.trim, mode=cfg.refit_mode, restart=cfg.refit_restart,
                  error_feedback=cfg.error_feedback and cfg.refit_mode == "faithful", quorum=cfg.flip_quorum,
-                 eta=cfg.eta)
+                 eta=cfg.eta, momentum=cfg.server_momentum)

@@ -527,6 +527,8 @@ class LoRDBAMethod(Method):
             tensors[f"history_scales.{v}"] = self.scale_history[v]
         for name, r in (self.server.residual or {}).items():
             tensors[f"residual.{name}"] = r
+        for name, m in (self.server.momentum or {}).items():
+            tensors[f"momentum.{name}"] = m
         for node, sc in self.node_scales.items():
             tensors[f"node_scales.{node}"] = sc
         meta = {"version": self.version, "node_versions": {str(k): v for k, v in self.node_versions.items()},
@@ -537,7 +539,8 @@ class LoRDBAMethod(Method):
     def load_server_state(self, tensors: dict, meta: dict) -> None:
         state = AdapterState(int(meta["version"]), tensors["negative"].clone(), tensors["scales"].clone())
         residual = {k.split(".", 1)[1]: t.clone() for k, t in tensors.items() if k.startswith("residual.")}
-        self.server = ServerState(state, tensors["latent"].clone(), residual or None)
+        momentum = {k.split(".", 1)[1]: t.clone() for k, t in tensors.items() if k.startswith("momentum.")}
+        self.server = ServerState(state, tensors["latent"].clone(), residual or None, momentum=momentum or None)
         self.history = {int(k.split(".", 1)[1]): t.clone() for k, t in tensors.items() if k.startswith("history.")}
         self.scale_history = {int(k.split(".", 1)[1]): t.clone() for k, t in tensors.items()
                               if k.startswith("history_scales.")}

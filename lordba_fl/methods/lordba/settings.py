@@ -69,6 +69,8 @@ class LoRDBASettings(MethodSettings):
     tau: float = option(0.0, "server.tau", "hysteresis")
     eta: float = option(1.0, "server.eta",
         "server learning rate: vote: x the averaged scale step; refit: x the round's averaged change of each layer's product (1 = FedAvg)")
+    server_momentum: float = option(0.0, "server.momentum",
+        "refit: FedAvgM momentum of each layer's product change, kept by the server (one fp32 (out, in) matrix a layer; 0: off)")
     scale_encoding: str = option("q8", "codec.scale-encoding",
         "uplink scale deltas: q8 | q4 | q2 (codes in [-127,127] / [-7,7] / [-1,1], one fp16 step per layer, rounded as "
         "codec.scale-rounding says) | fp16")
@@ -108,6 +110,7 @@ class LoRDBASettings(MethodSettings):
             ("server.history", self.history, self.history >= 1, ">= 1 (sign versions kept)"),
             ("scale-lr-ratio", self.scale_lr_ratio, 0 < self.scale_lr_ratio < float("inf"), "a number > 0 (1: the scales at lr)"),
             ("server.trim", self.trim, 0.0 <= self.trim < 0.5, "in [0, 0.5)"),
+            ("server.momentum", self.server_momentum, 0.0 <= self.server_momentum < 1.0, "in [0, 1) (0: off)"),
             ("server.flip-quorum", self.flip_quorum, self.flip_quorum >= 1, "an integer >= 1 (1: every client flip counts)"),
             ("server.norm-bound", self.norm_bound, self.norm_bound >= 0, ">= 0 (0: off)"),
             ("server.flip-budget", self.server_flip_budget, 0.0 <= self.server_flip_budget <= 1.0, "a fraction in [0, 1] (1: no limit)"),
