@@ -157,11 +157,13 @@ def test_budget_cut_matches_a_full_sort_and_breaks_ties_by_position():
         assert kept.nonzero().squeeze(1).tolist() == sorted(order[:k])
 
 
+@pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("budget", [0.0, 0.003, 0.05, 0.3, 1.0])
-def test_projecting_flips_carrier_by_carrier_equals_the_flat_budget_cut(budget):
+def test_projecting_flips_carrier_by_carrier_equals_the_flat_budget_cut(budget, strided):
     """project_flips_ works per carrier in place; it must put back exactly what the flat rule does
     (budget_flips on the whole stream: largest |L| kept, ties at the cut to the lowest positions),
-    here on latents drawn from six magnitudes, so the cut falls inside a large tie."""
+    here on latents drawn from six magnitudes, so the cut falls inside a large tie; ``strided``: the
+    latents held column-major (as a transposed view), which the tie-break must not depend on."""
     from lordba_fl.base.models import load_model
     from lordba_fl.methods import make_method
     from lordba_fl.methods.lordba.layout import read_latents, write_latents_
@@ -171,6 +173,11 @@ def test_projecting_flips_carrier_by_carrier_equals_the_flat_budget_cut(budget):
     method = make_method(parse_run_config({"model": "tiny-llama", "rank": 4}))
     model = method.adapt(load_model("tiny-llama")[0])
     spec = method.spec
+    if strided:
+        for m in model.modules():
+            for name in ("lordba_latent_A", "lordba_latent_B"):
+                if hasattr(m, name):
+                    getattr(m, name).data = getattr(m, name).data.t().contiguous().t()  # same values, column-major
     g = torch.Generator().manual_seed(3)
     levels = torch.tensor([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0]) * 1e-3
     latent = levels[torch.randint(0, 6, (spec.n_bits,), generator=g)]

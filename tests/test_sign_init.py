@@ -45,6 +45,8 @@ def test_base_svd_signs_are_the_top_singular_vectors_of_the_base_weight():
             flip = 1.0 if float(s2[:, k].double() @ u[:, k]) > 0 else -1.0
             assert torch.equal(s2[:, k].double(), torch.where(flip * u[:, k] < 0, -1.0, 1.0).double())
             assert torch.equal(s1[k].double(), torch.where(flip * vh[k] < 0, -1.0, 1.0).double())
+        # held row-major like the random init's (the per-step flip projection indexes them in that order)
+        assert layers[name].lordba_latent_A.is_contiguous() and layers[name].lordba_latent_B.is_contiguous()
         # and the adapter starts as a no-op (s_out = 0), like the random init
         assert float(layers[name].lordba_scale_out.detach().abs().max()) == 0.0
 

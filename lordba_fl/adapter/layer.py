@@ -142,7 +142,7 @@ def base_svd_latents(base_layer: nn.Module, rank: int, magnitude: float) -> tupl
     u, vh = u * sign[None, :], vh * sign[:, None]
     la = vh / vh.abs().mean(1, keepdim=True) * magnitude  # (r, in)
     lb = u / u.abs().mean(0, keepdim=True) * magnitude  # (out, r)
-    return la.float().cpu(), lb.float().cpu()
+    return la.float().cpu().contiguous(), lb.float().cpu().contiguous()  # u[:, :rank] is a strided view
 
 
 def initial_scale_values(cfg: LoRDBAConfig, n_in: int, n_out: int) -> dict[str, float]:

@@ -135,9 +135,9 @@ def project_flips_(model: nn.Module, spec, broadcast_negative: torch.Tensor, bud
     back_total = 0
     for (p, neg), w, keep in zip(pairs, wanted, keeps):
         if ties_left > 0:
-            ties = (w & (p.abs() == cut)).reshape(-1).nonzero().squeeze(1)[:ties_left]
-            keep.view(-1)[ties] = True
-            ties_left -= ties.numel()
+            ties = (w & (p.abs() == cut)).nonzero()[:ties_left]  # (n, 2) in row-major order, whatever p's strides
+            keep[ties.unbind(1)] = True
+            ties_left -= len(ties)
         back = w & ~keep
         n = int(back.sum())
         if n:
