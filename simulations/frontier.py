@@ -175,9 +175,6 @@ BASELINES: dict[str, tuple[dict, tuple[int, ...]]] = {
     # Fed-SB: its core costs 2 r^2 bytes a layer each way (r = 12 / 16 / 24: 60 / 107 / 242 KB per
     # client-round on SmolLM2-135M), plus the basis (fp16 LoRA size) on each node's first downlink
     "fed-sb": ({"method": "fed-sb"}, (12, 16, 24)),
-    # its core between orthonormal factors moves |dW| ~ lr * r a step, about a tenth of what LoRA's factors
-    # move at the same lr (alpha = 2 r): Fed-SB at ten times LoRA's lr
-    "fed-sb-lr10x": ({"method": "fed-sb", "lr": 1e-2}, (16,)),
     # FedKSeed: zeroth-order steps on 4,096 shared seeds over the LoRA values; tens of bytes up a round
     "fedkseed": ({"method": "fedkseed"}, (16,)),
 }
@@ -256,7 +253,7 @@ def plan_runs(task: str, seeds=(0,), lordba_ranks=LORDBA_RANKS, only=None, quick
     with ``quick``). Unknown names raise ``ValueError`` listing the known ones.
     """
     menu = [(v, "lordba", over, r) for v, over in LORDBA_VARIANTS.items() for r in lordba_ranks]
-    menu += [(v, over["method"], over, r) for v, (over, ranks) in BASELINES.items() for r in ranks]
+    menu += [(v, v, over, r) for v, (over, ranks) in BASELINES.items() for r in ranks]
     if only:
         known = {v for v, *_ in menu} | {f"{v}-r{r}" for v, _, _, r in menu}
         bad = [n for n in only if n not in known]
@@ -282,7 +279,7 @@ def run_config_for(spec: dict, lrs: dict, quick: bool = False, user: dict | None
     cfg.update(spec["overrides"])
     method = cfg["method"]
     cfg.update({"task": spec["task"], "rank": spec["rank"], "alpha": float(2 * spec["rank"]),
-                "lr": spec["overrides"].get("lr", lrs[method]), "seed": spec["seed"]})  # a run's own lr stands
+                "lr": lrs[method], "seed": spec["seed"]})
     cfg.update(user or {})
     cfg["out-dir"] = str(Path(out_dir) / spec["task"])
     cfg["name"] = run_name(spec["variant"], spec["rank"], spec["seed"])
