@@ -277,6 +277,10 @@ def test_server_momentum_is_configured_and_kept_by_a_checkpoint():
     assert resumed.server.equals(m.server)
     with pytest.raises(ValueError, match="server.momentum"):
         parse_run_config({"server.momentum": 1.0})
+    with pytest.raises(ValueError, match="server.aggregator=refit"):  # the vote would ignore it
+        parse_run_config({"server.momentum": 0.5, "server.aggregator": "vote"})
+    with pytest.raises(ValueError, match="server.eta"):
+        parse_run_config({"server.eta": float("inf")})
 
 
 @pytest.mark.parametrize("every_step", [False, True])

@@ -522,15 +522,10 @@ class LoRDBAMethod(Method):
             "scales": self.server.state.scales,
             "latent": self.server.latent,
         }
-        for v, neg in self.history.items():
-            tensors[f"history.{v}"] = neg
-            tensors[f"history_scales.{v}"] = self.scale_history[v]
-        for name, r in (self.server.residual or {}).items():
-            tensors[f"residual.{name}"] = r
-        for name, m in (self.server.momentum or {}).items():
-            tensors[f"momentum.{name}"] = m
-        for node, sc in self.node_scales.items():
-            tensors[f"node_scales.{node}"] = sc
+        groups = {"history": self.history, "history_scales": self.scale_history, "residual": self.server.residual,
+                  "momentum": self.server.momentum, "node_scales": self.node_scales}
+        for prefix, group in groups.items():
+            tensors.update({f"{prefix}.{key}": t for key, t in (group or {}).items()})
         meta = {"version": self.version, "node_versions": {str(k): v for k, v in self.node_versions.items()},
                 "participations": {str(k): v for k, v in self.participations.items()},
                 "node_ranks": {str(k): v for k, v in self.node_ranks.items()}}
@@ -538,16 +533,17 @@ class LoRDBAMethod(Method):
 
     def load_server_state(self, tensors: dict, meta: dict) -> None:
         state = AdapterState(int(meta["version"]), tensors["negative"].clone(), tensors["scales"].clone())
-        residual = {k.split(".", 1)[1]: t.clone() for k, t in tensors.items() if k.startswith("residual.")}
-        momentum = {k.split(".", 1)[1]: t.clone() for k, t in tensors.items() if k.startswith("momentum.")}
-        self.server = ServerState(state, tensors["latent"].clone(), residual or None, momentum=momentum or None)
-        self.history = {int(k.split(".", 1)[1]): t.clone() for k, t in tensors.items() if k.startswith("history.")}
-        self.scale_history = {int(k.split(".", 1)[1]): t.clone() for k, t in tensors.items()
-                              if k.startswith("history_scales.")}
+
+        def group(prefix: str, key=str) -> dict:  # the tensors saved as "<prefix>.<key>", by key
+            return {key(k.split(".", 1)[1]): t.clone() for k, t in tensors.items() if k.split(".", 1)[0] == prefix}
+
+        self.server = ServerState(state, tensors["latent"].clone(), group("residual") or None,
+                                  momentum=group("momentum") or None)
+        self.history, self.scale_history = group("history", int), group("history_scales", int)
         self.node_versions = {int(k): int(v) for k, v in meta["node_versions"].items()}
         self.participations = {int(k): int(v) for k, v in meta.get("participations", {}).items()}
         self.node_ranks = {int(k): int(v) for k, v in meta.get("node_ranks", {}).items()}
-        self.node_scales = {int(k.split(".", 1)[1]): t.clone() for k, t in tensors.items() if k.startswith("node_scales.")}
+        self.node_scales = group("node_scales", int)
         self.pending_scales = {}
 
     # ---- client ---------------------------------------------------------------------------------

@@ -111,6 +111,7 @@ class LoRDBASettings(MethodSettings):
             ("scale-lr-ratio", self.scale_lr_ratio, 0 < self.scale_lr_ratio < float("inf"), "a number > 0 (1: the scales at lr)"),
             ("server.trim", self.trim, 0.0 <= self.trim < 0.5, "in [0, 0.5)"),
             ("server.momentum", self.server_momentum, 0.0 <= self.server_momentum < 1.0, "in [0, 1) (0: off)"),
+            ("server.eta", self.eta, 0.0 < self.eta < float("inf"), "a finite number > 0 (1: the plain average)"),
             ("server.flip-quorum", self.flip_quorum, self.flip_quorum >= 1, "an integer >= 1 (1: every client flip counts)"),
             ("server.norm-bound", self.norm_bound, self.norm_bound >= 0, ">= 0 (0: off)"),
             ("server.flip-budget", self.server_flip_budget, 0.0 <= self.server_flip_budget <= 1.0, "a fraction in [0, 1] (1: no limit)"),
@@ -123,6 +124,9 @@ class LoRDBASettings(MethodSettings):
         ):
             if not ok:
                 raise ValueError(f"run config {key!r} must be {accepted}; got {value!r}")
+        if self.server_momentum > 0 and self.aggregator != "refit":
+            raise ValueError(f"server.momentum steps the refit's product change; server.aggregator is {self.aggregator!r}: "
+                             "set server.aggregator=refit, or server.momentum=0 (the vote's own momentum is server.beta)")
         if self.stateful and self.flip.select == "gradient":
             raise ValueError("client.state keeps each node's latent magnitudes, which flip.select=gradient does not "
                              "train (its latents stay at +-flip.m0): set client.state=none or flip.select=latent")
