@@ -175,6 +175,10 @@ BASELINES: dict[str, tuple[dict, tuple[int, ...]]] = {
     # Fed-SB: its core costs 2 r^2 bytes a layer each way (r = 12 / 16 / 24: 60 / 107 / 242 KB per
     # client-round on SmolLM2-135M), plus the basis (fp16 LoRA size) on each node's first downlink
     "fed-sb": ({"method": "fed-sb"}, (12, 16, 24)),
+    # its core between orthonormal factors moves |dW| ~ lr * r a step, about a tenth of what LoRA's factors
+    # move at the same lr (alpha = 2 r): Fed-SB at ten times LoRA's lr, its initial core cut from a step
+    # of LoRA's lr as before (at the training lr, 10x wrecked the start: 15.7 after round 0, skills)
+    "fed-sb-lr10x": ({"method": "fed-sb", "lr": 1e-2, "fed-sb.init-step": 1e-3}, (16,)),
     # FedKSeed: zeroth-order steps on 4,096 shared seeds over the LoRA values; tens of bytes up a round
     "fedkseed": ({"method": "fedkseed"}, (16,)),
 }
@@ -253,7 +257,7 @@ def plan_runs(task: str, seeds=(0,), lordba_ranks=LORDBA_RANKS, only=None, quick
     with ``quick``). Unknown names raise ``ValueError`` listing the known ones.
     """
     menu = [(v, "lordba", over, r) for v, over in LORDBA_VARIANTS.items() for r in lordba_ranks]
-    menu += [(v, v, over, r) for v, (over, ranks) in BASELINES.items() for r in ranks]
+    menu += [(v, over["method"], over, r) for v, (over, ranks) in BASELINES.items() for r in ranks]
     if only:
         known = {v for v, *_ in menu} | {f"{v}-r{r}" for v, _, _, r in menu}
         bad = [n for n in only if n not in known]
@@ -279,7 +283,7 @@ def run_config_for(spec: dict, lrs: dict, quick: bool = False, user: dict | None
     cfg.update(spec["overrides"])
     method = cfg["method"]
     cfg.update({"task": spec["task"], "rank": spec["rank"], "alpha": float(2 * spec["rank"]),
-                "lr": lrs[method], "seed": spec["seed"]})
+                "lr": spec["overrides"].get("lr", lrs[method]), "seed": spec["seed"]})  # a run's own lr stands
     cfg.update(user or {})
     cfg["out-dir"] = str(Path(out_dir) / spec["task"])
     cfg["name"] = run_name(spec["variant"], spec["rank"], spec["seed"])

@@ -65,6 +65,28 @@ def test_basis_is_the_truncated_svd_of_one_sign_step():
     torch.testing.assert_close(a @ a.t(), torch.eye(3), rtol=0, atol=1e-5)  # orthonormal, frozen factors
 
 
+def _initial_cores(**run):
+    cfg = parse_run_config({**RUN, **run})
+    model, tok, method = _adapted_model(cfg)
+    method.init_from_data(model, tok, _task())
+    return method.read_values(model), method
+
+
+def test_init_step_sets_the_initial_core_apart_from_the_training_lr():
+    reference, _ = _initial_cores(lr=1e-3)  # the authors' choice: the simulated step is the training lr
+    decoupled, method = _initial_cores(lr=1e-2, **{"fed-sb.init-step": 1e-3})
+    assert method.cfg.lr == 1e-2 and torch.equal(decoupled, reference)  # same start, 10x the training lr
+    doubled, _ = _initial_cores(lr=1e-3, **{"fed-sb.init-step": 2e-3})
+    torch.testing.assert_close(doubled, 2 * reference, rtol=1e-6, atol=0)  # the core scales with the step
+    assert reference.abs().max() > 0
+
+
+@pytest.mark.parametrize("bad", [-1e-3, float("nan"), float("inf")])
+def test_a_bad_init_step_is_refused_naming_the_key(bad):
+    with pytest.raises(ValueError, match="fed-sb.init-step"):
+        parse_run_config({**RUN, "fed-sb.init-step": bad})
+
+
 def test_server_starts_at_the_fp16_basis_and_nodes_rebuild_it_exactly():
     server, _, method = _server()
     client, _, cm = _client()

@@ -213,6 +213,10 @@ def test_plan_and_run_config():
     assert (cfg["rank"], cfg["alpha"], cfg["lr"], cfg["rounds"]) == (32, 64.0, 5e-4, 12)
     assert cfg["server.aggregator"] == "refit" and cfg["train.seq-len"] == 192
     assert (cfg["out-dir"], cfg["name"]) == ("/tmp/f/gsm", "lordba-refit-r32-s0")
+    tuned = plan_runs("skills", only=["fed-sb-lr10x"])
+    assert [(r["family"], r["rank"]) for r in tuned] == [("fed-sb", 16)]  # plotted as Fed-SB
+    tuned_cfg = run_config_for(tuned[0], {**lrs, "fed-sb": 1e-3})
+    assert (tuned_cfg["lr"], tuned_cfg["fed-sb.init-step"]) == (1e-2, 1e-3)  # its own lr, whatever the file says
     quick = run_config_for(plan_runs("gsm", quick=True)[0], lrs, quick=True)
     assert quick["model"] == "tiny-llama" and quick["train.seq-len"] == 192  # gsm keeps what a problem needs
 

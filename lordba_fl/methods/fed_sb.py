@@ -11,7 +11,10 @@ layer over ``init_examples`` pooled training examples, takes one simulated Adam 
 ``-lr * sign(G)``, and sets ``B R A`` to its rank-r truncated SVD: ``B = U_r``, ``R = diag(s_r)``,
 ``A = V_rᵀ`` (a seeded ``svd_lowrank``, as the authors use). The scaling is 1 (LoRA-SB sets
 ``alpha = r``), so ``alpha`` is ignored. As in the reference, the server reads these training
-examples; LoRDBA and the LoRA baselines never do.
+examples; LoRDBA and the LoRA baselines never do. The simulated step is the training ``lr``, as in
+the reference, unless ``fed-sb.init-step`` sets it apart: the initial core's size is ``init-step``
+times the top singular values of ``sign(G)``, so a higher training lr would otherwise also scale up
+the starting adapter.
 
 Bytes, all counted: a node's first downlink carries the basis (``A`` and ``Bᵀ`` in fp16, the size
 of an fp16 LoRA of the same rank) with the core; it keeps the basis in its ``context.state``, and
@@ -19,6 +22,9 @@ every later message either way is the fp16 core alone.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,12 +40,31 @@ from lordba_fl.methods.lora import (
     lora_modules,
     save_peft_factors,
 )
+from lordba_fl.methods.base import MethodSettings
+from lordba_fl.options import option
 from lordba_fl.train import batch_to, collate, encode_examples, model_device, pad_id_of, train_local
 from lordba_fl.errors import MalformedFrameError
 
 _CORE, _BASIS = 0, 3  # LORA frame kinds: the core alone (fp16), or the basis then the core (fp16)
 BASIS_KEY = "fed-sb.basis"  # context.state: this node's copy of the basis frame
 INIT_EXAMPLES = 48  # pooled training examples summed into the initial gradient (the authors use 50)
+
+
+@dataclass(frozen=True)
+class FedSBSettings(MethodSettings):
+    """Fed-SB's settings: the run's shared values and the size of its simulated initial step."""
+
+    init_step: float = option(0.0, "fed-sb.init-step",
+        "the initial core is the rank-r SVD of -init_step * sign(G) (G: the pooled weight gradient; 0: lr, as the authors)")
+
+    def __post_init__(self):
+        if not (math.isfinite(self.init_step) and self.init_step >= 0):
+            raise ValueError(f"fed-sb.init-step must be a finite number >= 0 (0: the training lr); got {self.init_step!r}")
+
+    @property
+    def init_step_size(self) -> float:
+        """The simulated step the basis is cut from: ``init_step``, or the training ``lr`` when 0."""
+        return self.init_step or self.lr
 
 
 class StaleBasisError(ValueError):
@@ -122,6 +147,7 @@ def sign_step_basis(grad: torch.Tensor, rank: int, step: float) -> tuple[torch.T
 
 class FedSB(LoRAFedAvg):
     name = "fed-sb"
+    settings_type = FedSBSettings
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -185,7 +211,7 @@ class FedSB(LoRAFedAvg):
             pooled += [t[i] for t in task.train if i < len(t)]
             i += 1
         grads = weight_gradients(model, tok, pooled[:INIT_EXAMPLES], self.cfg.train.seq_len, self.cfg.train.batch_size)
-        fits = [sign_step_basis(g, self.cfg.rank, self.cfg.lr) for g in grads]
+        fits = [sign_step_basis(g, self.cfg.rank, self.cfg.init_step_size) for g in grads]
         # the basis travels in fp16: the server uses exactly what the clients will hold
         self.basis = [(a.half().float(), b.half().float()) for a, _, b in fits]
         self._write_basis_(model, self.basis)
