@@ -139,6 +139,9 @@ LORDBA_VARIANTS: dict[str, dict] = {
     # the same with the uplink's codes rounded to nearest at the least-squares step (the client's error
     # feedback carries what they drop) instead of stochastically at the no-clip step
     "lordba-step-decay-q2n-both-h16-lr2": {**_NOW, **_Q2_BOTH, "codec.scale-rounding": "nearest"},
+    # 4-bit scale deltas both ways (nearest rounding, the client's and the server's error feedback)
+    "lordba-step-decay-q4n-both-h16-lr2": {**_NOW, "codec.scale-encoding": "q4", "codec.scale-error-feedback": True,
+                                           "codec.state-scale-encoding": "q4", "codec.scale-rounding": "nearest"},
     # the defaults with the server's learning rate on the refit's averaged change at 1.5 (replayed on
     # skills: -0.7% / -2.5% on seeds 0 / 1)
     "lordba-step-decay-eta15-h16-lr2": {**_NOW, "server.eta": 1.5},
