@@ -40,11 +40,13 @@ def launch(run_config: dict, supernodes: int) -> tuple[list[dict], int, float]:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     cmd = [sys.executable, "-m", "simulations.run", "--supernodes", str(supernodes),
            "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
+    path = Path(run_config["out-dir"]) / run_config["name"] / "rounds.jsonl"
+    before = path.stat().st_mtime_ns if path.is_file() else None  # an earlier run's rows are not this one's
     t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.time() - t0
-    path = Path(run_config["out-dir"]) / run_config["name"] / "rounds.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    written = path.is_file() and path.stat().st_mtime_ns != before
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if written else []
     if r.returncode != 0:
         print(r.stderr[-3000:], file=sys.stderr)
     return rows, r.returncode, wall

@@ -250,3 +250,16 @@ def test_the_default_variant_is_the_librarys_defaults():
         assert make_method(parse_run_config(dict(LORDBA_VARIANTS[name]))).cfg == default
     assert make_method(parse_run_config(dict(LORDBA_VARIANTS["lordba-step"]))).cfg != default
     assert all("flip.every-step" in over for over in LORDBA_VARIANTS.values())
+
+
+def test_a_failed_launch_does_not_report_an_earlier_runs_rows(tmp_path):
+    # a run refused before it starts leaves the folder's rounds.jsonl from an earlier run untouched:
+    # those rows are not this run's
+    from simulations.common import launch
+
+    stale = tmp_path / "r" / "rounds.jsonl"
+    stale.parent.mkdir()
+    stale.write_text('{"round": 0, "eval_loss": 15.7}\n')
+    rows, code, _ = launch({"out-dir": str(tmp_path), "name": "r", "no.such-key": 1}, 2)
+    assert code != 0 and rows == []
+    assert stale.read_text() == '{"round": 0, "eval_loss": 15.7}\n'
