@@ -8,7 +8,8 @@ uplink delta has (three clients' mean). Each is encoded as an update frame (no f
 ``codec.scale-encoding`` q8 / q4 / q2 and ``codec.scale-rounding`` stochastic / nearest, decoded,
 and compared. One JSON line per (encoding, rounding), medians over the run's versions:
 
-- ``rel_sq_error``: ``|decoded - delta|^2 / |delta|^2`` of one round (no error feedback);
+- ``rel_sq_error``: ``|decoded - delta|^2 / |delta|^2`` of one round (no error feedback; with
+  ``--fractions`` below 1, what ``codec.scale-fraction`` leaves for later counts as error);
 - ``nonzero``: the fraction of codes that are not zero;
 - ``scale_section_bytes``: the scale section as zstd compresses it inside the frame (the frame's
   bytes less those of the same frame with zero deltas), and ``code_entropy_bytes``: the codes'
@@ -53,10 +54,10 @@ def code_entropy_bits(codes: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def measure(spec, deltas: list[np.ndarray], encoding: str, rounding: str) -> dict:
+def measure(spec, deltas: list[np.ndarray], encoding: str, rounding: str, fraction: float = 1.0) -> dict:
     from lordba_fl.methods.lordba.codec import CodecOptions, Update, _encode_uplink_scales, decode_update, encode_update
 
-    opts = CodecOptions(scale_encoding=encoding, scale_rounding=rounding)
+    opts = CodecOptions(scale_encoding=encoding, scale_rounding=rounding, scale_fraction=fraction)
     flips = torch.zeros(spec.n_bits, dtype=torch.bool)
     empty = len(encode_update(Update(1, 0, flips, torch.zeros(spec.n_scales)), spec, opts, rng=0))
     errors, nonzero, section, entropy = [], [], [], []
@@ -71,7 +72,7 @@ def measure(spec, deltas: list[np.ndarray], encoding: str, rounding: str) -> dic
         nonzero.append(float((codes != 0).mean()))
         section.append(len(frame) - empty)
         entropy.append(code_entropy_bits(codes) * codes.size / 8 + 2 * spec.scale_segments.size)
-    return {"bench": "scale_codes", "encoding": encoding, "rounding": rounding, "versions": len(deltas),
+    return {"bench": "scale_codes", "encoding": encoding, "rounding": rounding, "fraction": fraction, "versions": len(deltas),
             "rel_sq_error": statistics.median(errors), "nonzero": statistics.median(nonzero),
             "scale_section_bytes": statistics.median(section), "code_entropy_bytes": statistics.median(entropy)}
 
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variant", default="lordba-step-decay-h16-lr2", help="the frontier variant the run used")
     p.add_argument("--task", default="skills")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--fractions", default="1", help="comma list of codec.scale-fraction values to measure")
+    p.add_argument("--encodings", default=",".join(ENCODINGS), help="comma list of q8, q4, q2")
     p.add_argument("--out", type=Path, default=Path("results/bench_scale_codes.jsonl"))
     args = p.parse_args(argv)
 
@@ -102,9 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     if deltas[0].size != method.spec.n_scales:
         raise SystemExit(f"{args.run_dir}: {deltas[0].size} scales per version, the variant's layout has "
                          f"{method.spec.n_scales}: give the run's --variant, --task and --rank")
-    for encoding in ENCODINGS:
-        for rounding in ROUNDINGS:
-            emit({**measure(method.spec, deltas, encoding, rounding), "run_dir": str(args.run_dir)}, args.out)
+    for fraction in (float(f) for f in args.fractions.split(",")):
+        for encoding in args.encodings.split(","):
+            for rounding in ROUNDINGS:
+                emit({**measure(method.spec, deltas, encoding, rounding, fraction), "run_dir": str(args.run_dir)}, args.out)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,11 @@ LORDBA_VARIANTS: dict[str, dict] = {
     # 4-bit scale deltas both ways (nearest rounding, the client's and the server's error feedback)
     "lordba-step-decay-q4n-both-h16-lr2": {**_NOW, "codec.scale-encoding": "q4", "codec.scale-error-feedback": True,
                                            "codec.state-scale-encoding": "q4", "codec.scale-rounding": "nearest"},
+    # the same carrying half the out-scale entries a round (the segments with the largest mean squared
+    # delta; the rest waits in the client's and the server's error feedback)
+    "lordba-step-decay-q4n-both-f50-h16-lr2": {**_NOW, "codec.scale-encoding": "q4", "codec.scale-error-feedback": True,
+                                               "codec.state-scale-encoding": "q4", "codec.scale-rounding": "nearest",
+                                               "codec.scale-fraction": 0.5},
     # the defaults with the server's learning rate on the refit's averaged change at 1.5 (replayed on
     # skills: -0.7% / -2.5% on seeds 0 / 1)
     "lordba-step-decay-eta15-h16-lr2": {**_NOW, "server.eta": 1.5},

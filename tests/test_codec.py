@@ -435,6 +435,44 @@ def test_quantized_state_deltas_never_move_away_and_repeated_ones_converge(bits)
     assert read_header(encode_state(target, spec, opts, base=held)).scale_raw < fp16_xor * bits / 16 + 64
 
 
+def test_scale_fraction_carries_the_largest_segments_by_hand():
+    """codec scale_fraction: mid segments always, then in/out segments by mean squared delta, largest
+    first, within the share of in/out entries; the rest decodes to exactly 0 (up) or the held scales
+    (down)."""
+    from lordba_fl.methods.lordba.codec import carried_entries
+
+    # segments (mid, out) per layer: out sizes 4, 2, 6 -> 12 out entries; half of them: 6
+    spec = _spec(((3, 4, 2), (3, 2, 2), (3, 6, 2)), scales=("mid", "out"))
+    assert spec.scale_segments.tolist() == [2, 4, 2, 2, 2, 6]
+    delta = np.zeros(spec.n_scales, np.float32)
+    delta[0:2] = 0.001  # mid of layer 0: tiny, sent anyway
+    delta[2:6] = [0.3, 0.0, 0.0, 0.0]  # mean square 0.0225
+    delta[8:10] = [0.2, -0.2]  # 0.04: the largest
+    delta[12:18] = 0.1  # 0.01: the smallest
+    keep = carried_entries(delta, spec, 0.5)
+    # by mean square: layer 1's out (2 entries), then layer 0's out (4: 6 in all, the share), not layer 2's
+    want = np.array([1] * 2 + [1] * 4 + [1] * 2 + [1] * 2 + [1] * 2 + [0] * 6, bool)
+    np.testing.assert_array_equal(keep, want)
+    assert carried_entries(delta, spec, 1.0) is None
+    # at least one segment even under a share smaller than any: the largest
+    np.testing.assert_array_equal(carried_entries(delta, spec, 0.01)[2:], [0] * 4 + [1] * 2 + [1] * 2 + [1] * 2 + [0] * 6)
+    opts = CodecOptions(scale_encoding="fp16", scale_fraction=0.5)
+    up = decode_update(encode_update(Update(1, 0, torch.zeros(spec.n_bits, dtype=torch.bool), torch.from_numpy(delta)),
+                                     spec, opts), spec, opts).scale_delta.numpy()
+    np.testing.assert_array_equal(up, np.where(want, delta, 0).astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(scale_roundtrip(torch.from_numpy(delta), spec, opts, 0), up)  # what error feedback subtracts
+    # down: a quantized state delta leaves the unsent segments exactly as the node holds them
+    down_opts = CodecOptions(state_mantissa_bits=10, state_scale_encoding="q4", scale_fraction=0.5)
+    neg = torch.zeros(spec.n_bits, dtype=torch.bool)
+    held = AdapterState(1, neg, torch.full((spec.n_scales,), 0.5))
+    new = decode_state(encode_state(AdapterState(2, neg, held.scales + torch.from_numpy(delta)), spec, down_opts, base=held),
+                       spec, down_opts, base=held)
+    assert torch.equal(new.scales[12:], held.scales[12:]) and not torch.equal(new.scales[8:10], held.scales[8:10])
+    for bad in (0.0, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="scale_fraction"):
+            CodecOptions(scale_fraction=bad)
+
+
 def test_a_delta_against_a_base_with_more_mantissa_bits_is_exact():
     """Version 0 is seeded, not broadcast: its scales (e.g. 1/96) need not have the broadcast's 7
     mantissa bits; a delta against it decodes to exactly what a full frame of the new state does."""

@@ -73,10 +73,10 @@ def test_refit_of_one_client_reproduces_its_product():
     assert float((got - target).norm() / target.norm()) < 0.5
 
 
-@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
-def test_scale_error_feedback_sends_the_sum_of_the_deltas_over_rounds(rounding):
+@pytest.mark.parametrize("rounding, fraction", [("stochastic", 1.0), ("nearest", 1.0), ("nearest", 0.5)])
+def test_scale_error_feedback_sends_the_sum_of_the_deltas_over_rounds(rounding, fraction):
     """Error feedback: what a node sends over rounds adds up to what it trained, less one residual
-    (with either rounding of the codes)."""
+    (with either rounding of the codes, and with half the out-scale segments left for later)."""
     import numpy as np
     import torch
 
@@ -87,8 +87,8 @@ def test_scale_error_feedback_sends_the_sum_of_the_deltas_over_rounds(rounding):
 
     _, _, method = _adapted_model(parse_run_config({"model": "tiny-llama", "rank": 4, "alpha": 8.0,
                                                     "codec.scale-encoding": "q2", "codec.scale-error-feedback": True,
-                                                    "codec.scale-rounding": rounding}))
-    assert method.options.scale_rounding == rounding
+                                                    "codec.scale-rounding": rounding, "codec.scale-fraction": fraction}))
+    assert method.options.scale_rounding == rounding and method.options.scale_fraction == fraction
     state, sent, trained = {}, [], []
     g = torch.Generator().manual_seed(0)
     for rnd in range(5):
@@ -99,7 +99,14 @@ def test_scale_error_feedback_sends_the_sum_of_the_deltas_over_rounds(rounding):
     residual = np.frombuffer(state[RESIDUAL_KEY]["values"], np.float32)
     np.testing.assert_allclose(np.sum(sent, axis=0) + residual, torch.stack(trained).sum(0).numpy(), rtol=0, atol=1e-7)
     # the residual is one rounding error of the last round: below one step, the segment's max |carried| (q2)
+    # (a left-out segment keeps all of it)
     assert np.abs(residual).max() <= float(carried.abs().max()) * (1 + 2**-10)
+    if fraction < 1:
+        from lordba_fl.methods.lordba.codec import carried_entries
+
+        left_out = ~carried_entries(carried.numpy(), method.spec, fraction)
+        assert left_out.sum() >= 0.3 * method.spec.n_scales and not sent[-1][left_out].any()
+        assert np.array_equal(residual[left_out], carried.numpy()[left_out])
 
 
 def test_lora_q2_both_nodes_rebuild_the_global_state_from_2_bit_deltas():

@@ -136,6 +136,12 @@ class CodecOptions:
         squared error (steps above ``L`` clip); the receiver holds ``base + q * step`` rounded to
         ``state_mantissa_bits``, which the sender reproduces by decoding its own frame. Full frames
         are always fp16.
+    scale_fraction : float
+        In (0, 1]: the share of the ``in`` / ``out`` scale entries whose deltas an update, or a
+        quantized state delta, carries. Whole (layer, scale kind) segments go in order of their
+        mean squared delta, largest first, until the share is reached; the others are sent as zero
+        codes (nearly free after zstd), and ``mid`` scales always go. The sender keeps what waits:
+        a client's error feedback, the server's copy of each node's scales. 1: every segment.
     """
 
     level: int = 3
@@ -144,9 +150,12 @@ class CodecOptions:
     state_mantissa_bits: int = 10
     state_scale_encoding: str = "fp16"
     scale_rounding: str = "stochastic"
+    scale_fraction: float = 1.0
 
     def __post_init__(self):
         check_zstd_level(self.level)
+        if isinstance(self.scale_fraction, bool) or not 0.0 < self.scale_fraction <= 1.0:  # NaN fails too
+            raise ValueError(f"scale_fraction must be a number in (0, 1] (1: every scale segment); got {self.scale_fraction!r}")
         if self.scale_rounding not in SCALE_ROUNDINGS:
             raise ValueError(f"scale_rounding must be one of {list(SCALE_ROUNDINGS)}; got {self.scale_rounding!r}")
         if self.scale_encoding not in _SCALE_ENCODINGS:
@@ -470,9 +479,35 @@ def _decode_q(raw: bytes, segments: np.ndarray, bits: int) -> np.ndarray:
     return q.astype(np.float32) * np.repeat(step.astype(np.float32), segments)
 
 
+def carried_entries(values: np.ndarray, spec: AdapterSpec, fraction: float) -> np.ndarray | None:
+    """Which scale entries a frame carries under ``CodecOptions.scale_fraction`` (bool ``(n_scales,)``;
+    None: all): every ``mid`` segment, then ``in`` / ``out`` segments by mean squared value, largest
+    first (ties in wire order), while their entries stay within ``fraction`` of all ``in`` / ``out``
+    entries (at least one segment)."""
+    if fraction >= 1.0:
+        return None
+    seg = spec.scale_segments
+    ranked = np.tile(np.array([k != "mid" for k in spec.scales]), len(spec.layers))  # (S,)
+    starts = np.concatenate([[0], np.cumsum(seg)[:-1]])
+    mean_sq = np.add.reduceat(values.astype(np.float64) ** 2, starts) / seg
+    order = np.flatnonzero(ranked)[np.argsort(-mean_sq[ranked], kind="stable")]
+    within = np.searchsorted(np.cumsum(seg[order]), fraction * seg[ranked].sum(), side="right")
+    keep = ~ranked
+    keep[order[: max(1, within)]] = True
+    return np.repeat(keep, seg)
+
+
+def _carried(values: np.ndarray, spec: AdapterSpec, fraction: float) -> np.ndarray:
+    """``values`` with the entries a frame leaves out (:func:`carried_entries`) set to zero."""
+    keep = carried_entries(values, spec, fraction)
+    return values if keep is None else np.where(keep, values, np.float32(0)).astype(np.float32)
+
+
 def _encode_uplink_scales(values: np.ndarray, spec: AdapterSpec, options: CodecOptions, rng) -> bytes:
     """An update's scale section: fp16, or ``q8`` / ``q4`` / ``q2`` codes rounded as
-    ``options.scale_rounding`` says (``rng``: the source of the stochastic rounding)."""
+    ``options.scale_rounding`` says (``rng``: the source of the stochastic rounding), of the
+    segments ``options.scale_fraction`` carries."""
+    values = _carried(values, spec, options.scale_fraction)
     enc = _SCALE_ENCODINGS[options.scale_encoding]
     if enc not in _QUANT_BITS:
         return _encode_fp16(values, "update.scale_delta")
@@ -483,12 +518,13 @@ def _encode_uplink_scales(values: np.ndarray, spec: AdapterSpec, options: CodecO
 
 def scale_roundtrip(delta, spec: AdapterSpec, options: CodecOptions, rng) -> np.ndarray:
     """The scale delta a receiver decodes from :func:`encode_update` with the same ``rng`` (its
-    rounding included): what a client keeps the difference of for error feedback."""
+    rounding and the segments ``options.scale_fraction`` leaves out included): what a client keeps
+    the difference of for error feedback."""
     values = _as_numpy_f32(delta, spec.n_scales, "scale delta")
     enc = _SCALE_ENCODINGS[options.scale_encoding]
     if enc in _QUANT_BITS:
         return _decode_q(_encode_uplink_scales(values, spec, options, rng), spec.scale_segments, _QUANT_BITS[enc])
-    return values.astype(np.float16).astype(np.float32)
+    return _carried(values, spec, options.scale_fraction).astype(np.float16).astype(np.float32)
 
 
 def _scale_raw_bytes(spec: AdapterSpec, encoding: int) -> int:
@@ -667,7 +703,8 @@ def encode_state(
     ``base.scales`` (``FP16_XOR``), so it reconstructs exactly what a full frame would, provided the
     receiver holds ``base`` as it was broadcast; with ``options.state_scale_encoding`` q8 / q4 / q2 it
     sends the difference to ``base.scales`` in nearest-rounded codes instead, and the receiver holds
-    an approximation of ``state.scales``: :func:`decode_state` of the frame says which.
+    an approximation of ``state.scales`` (of the segments ``options.scale_fraction`` carries; the
+    others stay as in ``base``): :func:`decode_state` of the frame says which.
     """
     options = options or CodecOptions()
     neg = _as_numpy_bits(state.negative, spec.n_bits, "state.negative")
@@ -682,7 +719,8 @@ def encode_state(
         base_values = _as_numpy_f32(base.scales, spec.n_scales, "base.scales")
         enc = _SCALE_ENCODINGS[options.state_scale_encoding]
         if enc in _QUANT_BITS:
-            raw = _encode_q_nearest(values - base_values, spec.scale_segments, _QUANT_BITS[enc])
+            diff = _carried(values - base_values, spec, options.scale_fraction)
+            raw = _encode_q_nearest(diff, spec.scale_segments, _QUANT_BITS[enc])
         else:
             enc, raw = ScaleEncoding.FP16_XOR, _encode_fp16_xor(values, base_values, "state.scales", m)
     return _build(

@@ -265,9 +265,10 @@ class LoRDBAMethod(Method):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.options = CodecOptions(level=cfg.codec_level, scale_encoding=cfg.scale_encoding,
-                                    scale_rounding=cfg.scale_rounding)
+                                    scale_rounding=cfg.scale_rounding, scale_fraction=cfg.scale_fraction)
         self.state_options = CodecOptions(level=cfg.codec_level, state_mantissa_bits=cfg.state_mantissa_bits,
-                                          state_scale_encoding=cfg.state_scale_encoding)
+                                          state_scale_encoding=cfg.state_scale_encoding,
+                                          scale_fraction=cfg.scale_fraction)
         # exact fp16 deltas: lower tiers (nested states, not tracked per node)
         self.exact_options = CodecOptions(level=cfg.codec_level, state_mantissa_bits=cfg.state_mantissa_bits)
         self.spec: AdapterSpec | None = None
@@ -619,6 +620,8 @@ class LoRDBAMethod(Method):
                 p.grad = None
             flips = budget_flips(read_latents(model, self.spec), glob.negative, cfg.warmup_budget)
             delta = read_scales(model, self.spec) - glob.scales
+            if cfg.scale_error_feedback:
+                delta = self._with_feedback_(delta, state, seed)
             metrics.update(flip_rate=float(flips.float().mean()), held_version=float(glob.version))
             update = Update(server_round, glob.version, flips, delta)
             return encode_update(update, self.spec, self.options, rng=seed), metrics

@@ -79,6 +79,9 @@ class LoRDBASettings(MethodSettings):
         "codes clip; biased toward zero: pair it with codec.scale-error-feedback)")
     scale_error_feedback: bool = option(False, "codec.scale-error-feedback",
         "each client keeps what quantizing its scale delta lost and adds it to its next one (state: 4 bytes a scale)")
+    scale_fraction: float = option(1.0, "codec.scale-fraction",
+        "share of the s_in/s_out scale entries a frame's deltas carry, whole layers by mean squared delta first, s_mid always "
+        "(up, and down with codec.state-scale-encoding q8|q4|q2); the rest waits in the sender's error feedback (1: all)")
     history: int = option(16, "server.history",
         "versions kept for downlink deltas (a node back after more rounds gets a delta against version 0; server RAM: ~1 byte a sign per version)")
     enforce_budget: bool = option(True, "server.enforce-budget", "reject updates flipping more than flip.budget of the signs")
@@ -120,6 +123,7 @@ class LoRDBASettings(MethodSettings):
             ("codec.state-mantissa-bits", self.state_mantissa_bits, 1 <= self.state_mantissa_bits <= 10,
              "in 1..10 (10: fp16, 7: bfloat16's precision)"),
             ("init.warmup-rounds", self.warmup_rounds, self.warmup_rounds >= 0, ">= 0"),
+            ("codec.scale-fraction", self.scale_fraction, 0.0 < self.scale_fraction <= 1.0, "a fraction in (0, 1] (1: every segment)"),
             ("init.warmup-budget", self.warmup_budget, 0.0 <= self.warmup_budget <= 1.0, "a fraction in [0, 1] (1: no limit)"),
         ):
             if not ok:
@@ -127,6 +131,9 @@ class LoRDBASettings(MethodSettings):
         if self.server_momentum > 0 and self.aggregator != "refit":
             raise ValueError(f"server.momentum steps the refit's product change; server.aggregator is {self.aggregator!r}: "
                              "set server.aggregator=refit, or server.momentum=0 (the vote's own momentum is server.beta)")
+        if self.scale_fraction < 1.0 and not self.scale_error_feedback:
+            raise ValueError("codec.scale-fraction < 1 leaves part of each client's scale delta for a later round, which "
+                             "only codec.scale-error-feedback keeps: set codec.scale-error-feedback=true, or codec.scale-fraction=1")
         if self.stateful and self.flip.select == "gradient":
             raise ValueError("client.state keeps each node's latent magnitudes, which flip.select=gradient does not "
                              "train (its latents stay at +-flip.m0): set client.state=none or flip.select=latent")
