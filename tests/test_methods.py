@@ -261,6 +261,42 @@ def test_quantized_downlink_server_mirrors_what_each_node_holds():
     assert 1 not in m.node_scales
 
 
+@pytest.mark.parametrize("rebase", [True, False])
+def test_a_node_behind_on_its_scales_counts_as_held_or_as_a_change(rebase):
+    """server.rebase-scales: a node whose 2-bit downlink left it holding an approximation replies with
+    no change. Rebased, the round's FedAvg moves the global scales to what it holds; as a change to
+    the global scales, the round changes nothing."""
+    import torch
+
+    from lordba_fl.federation.apps import _adapted_model
+    from lordba_fl.methods import Reply
+    from lordba_fl.methods.lordba.codec import encode_update
+    from lordba_fl.runconfig import parse_run_config
+
+    run = parse_run_config({"model": "tiny-llama", "rank": 4, "alpha": 8.0, "codec.state-scale-encoding": "q2",
+                            "codec.scale-encoding": "fp16", "server.aggregator": "vote", "flip.budget": 0.01,
+                            "server.rebase-scales": rebase})
+    server, _, m = _adapted_model(run)
+    m.init_server(server)
+    client, _, cm = _adapted_model(run)
+    no_flips = torch.zeros(m.spec.n_bits, dtype=torch.bool)
+    for node in (1, 2):
+        cm.client_load_(client, m.downlink(node, 1), {})
+        m.note_held(node, 0)
+    delta = torch.randn(m.spec.n_scales, generator=torch.Generator().manual_seed(0)) * 0.05
+    m.aggregate(1, [Reply(1, encode_update(Update(1, m.version, no_flips, delta), m.spec, cm.options), 1.0)])
+    cm.client_load_(client, m.downlink(2, 2), {})  # node 2: 2-bit codes toward the new scales
+    m.note_held(2, m.version)
+    glob, held = m.server.state.scales.clone(), m.node_scales[2].clone()
+    assert float((held - glob).abs().max()) > 1e-3
+    zero = encode_update(Update(2, m.version, no_flips, torch.zeros(m.spec.n_scales)), m.spec, cm.options)
+    assert m.aggregate(2, [Reply(2, zero, 1.0)])[0]["accepted"] == 1
+    if rebase:  # what the node holds, rounded to the broadcast's 7 mantissa bits
+        torch.testing.assert_close(m.server.state.scales, held, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(m.server.state.scales, glob)
+
+
 def test_server_momentum_is_configured_and_kept_by_a_checkpoint():
     """server.eta / server.momentum reach the refit; the momentum the server keeps survives a checkpoint."""
     from lordba_fl.federation.apps import _adapted_model

@@ -484,9 +484,10 @@ class LoRDBAMethod(Method):
 
     def _rebased(self, node_id: int, u: Update) -> Update:
         """A node's scale delta against the global scales: it trained from its own held scales
-        (``codec.state-scale-encoding`` q8/q4/q2), so its scales are those plus its delta."""
+        (``codec.state-scale-encoding`` q8/q4/q2), so its scales are those plus its delta; with
+        ``server.rebase-scales = false`` the delta is a change to the global scales as it came."""
         held = self.node_scales.get(node_id)
-        if held is None:
+        if held is None or not self.cfg.rebase_scales:
             return u
         return Update(u.round, u.version, u.flips, held + u.scale_delta.float() - self.server.state.scales)
 

@@ -82,6 +82,9 @@ class LoRDBASettings(MethodSettings):
     scale_fraction: float = option(1.0, "codec.scale-fraction",
         "share of the s_in/s_out scale entries a frame's deltas carry, whole layers by mean squared delta first, s_mid always "
         "(up, and down with codec.state-scale-encoding q8|q4|q2); the rest waits in the sender's error feedback (1: all)")
+    rebase_scales: bool = option(True, "server.rebase-scales",
+        "with codec.state-scale-encoding q8|q4|q2: a node's scales count as the ones it holds plus its delta (true), "
+        "or its delta as a change to the global scales (false: what the node's held scales lag by does not enter the average)")
     history: int = option(16, "server.history",
         "versions kept for downlink deltas (a node back after more rounds gets a delta against version 0; server RAM: ~1 byte a sign per version)")
     enforce_budget: bool = option(True, "server.enforce-budget", "reject updates flipping more than flip.budget of the signs")
