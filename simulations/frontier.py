@@ -68,7 +68,11 @@ from simulations.run import QUICK, project_run_config
 # defaults change (the budget applied once, after local training: the library's way until
 # flip.every-step became the default).
 _FLIPS = {"flip.m0": 0.002, "flip.budget": 0.05}
-_NO_SCHEDULE = {"flip.budget-start": 0.0, "server.flip-budget-start": 0.0,  # the budgets every round
+# the wire's scale settings every variant starts from (8-bit stochastic uplink codes, exact fp16 XOR
+# downlink deltas, every segment each round), stated so a variant keeps its meaning when the defaults change
+_WIRE = {"codec.scale-encoding": "q8", "codec.scale-rounding": "stochastic", "codec.scale-error-feedback": False,
+         "codec.state-scale-encoding": "fp16", "codec.scale-fraction": 1.0, "server.rebase-scales": True}
+_NO_SCHEDULE = {**_WIRE, "flip.budget-start": 0.0, "server.flip-budget-start": 0.0,  # the budgets every round
                 "flip.every-step": False, "server.history": 4,  # 4 kept versions: the library's until 16
                 "scale-lr-ratio": 1.0}  # the scales at lr: the library's until the ratio 2
 _LEAN = {**_NO_SCHEDULE, "method": "lordba", "server.aggregator": "refit", "scales": "mid,out", "flip.m0": 0.002,
