@@ -31,7 +31,7 @@ import torch
 
 from simulations.common import emit
 
-ENCODINGS = ("q8", "q4", "q2")
+ENCODINGS = ("q8", "q4", "q3", "q2")
 ROUNDINGS = ("stochastic", "nearest")
 
 

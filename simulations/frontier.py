@@ -146,7 +146,10 @@ LORDBA_VARIANTS: dict[str, dict] = {
     # 4-bit scale deltas both ways (nearest rounding, the client's and the server's error feedback)
     "lordba-step-decay-q4n-both-h16-lr2": {**_NOW, "codec.scale-encoding": "q4", "codec.scale-error-feedback": True,
                                            "codec.state-scale-encoding": "q4", "codec.scale-rounding": "nearest"},
-    # the same carrying half the out-scale entries a round (the segments with the largest mean squared
+    # 3-bit codes (in [-3, 3]) both ways, otherwise the same
+    "lordba-step-decay-q3n-both-h16-lr2": {**_NOW, "codec.scale-encoding": "q3", "codec.scale-error-feedback": True,
+                                           "codec.state-scale-encoding": "q3", "codec.scale-rounding": "nearest"},
+    # the 4-bit codes carrying half the out-scale entries a round (the segments with the largest mean squared
     # delta; the rest waits in the client's and the server's error feedback)
     "lordba-step-decay-q4n-both-f50-h16-lr2": {**_NOW, "codec.scale-encoding": "q4", "codec.scale-error-feedback": True,
                                                "codec.state-scale-encoding": "q4", "codec.scale-rounding": "nearest",

@@ -140,7 +140,7 @@ def test_run_length_sign_coding_by_hand():
 @given(
     shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 40), st.integers(1, 9)), min_size=1, max_size=4),
     p=st.floats(0, 1),
-    encoding=st.sampled_from(["fp16", "q8", "q4", "q2"]),
+    encoding=st.sampled_from(["fp16", "q8", "q4", "q3", "q2"]),
     scales=st.sampled_from([("in", "mid", "out"), ("mid", "out"), ("in",)]),
     seed=st.integers(0, 2**31 - 1),
 )
@@ -156,7 +156,7 @@ def test_update_round_trip(shapes, p, encoding, scales, seed):
         assert torch.equal(out.scale_delta, update.scale_delta.half().float())
     else:
         # every value on its segment's grid q * step, |q| <= L, within one step of the truth
-        levels = {"q8": 127, "q4": 7, "q2": 1}[encoding]
+        levels = {"q8": 127, "q4": 7, "q3": 3, "q2": 1}[encoding]
         steps = torch.from_numpy(np.repeat(np.frombuffer(_q8_steps(frame, spec, opts), np.float16).astype(np.float32), spec.scale_segments))
         q = torch.where(steps > 0, out.scale_delta / steps, torch.zeros_like(steps))
         assert torch.equal(q, q.round()) and q.abs().max() <= levels
@@ -193,15 +193,14 @@ def test_q8_step_and_stochastic_rounding_by_hand():
     assert abs(float(outs[:, 0].mean()) - 1.27) < 4 * step / 2 / np.sqrt(2000)
 
 
-@pytest.mark.parametrize("encoding, bits", [("q4", 4), ("q2", 2)])
-def test_low_bit_scale_codes_by_hand(encoding, bits):
+@pytest.mark.parametrize("encoding, levels", [("q4", 7), ("q3", 3), ("q2", 1)])
+def test_low_bit_scale_codes_by_hand(encoding, levels):
     spec = _spec(((3, 1, 1),), ("in",))  # one segment of 3 values
     delta = torch.tensor([0.7, -0.35, 0.0])
     opts = CodecOptions(scale_encoding=encoding)
     flips = torch.zeros(spec.n_bits, dtype=torch.bool)
     outs = torch.stack([decode_update(encode_update(Update(0, 0, flips, delta), spec, opts, rng=s), spec, opts).scale_delta
                         for s in range(2000)])
-    levels = (1 << (bits - 1)) - 1
     step = float(np.float16(0.7 / levels)) if np.float16(0.7 / levels) >= 0.7 / levels else float(
         np.nextafter(np.float16(0.7 / levels), np.float16(1)))  # 0.7 / L rounded up to fp16
     assert torch.equal(outs[:, 2], torch.zeros(2000))  # a zero delta is sent as exactly zero
@@ -212,6 +211,8 @@ def test_low_bit_scale_codes_by_hand(encoding, bits):
         assert abs(float(outs[:, i].mean()) - v) < 4 * step / 2 / np.sqrt(2000) + 1e-7
     frame = encode_update(Update(0, 0, flips, delta), spec, opts, rng=0)
     assert len(_q8_steps(frame, spec, opts)) == 2  # one fp16 step, then ceil(3 * bits / 8) code bytes
+    h = read_header(frame)  # 3 codes in 4-bit fields (q4, q3) or 2-bit ones (q2): 2 or 1 bytes after the step
+    assert h.scale_raw == 2 + {7: 2, 3: 2, 1: 1}[levels]
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -269,11 +270,16 @@ def test_low_bit_scale_sections_with_bad_codes_are_refused():
 
     seg = np.array([3])
     step = np.float16(0.1).tobytes()
-    assert np.allclose(_decode_q(step + pack_codes(np.array([0, 7, 14]), 4).tobytes(), seg, 4), [-0.7, 0.0, 0.7], atol=1e-3)
+    Q4, Q3, Q2 = ScaleEncoding.Q4, ScaleEncoding.Q3, ScaleEncoding.Q2
+    assert np.allclose(_decode_q(step + pack_codes(np.array([0, 7, 14]), 4).tobytes(), seg, Q4), [-0.7, 0.0, 0.7], atol=1e-3)
     with pytest.raises(MalformedFrameError, match="outside"):
-        _decode_q(step + pack_codes(np.array([0, 15, 14]), 4).tobytes(), seg, 4)  # 15: code 8, past 7
+        _decode_q(step + pack_codes(np.array([0, 15, 14]), 4).tobytes(), seg, Q4)  # 15: code 8, past 7
+    # q3: 4-bit fields holding code + 3 in 0..6
+    assert np.allclose(_decode_q(step + pack_codes(np.array([0, 3, 6]), 4).tobytes(), seg, Q3), [-0.3, 0.0, 0.3], atol=1e-3)
+    with pytest.raises(MalformedFrameError, match=r"q3 scale section has a code outside \[-3, 3\]"):
+        _decode_q(step + pack_codes(np.array([0, 7, 6]), 4).tobytes(), seg, Q3)  # 7: code 4, past 3
     with pytest.raises(MalformedFrameError, match="padding"):
-        _decode_q(step + bytes([0b11_01_01_01]), seg, 2)  # the 4th 2-bit field is padding and must be 0
+        _decode_q(step + bytes([0b11_01_01_01]), seg, Q2)  # the 4th 2-bit field is padding and must be 0
 
 
 def test_sparse_updates_are_run_length_coded_and_small():
@@ -408,7 +414,7 @@ def test_quantized_state_delta_by_hand(bits, codes):
     # a full frame is fp16 whatever the delta encoding
     assert read_header(encode_state(target, spec, opts)).scale_encoding == ScaleEncoding.FP16
     with pytest.raises(ValueError, match="state_scale_encoding"):
-        CodecOptions(state_scale_encoding="q3")
+        CodecOptions(state_scale_encoding="q5")
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -51,7 +51,7 @@ def test_overrides_are_typed_and_nested():
         ({"server.history": 0}, "'server.history' must be >= 1"),
         ({"codec.level": 30}, r"codec.level must be an integer in \[-7, 22\]"),
         ({"codec.level": -8}, r"codec.level must be an integer in \[-7, 22\]"),
-        ({"codec.scale-encoding": "fp8"}, r"'codec.scale-encoding' must be one of \['q8', 'q4', 'q2', 'fp16'\]"),
+        ({"codec.scale-encoding": "fp8"}, r"'codec.scale-encoding' must be one of \['q8', 'q4', 'q3', 'q2', 'fp16'\]"),
         ({"codec.scale-fraction": 0.0}, r"'codec.scale-fraction' must be a fraction in \(0, 1\]"),
         ({"codec.scale-fraction": 0.5}, "only codec.scale-error-feedback keeps: set codec.scale-error-feedback=true"),
         ({"eval.examples": -1}, "'eval.examples' must be >= 0"),

@@ -98,10 +98,13 @@ class ScaleEncoding(enum.IntEnum):
     FP16_XOR = 2  # state deltas: the fp16 bit patterns XOR those of the base version's scales
     Q4 = 3  # like Q8 with 4-bit codes in [-7, 7], two per byte
     Q2 = 4  # like Q8 with 2-bit codes in [-1, 1], four per byte
+    Q3 = 5  # like Q8 with codes in [-3, 3] in 4-bit fields, two per byte (zstd's entropy stage takes the spare bit)
 
 
-_SCALE_ENCODINGS = {"fp16": ScaleEncoding.FP16, "q8": ScaleEncoding.Q8, "q4": ScaleEncoding.Q4, "q2": ScaleEncoding.Q2}
-_QUANT_BITS = {ScaleEncoding.Q8: 8, ScaleEncoding.Q4: 4, ScaleEncoding.Q2: 2}
+_SCALE_ENCODINGS = {"fp16": ScaleEncoding.FP16, "q8": ScaleEncoding.Q8, "q4": ScaleEncoding.Q4,
+                    "q3": ScaleEncoding.Q3, "q2": ScaleEncoding.Q2}
+# quantized scale encodings: (bits of a packed field, L: codes in [-L, L])
+_QUANT = {ScaleEncoding.Q8: (8, 127), ScaleEncoding.Q4: (4, 7), ScaleEncoding.Q3: (4, 3), ScaleEncoding.Q2: (2, 1)}
 SCALE_ROUNDINGS = ("stochastic", "nearest")
 
 
@@ -114,9 +117,9 @@ class CodecOptions:
     level : int
         zstd compression level (-7 fastest ... 22 smallest); 3 is zstd's default.
     scale_encoding : str
-        Uplink scale deltas as ``"fp16"``, ``"q8"``, ``"q4"`` or ``"q2"`` (8 / 4 / 2-bit codes in
-        ``[-L, L]``, ``L = 2^(bits-1) - 1``, one fp16 step per layer and scale kind, rounded as
-        ``scale_rounding`` says).
+        Uplink scale deltas as ``"fp16"``, ``"q8"``, ``"q4"``, ``"q3"`` or ``"q2"`` (codes in
+        ``[-L, L]``, L = 127 / 7 / 3 / 1, in 8 / 4 / 4 / 2-bit fields, one fp16 step per layer and
+        scale kind, rounded as ``scale_rounding`` says).
     dictionary : bytes, optional
         A zstd dictionary (:func:`train_dictionary`) used for every section.
     state_mantissa_bits : int
@@ -124,14 +127,14 @@ class CodecOptions:
         downlink's XOR deltas cheaper (7 is bfloat16's precision). Rounded to nearest even, in full
         and delta frames alike, so every receiver holds the same values.
     scale_rounding : str
-        How ``q8`` / ``q4`` / ``q2`` uplink codes round: ``"stochastic"`` (the no-clip step
+        How ``q8`` / ``q4`` / ``q3`` / ``q2`` uplink codes round: ``"stochastic"`` (the no-clip step
         ``max|x| / L``, unbiased) or ``"nearest"`` (the step, among ``max|x| / L`` times
         ``2^(-j/2)``, j = 0..8, with the least squared error per layer and scale kind; codes clip at
         ``L``; biased toward zero, so pair it with the client's error feedback). Receivers decode
         both alike.
     state_scale_encoding : str
         Broadcast scales of a *delta* frame: ``"fp16"`` (the exact fp16 bits XOR the base's) or
-        ``"q8"`` / ``"q4"`` / ``"q2"``: codes in ``[-L, L]`` of the difference to the receiver's
+        ``"q8"`` / ``"q4"`` / ``"q3"`` / ``"q2"``: codes in ``[-L, L]`` of the difference to the receiver's
         scales, rounded to nearest, one fp16 step per layer and scale kind chosen to minimise the
         squared error (steps above ``L`` clip); the receiver holds ``base + q * step`` rounded to
         ``state_mantissa_bits``, which the sender reproduces by decoding its own frame. Full frames
@@ -409,13 +412,14 @@ def _decode_fp16_xor(raw: bytes, base: np.ndarray, n: int, mantissa_bits: int = 
     return values
 
 
-def _encode_q(values: np.ndarray, segments: np.ndarray, rng: np.random.Generator, bits: int) -> bytes:
-    levels = (1 << (bits - 1)) - 1  # 127, 7, 1: symmetric codes, so a zero delta is exactly 0
+def _encode_q(values: np.ndarray, segments: np.ndarray, rng: np.random.Generator, enc: ScaleEncoding) -> bytes:
+    bits, levels = _QUANT[enc]  # symmetric codes in [-L, L], so a zero delta is exactly 0
     starts = np.concatenate([[0], np.cumsum(segments)[:-1]])  # (S,)
     amax = np.maximum.reduceat(np.abs(values), starts)  # (S,)
     step = fp16_round(amax / levels, up=True)  # rounded up: |x| / step <= levels, nothing clips
     if not np.isfinite(step).all():
-        raise ValueError(f"a scale delta exceeds {levels} * 65504 and cannot be sent as q{bits}; use scale_encoding='fp16'")
+        raise ValueError(f"a scale delta exceeds {levels} * 65504 and cannot be sent as {enc.name.lower()}; "
+                         "use scale_encoding='fp16'")
     full = np.repeat(step.astype(np.float32), segments)  # (n,)
     x = np.divide(values, full, out=np.zeros_like(values), where=full > 0)
     q = np.floor(x + rng.random(values.size, dtype=np.float32))  # stochastic rounding: E[q] = x
@@ -428,11 +432,11 @@ def _encode_q(values: np.ndarray, segments: np.ndarray, rng: np.random.Generator
 _STEP_FRACTIONS = 2.0 ** (-np.arange(9) / 2.0)
 
 
-def _encode_q_nearest(values: np.ndarray, segments: np.ndarray, bits: int) -> bytes:
-    """``values`` as ``bits``-bit codes rounded to nearest, per segment the fp16 step (among
+def _encode_q_nearest(values: np.ndarray, segments: np.ndarray, enc: ScaleEncoding) -> bytes:
+    """``values`` as ``enc``'s codes rounded to nearest, per segment the fp16 step (among
     :data:`_STEP_FRACTIONS` of the no-clip one) with the least squared error, codes clipped to
     ``[-L, L]``; the layout of :func:`_encode_q`, so :func:`_decode_q` reads it. Deterministic."""
-    levels = (1 << (bits - 1)) - 1
+    bits, levels = _QUANT[enc]
     starts = np.concatenate([[0], np.cumsum(segments)[:-1]])  # (S,)
     seg = np.repeat(np.arange(segments.size), segments)  # (n,) the segment of each value
     amax = np.maximum.reduceat(np.abs(values), starts)  # (S,)
@@ -446,7 +450,7 @@ def _encode_q_nearest(values: np.ndarray, segments: np.ndarray, bits: int) -> by
     for f in _STEP_FRACTIONS:
         step = fp16_round((amax / levels * f).astype(np.float32), up=True)
         if not np.isfinite(step).all():
-            raise ValueError(f"a broadcast scale delta exceeds {levels} * 65504 and cannot be sent as q{bits}; "
+            raise ValueError(f"a broadcast scale delta exceeds {levels} * 65504 and cannot be sent as {enc.name.lower()}; "
                              "use codec.state-scale-encoding='fp16'")
         _, err = rounded(step)
         if best_step is None:
@@ -459,13 +463,14 @@ def _encode_q_nearest(values: np.ndarray, segments: np.ndarray, bits: int) -> by
     return best_step.astype(np.float16).tobytes() + codes
 
 
-def _decode_q(raw: bytes, segments: np.ndarray, bits: int) -> np.ndarray:
-    s, n, levels = segments.size, int(segments.sum()), (1 << (bits - 1)) - 1
+def _decode_q(raw: bytes, segments: np.ndarray, enc: ScaleEncoding) -> np.ndarray:
+    (bits, levels), name = _QUANT[enc], ScaleEncoding(enc).name.lower()
+    s, n = segments.size, int(segments.sum())
     step = np.frombuffer(raw[: 2 * s], dtype=np.float16)
     if not np.isfinite(step).all():
-        raise NonFiniteError(f"q{bits} scale section has a NaN or infinite quantization step")
+        raise NonFiniteError(f"{name} scale section has a NaN or infinite quantization step")
     if (step < 0).any():
-        raise MalformedFrameError(f"q{bits} scale section has a negative quantization step")
+        raise MalformedFrameError(f"{name} scale section has a negative quantization step")
     if bits == 8:
         q = np.frombuffer(raw[2 * s :], dtype=np.int8)
         if (q == -128).any():
@@ -474,7 +479,7 @@ def _decode_q(raw: bytes, segments: np.ndarray, bits: int) -> np.ndarray:
         packed = np.frombuffer(raw[2 * s :], dtype=np.uint8)
         codes = unpack_codes(packed, bits, n)
         if (codes > 2 * levels).any() or (n % (8 // bits) and packed[-1] >> (bits * (n % (8 // bits)))):
-            raise MalformedFrameError(f"q{bits} scale section has a code outside [-{levels}, {levels}] or padding set")
+            raise MalformedFrameError(f"{name} scale section has a code outside [-{levels}, {levels}] or padding set")
         q = codes.astype(np.int16) - levels
     return q.astype(np.float32) * np.repeat(step.astype(np.float32), segments)
 
@@ -504,16 +509,16 @@ def _carried(values: np.ndarray, spec: AdapterSpec, fraction: float) -> np.ndarr
 
 
 def _encode_uplink_scales(values: np.ndarray, spec: AdapterSpec, options: CodecOptions, rng) -> bytes:
-    """An update's scale section: fp16, or ``q8`` / ``q4`` / ``q2`` codes rounded as
+    """An update's scale section: fp16, or ``q8`` / ``q4`` / ``q3`` / ``q2`` codes rounded as
     ``options.scale_rounding`` says (``rng``: the source of the stochastic rounding), of the
     segments ``options.scale_fraction`` carries."""
     values = _carried(values, spec, options.scale_fraction)
     enc = _SCALE_ENCODINGS[options.scale_encoding]
-    if enc not in _QUANT_BITS:
+    if enc not in _QUANT:
         return _encode_fp16(values, "update.scale_delta")
     if options.scale_rounding == "nearest":
-        return _encode_q_nearest(values, spec.scale_segments, _QUANT_BITS[enc])
-    return _encode_q(values, spec.scale_segments, np.random.default_rng(rng), _QUANT_BITS[enc])
+        return _encode_q_nearest(values, spec.scale_segments, enc)
+    return _encode_q(values, spec.scale_segments, np.random.default_rng(rng), enc)
 
 
 def scale_roundtrip(delta, spec: AdapterSpec, options: CodecOptions, rng) -> np.ndarray:
@@ -522,16 +527,16 @@ def scale_roundtrip(delta, spec: AdapterSpec, options: CodecOptions, rng) -> np.
     the difference of for error feedback."""
     values = _as_numpy_f32(delta, spec.n_scales, "scale delta")
     enc = _SCALE_ENCODINGS[options.scale_encoding]
-    if enc in _QUANT_BITS:
-        return _decode_q(_encode_uplink_scales(values, spec, options, rng), spec.scale_segments, _QUANT_BITS[enc])
+    if enc in _QUANT:
+        return _decode_q(_encode_uplink_scales(values, spec, options, rng), spec.scale_segments, enc)
     return _carried(values, spec, options.scale_fraction).astype(np.float16).astype(np.float32)
 
 
 def _scale_raw_bytes(spec: AdapterSpec, encoding: int) -> int:
     if encoding in (ScaleEncoding.FP16, ScaleEncoding.FP16_XOR):
         return 2 * spec.n_scales
-    if encoding in _QUANT_BITS:
-        return 2 * spec.scale_segments.size + (spec.n_scales * _QUANT_BITS[encoding] + 7) // 8
+    if encoding in _QUANT:
+        return 2 * spec.scale_segments.size + (spec.n_scales * _QUANT[encoding][0] + 7) // 8
     raise MalformedFrameError(f"unknown scale encoding {encoding}; known: {[e.name for e in ScaleEncoding]}")
 
 
@@ -682,8 +687,8 @@ def decode_update(buf: bytes, spec: AdapterSpec, options: CodecOptions | None = 
     """Decode and fully validate an update frame; raises a :class:`CodecError` subclass on any defect."""
     options = options or CodecOptions()
     h, bits, scale_raw = _parse(buf, spec, options, (FrameKind.UPDATE,))
-    if h.scale_encoding in _QUANT_BITS:
-        delta = _decode_q(scale_raw, spec.scale_segments, _QUANT_BITS[h.scale_encoding])
+    if h.scale_encoding in _QUANT:
+        delta = _decode_q(scale_raw, spec.scale_segments, ScaleEncoding(h.scale_encoding))
     else:
         delta = _decode_fp16(scale_raw, spec.n_scales)
     return Update(h.round, h.version, torch.from_numpy(bits), torch.from_numpy(delta))
@@ -718,9 +723,9 @@ def encode_state(
         kind, bits, base_version = FrameKind.STATE_DELTA, neg ^ base_neg, _u32("base.version", base.version)
         base_values = _as_numpy_f32(base.scales, spec.n_scales, "base.scales")
         enc = _SCALE_ENCODINGS[options.state_scale_encoding]
-        if enc in _QUANT_BITS:
+        if enc in _QUANT:
             diff = _carried(values - base_values, spec, options.scale_fraction)
-            raw = _encode_q_nearest(diff, spec.scale_segments, _QUANT_BITS[enc])
+            raw = _encode_q_nearest(diff, spec.scale_segments, enc)
         else:
             enc, raw = ScaleEncoding.FP16_XOR, _encode_fp16_xor(values, base_values, "state.scales", m)
     return _build(
@@ -750,7 +755,7 @@ def decode_state(
     """
     options = options or CodecOptions()
     h, bits, scale_raw = _parse(buf, spec, options, (FrameKind.STATE_FULL, FrameKind.STATE_DELTA))
-    allowed = ((ScaleEncoding.FP16, ScaleEncoding.FP16_XOR, *_QUANT_BITS) if h.kind == FrameKind.STATE_DELTA
+    allowed = ((ScaleEncoding.FP16, ScaleEncoding.FP16_XOR, *_QUANT) if h.kind == FrameKind.STATE_DELTA
                else (ScaleEncoding.FP16,))
     if h.scale_encoding not in allowed:
         raise MalformedFrameError(f"{FrameKind(h.kind).name} frames carry {' or '.join(e.name for e in allowed)} "
@@ -767,10 +772,10 @@ def decode_state(
     if h.scale_encoding == ScaleEncoding.FP16_XOR:
         base_values = _as_numpy_f32(base.scales, spec.n_scales, "base.scales")
         scales = torch.from_numpy(_decode_fp16_xor(scale_raw, base_values, spec.n_scales, options.state_mantissa_bits))
-    elif h.scale_encoding in _QUANT_BITS:  # the held scales plus the codes, rounded as the sender's state is
+    elif h.scale_encoding in _QUANT:  # the held scales plus the codes, rounded as the sender's state is
         base_values = _as_numpy_f32(base.scales, spec.n_scales, "base.scales")
         with np.errstate(over="ignore", invalid="ignore"):
-            values = base_values + _decode_q(scale_raw, spec.scale_segments, _QUANT_BITS[h.scale_encoding])
+            values = base_values + _decode_q(scale_raw, spec.scale_segments, ScaleEncoding(h.scale_encoding))
         if not (np.abs(values) <= 65504).all():  # NaN compares False
             bad = int(np.flatnonzero(~(np.abs(values) <= 65504))[0])
             raise NonFiniteError(f"scale delta frame takes scale {bad} to {values[bad]:g}, outside fp16's range")

@@ -49,7 +49,7 @@ class LoRDBASettings(MethodSettings):
     state_mantissa_bits: int = option(7, "codec.state-mantissa-bits",
         "mantissa bits of broadcast scales (10: fp16; 7: bfloat16 precision, cheaper downlink deltas)")
     state_scale_encoding: str = option("fp16", "codec.state-scale-encoding",
-        "downlink scale deltas: fp16 (exact XOR of fp16 bits) | q8 | q4 | q2 (codes of the difference to what the node holds; the server keeps each node's scales: 4 bytes a scale per node)")
+        "downlink scale deltas: fp16 (exact XOR of fp16 bits) | q8 | q4 | q3 | q2 (codes of the difference to what the node holds; the server keeps each node's scales: 4 bytes a scale per node)")
     scale_init: str = option("normalized", "init.scales",
         "normalized (s_in = 1/sqrt(in), s_mid = 1/sqrt(r): LoRA-sized steps) | ones")
     scale_lr: str = option("uniform", "scale-lr",
@@ -72,7 +72,7 @@ class LoRDBASettings(MethodSettings):
     server_momentum: float = option(0.0, "server.momentum",
         "refit: FedAvgM momentum of each layer's product change, kept by the server (one fp32 (out, in) matrix a layer; 0: off)")
     scale_encoding: str = option("q8", "codec.scale-encoding",
-        "uplink scale deltas: q8 | q4 | q2 (codes in [-127,127] / [-7,7] / [-1,1], one fp16 step per layer, rounded as "
+        "uplink scale deltas: q8 | q4 | q3 | q2 (codes in [-127,127] / [-7,7] / [-3,3] / [-1,1], one fp16 step per layer, rounded as "
         "codec.scale-rounding says) | fp16")
     scale_rounding: str = option("stochastic", "codec.scale-rounding",
         "q8/q4/q2 uplink codes: stochastic (no-clip step, unbiased) | nearest (the least-squares step per layer, "
@@ -81,9 +81,9 @@ class LoRDBASettings(MethodSettings):
         "each client keeps what quantizing its scale delta lost and adds it to its next one (state: 4 bytes a scale)")
     scale_fraction: float = option(1.0, "codec.scale-fraction",
         "share of the s_in/s_out scale entries a frame's deltas carry, whole layers by mean squared delta first, s_mid always "
-        "(up, and down with codec.state-scale-encoding q8|q4|q2); the rest waits in the sender's error feedback (1: all)")
+        "(up, and down with codec.state-scale-encoding q8|q4|q3|q2); the rest waits in the sender's error feedback (1: all)")
     rebase_scales: bool = option(True, "server.rebase-scales",
-        "with codec.state-scale-encoding q8|q4|q2: a node's scales count as the ones it holds plus its delta (true), "
+        "with codec.state-scale-encoding q8|q4|q3|q2: a node's scales count as the ones it holds plus its delta (true), "
         "or its delta as a change to the global scales (false: what the node's held scales lag by does not enter the average)")
     history: int = option(16, "server.history",
         "versions kept for downlink deltas (a node back after more rounds gets a delta against version 0; server RAM: ~1 byte a sign per version)")
@@ -101,8 +101,8 @@ class LoRDBASettings(MethodSettings):
         for key, value, known in (("server.refit", self.refit_mode, REFIT_MODES), ("init.scales", self.scale_init, SCALE_INITS),
                                   ("scale-lr", self.scale_lr, SCALE_LRS), ("init.signs", self.sign_init, SIGN_INITS),
                                   ("server.scale-rule", self.scale_rule, SCALE_RULES),
-                                  ("codec.scale-encoding", self.scale_encoding, ("q8", "q4", "q2", "fp16")),
-                                  ("codec.state-scale-encoding", self.state_scale_encoding, ("fp16", "q8", "q4", "q2")),
+                                  ("codec.scale-encoding", self.scale_encoding, ("q8", "q4", "q3", "q2", "fp16")),
+                                  ("codec.state-scale-encoding", self.state_scale_encoding, ("fp16", "q8", "q4", "q3", "q2")),
                                   ("codec.scale-rounding", self.scale_rounding, SCALE_ROUNDINGS),
                                   ("client.state", self.client_state, STATE_KINDS),
                                   ("client.state-dtype", self.client_state_dtype, STATE_DTYPES)):
