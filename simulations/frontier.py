@@ -150,10 +150,11 @@ LORDBA_VARIANTS: dict[str, dict] = {
     "lordba-step-decay-q3n-both-h16-lr2": {**_NOW, "codec.scale-encoding": "q3", "codec.scale-error-feedback": True,
                                            "codec.state-scale-encoding": "q3", "codec.scale-rounding": "nearest"},
     # the 4-bit codes carrying half the out-scale entries a round (the segments with the largest mean squared
-    # delta; the rest waits in the client's and the server's error feedback)
+    # delta; the rest waits in the client's and the server's error feedback); a node's delta is a change
+    # to the global scales (what its held scales lag by stays out of the average)
     "lordba-step-decay-q4n-both-f50-h16-lr2": {**_NOW, "codec.scale-encoding": "q4", "codec.scale-error-feedback": True,
                                                "codec.state-scale-encoding": "q4", "codec.scale-rounding": "nearest",
-                                               "codec.scale-fraction": 0.5},
+                                               "codec.scale-fraction": 0.5, "server.rebase-scales": False},
     # the defaults with the server's learning rate on the refit's averaged change at 1.5 (replayed on
     # skills: -0.7% / -2.5% on seeds 0 / 1)
     "lordba-step-decay-eta15-h16-lr2": {**_NOW, "server.eta": 1.5},

@@ -54,6 +54,8 @@ def test_overrides_are_typed_and_nested():
         ({"codec.scale-encoding": "fp8"}, r"'codec.scale-encoding' must be one of \['q8', 'q4', 'q3', 'q2', 'fp16'\]"),
         ({"codec.scale-fraction": 0.0}, r"'codec.scale-fraction' must be a fraction in \(0, 1\]"),
         ({"codec.scale-fraction": 0.5}, "only codec.scale-error-feedback keeps: set codec.scale-error-feedback=true"),
+        ({"codec.scale-fraction": 0.5, "codec.scale-error-feedback": True, "codec.state-scale-encoding": "q4"},
+         "set server.rebase-scales=false"),
         ({"eval.examples": -1}, "'eval.examples' must be >= 0"),
         ({"seed": -3}, "'seed' must be >= 0"),
         ({"scales": "in,top"}, "'scales' must be a non-empty comma list"),

@@ -137,6 +137,10 @@ class LoRDBASettings(MethodSettings):
         if self.scale_fraction < 1.0 and not self.scale_error_feedback:
             raise ValueError("codec.scale-fraction < 1 leaves part of each client's scale delta for a later round, which "
                              "only codec.scale-error-feedback keeps: set codec.scale-error-feedback=true, or codec.scale-fraction=1")
+        if self.scale_fraction < 1.0 and self.state_scale_encoding != "fp16" and self.rebase_scales:
+            raise ValueError("codec.scale-fraction < 1 leaves part of a node's scales behind the global ones until a later "
+                             "downlink, and server.rebase-scales=true would count what they lag by in the average: "
+                             "set server.rebase-scales=false (or codec.scale-fraction=1)")
         if self.stateful and self.flip.select == "gradient":
             raise ValueError("client.state keeps each node's latent magnitudes, which flip.select=gradient does not "
                              "train (its latents stay at +-flip.m0): set client.state=none or flip.select=latent")
