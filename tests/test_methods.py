@@ -212,7 +212,8 @@ def test_quantized_downlink_server_mirrors_what_each_node_holds():
     from lordba_fl.runconfig import parse_run_config
 
     run = parse_run_config({"model": "tiny-llama", "rank": 4, "alpha": 8.0, "codec.state-scale-encoding": "q2",
-                            "codec.scale-encoding": "fp16", "server.aggregator": "vote", "flip.budget": 0.01})
+                            "codec.scale-encoding": "fp16", "server.aggregator": "vote", "flip.budget": 0.01,
+                            "server.rebase-scales": True})
     server, _, m = _adapted_model(run)
     m.init_server(server)
     client, _, cm = _adapted_model(run)
