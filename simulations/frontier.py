@@ -146,6 +146,13 @@ LORDBA_VARIANTS: dict[str, dict] = {
     # 4-bit scale deltas both ways (nearest rounding, the client's and the server's error feedback)
     "lordba-step-decay-q4n-both-h16-lr2": {**_NOW, "codec.scale-encoding": "q4", "codec.scale-error-feedback": True,
                                            "codec.state-scale-encoding": "q4", "codec.scale-rounding": "nearest"},
+    # the 2 / 4-bit codes both ways with a node's delta a change to the global scales (what its held
+    # scales lag by stays out of the average: server.rebase-scales = false)
+    "lordba-step-decay-q2n-both-norebase-h16-lr2": {**_NOW, **_Q2_BOTH, "codec.scale-rounding": "nearest",
+                                                    "server.rebase-scales": False},
+    "lordba-step-decay-q4n-both-norebase-h16-lr2": {**_NOW, "codec.scale-encoding": "q4", "codec.scale-error-feedback": True,
+                                                    "codec.state-scale-encoding": "q4", "codec.scale-rounding": "nearest",
+                                                    "server.rebase-scales": False},
     # 3-bit codes (in [-3, 3]) both ways, otherwise the same
     "lordba-step-decay-q3n-both-h16-lr2": {**_NOW, "codec.scale-encoding": "q3", "codec.scale-error-feedback": True,
                                            "codec.state-scale-encoding": "q3", "codec.scale-rounding": "nearest"},
