@@ -199,6 +199,20 @@ def test_projecting_flips_carrier_by_carrier_equals_the_flat_budget_cut(budget, 
     assert torch.equal(read_latents(model, spec), expected)
 
 
+def _q2_downlink_server_and_client(rebase: bool):
+    """A tiny-model server method (initialised) and a client method with 2-bit downlink codes."""
+    from lordba_fl.federation.apps import _adapted_model
+    from lordba_fl.runconfig import parse_run_config
+
+    run = parse_run_config({"model": "tiny-llama", "rank": 4, "alpha": 8.0, "codec.state-scale-encoding": "q2",
+                            "codec.scale-encoding": "fp16", "server.aggregator": "vote", "flip.budget": 0.01,
+                            "server.rebase-scales": rebase})
+    server, _, m = _adapted_model(run)
+    m.init_server(server)
+    client, _, cm = _adapted_model(run)
+    return run, server, m, client, cm
+
+
 def test_quantized_downlink_server_mirrors_what_each_node_holds():
     """codec.state-scale-encoding=q2: each node's scales move toward the global ones by 2-bit codes;
     the server holds exactly what each node decoded, reads the node's delta against it, and forgets
@@ -209,14 +223,8 @@ def test_quantized_downlink_server_mirrors_what_each_node_holds():
     from lordba_fl.methods import Reply
     from lordba_fl.methods.lordba.codec import decode_state, encode_state, encode_update
     from lordba_fl.methods.lordba.method import HELD_KEY
-    from lordba_fl.runconfig import parse_run_config
 
-    run = parse_run_config({"model": "tiny-llama", "rank": 4, "alpha": 8.0, "codec.state-scale-encoding": "q2",
-                            "codec.scale-encoding": "fp16", "server.aggregator": "vote", "flip.budget": 0.01,
-                            "server.rebase-scales": True})
-    server, _, m = _adapted_model(run)
-    m.init_server(server)
-    client, _, cm = _adapted_model(run)
+    run, server, m, client, cm = _q2_downlink_server_and_client(rebase=True)
     g = torch.Generator().manual_seed(0)
     states = {1: {}, 2: {}}
 
@@ -269,17 +277,10 @@ def test_a_node_behind_on_its_scales_counts_as_held_or_as_a_change(rebase):
     the global scales, the round changes nothing."""
     import torch
 
-    from lordba_fl.federation.apps import _adapted_model
     from lordba_fl.methods import Reply
     from lordba_fl.methods.lordba.codec import encode_update
-    from lordba_fl.runconfig import parse_run_config
 
-    run = parse_run_config({"model": "tiny-llama", "rank": 4, "alpha": 8.0, "codec.state-scale-encoding": "q2",
-                            "codec.scale-encoding": "fp16", "server.aggregator": "vote", "flip.budget": 0.01,
-                            "server.rebase-scales": rebase})
-    server, _, m = _adapted_model(run)
-    m.init_server(server)
-    client, _, cm = _adapted_model(run)
+    _, _, m, client, cm = _q2_downlink_server_and_client(rebase)
     no_flips = torch.zeros(m.spec.n_bits, dtype=torch.bool)
     for node in (1, 2):
         cm.client_load_(client, m.downlink(node, 1), {})
