@@ -706,7 +706,7 @@ def encode_state(
 
     Scales travel as fp16 in a full frame. A delta frame sends their fp16 bits XOR those of
     ``base.scales`` (``FP16_XOR``), so it reconstructs exactly what a full frame would, provided the
-    receiver holds ``base`` as it was broadcast; with ``options.state_scale_encoding`` q8 / q4 / q2 it
+    receiver holds ``base`` as it was broadcast; with ``options.state_scale_encoding`` q8 / q4 / q3 / q2 it
     sends the difference to ``base.scales`` in nearest-rounded codes instead, and the receiver holds
     an approximation of ``state.scales`` (of the segments ``options.scale_fraction`` carries; the
     others stay as in ``base``): :func:`decode_state` of the frame says which.
