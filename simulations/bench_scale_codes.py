@@ -5,7 +5,7 @@ The run's checkpoint (``--run-dir``, written by ``simulations.frontier`` / ``lor
 the broadcast scales of its last ``server.history`` versions. The difference between two
 consecutive versions is one round's aggregated scale delta, of the size and spread a client's
 uplink delta has (three clients' mean). Each is encoded as an update frame (no flips) with
-``codec.scale-encoding`` q8 / q4 / q2 and ``codec.scale-rounding`` stochastic / nearest, decoded,
+``codec.scale-encoding`` q8 / q4 / q3 / q2 and ``codec.scale-rounding`` stochastic / nearest, decoded,
 and compared. One JSON line per (encoding, rounding), medians over the run's versions:
 
 - ``rel_sq_error``: ``|decoded - delta|^2 / |delta|^2`` of one round (no error feedback; with
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--task", default="skills")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--fractions", default="1", help="comma list of codec.scale-fraction values to measure")
-    p.add_argument("--encodings", default=",".join(ENCODINGS), help="comma list of q8, q4, q2")
+    p.add_argument("--encodings", default=",".join(ENCODINGS), help="comma list of q8, q4, q3, q2")
     p.add_argument("--out", type=Path, default=Path("results/bench_scale_codes.jsonl"))
     args = p.parse_args(argv)
 

@@ -86,6 +86,15 @@ _DECAY = {"flip.budget": 0.0, "server.flip-budget": 0.0}  # the budgets halve al
 # the defaults now (lordba-step-decay-h16-lr2): 16 kept versions, the scales at twice lr
 _NOW = {**_DEFAULTS, **_DECAY, "flip.every-step": True, "server.history": 16, "scale-lr-ratio": 2.0}
 _Q2_BOTH = {"codec.scale-encoding": "q2", "codec.scale-error-feedback": True, "codec.state-scale-encoding": "q2"}
+
+
+def _nearest_both(enc: str) -> dict:
+    """``enc`` scale codes both ways, the uplink's rounded to nearest with the client's error feedback."""
+    return {"codec.scale-encoding": enc, "codec.scale-error-feedback": True, "codec.state-scale-encoding": enc,
+            "codec.scale-rounding": "nearest"}
+
+
+
 LORDBA_VARIANTS: dict[str, dict] = {
     "lordba-lean-ef": {**_LEAN, "server.error-feedback": True},
     "lordba-lean": {**_LEAN, "server.error-feedback": False},
@@ -142,26 +151,20 @@ LORDBA_VARIANTS: dict[str, dict] = {
     "lordba-step-decay-q2-both-h16-lr2": {**_NOW, **_Q2_BOTH},
     # the same with the uplink's codes rounded to nearest at the least-squares step (the client's error
     # feedback carries what they drop) instead of stochastically at the no-clip step
-    "lordba-step-decay-q2n-both-h16-lr2": {**_NOW, **_Q2_BOTH, "codec.scale-rounding": "nearest"},
+    "lordba-step-decay-q2n-both-h16-lr2": {**_NOW, **_nearest_both("q2")},
     # 4-bit scale deltas both ways (nearest rounding, the client's and the server's error feedback)
-    "lordba-step-decay-q4n-both-h16-lr2": {**_NOW, "codec.scale-encoding": "q4", "codec.scale-error-feedback": True,
-                                           "codec.state-scale-encoding": "q4", "codec.scale-rounding": "nearest"},
+    "lordba-step-decay-q4n-both-h16-lr2": {**_NOW, **_nearest_both("q4")},
     # the 2 / 4-bit codes both ways with a node's delta a change to the global scales (what its held
     # scales lag by stays out of the average: server.rebase-scales = false)
-    "lordba-step-decay-q2n-both-norebase-h16-lr2": {**_NOW, **_Q2_BOTH, "codec.scale-rounding": "nearest",
-                                                    "server.rebase-scales": False},
-    "lordba-step-decay-q4n-both-norebase-h16-lr2": {**_NOW, "codec.scale-encoding": "q4", "codec.scale-error-feedback": True,
-                                                    "codec.state-scale-encoding": "q4", "codec.scale-rounding": "nearest",
-                                                    "server.rebase-scales": False},
+    "lordba-step-decay-q2n-both-norebase-h16-lr2": {**_NOW, **_nearest_both("q2"), "server.rebase-scales": False},
+    "lordba-step-decay-q4n-both-norebase-h16-lr2": {**_NOW, **_nearest_both("q4"), "server.rebase-scales": False},
     # 3-bit codes (in [-3, 3]) both ways, otherwise the same
-    "lordba-step-decay-q3n-both-h16-lr2": {**_NOW, "codec.scale-encoding": "q3", "codec.scale-error-feedback": True,
-                                           "codec.state-scale-encoding": "q3", "codec.scale-rounding": "nearest"},
+    "lordba-step-decay-q3n-both-h16-lr2": {**_NOW, **_nearest_both("q3")},
     # the 4-bit codes carrying half the out-scale entries a round (the segments with the largest mean squared
     # delta; the rest waits in the client's and the server's error feedback); a node's delta is a change
     # to the global scales (what its held scales lag by stays out of the average)
-    "lordba-step-decay-q4n-both-f50-h16-lr2": {**_NOW, "codec.scale-encoding": "q4", "codec.scale-error-feedback": True,
-                                               "codec.state-scale-encoding": "q4", "codec.scale-rounding": "nearest",
-                                               "codec.scale-fraction": 0.5, "server.rebase-scales": False},
+    "lordba-step-decay-q4n-both-f50-h16-lr2": {**_NOW, **_nearest_both("q4"), "codec.scale-fraction": 0.5,
+                                               "server.rebase-scales": False},
     # the defaults with the server's learning rate on the refit's averaged change at 1.5 (replayed on
     # skills: -0.7% / -2.5% on seeds 0 / 1)
     "lordba-step-decay-eta15-h16-lr2": {**_NOW, "server.eta": 1.5},

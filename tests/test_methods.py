@@ -362,6 +362,38 @@ def test_a_per_step_budget_trains_the_scales_on_the_signs_that_are_sent(every_st
         assert int(trained.sum()) > allowed
 
 
+def test_a_warmup_round_keeps_the_scale_quantization_residual_too():
+    """init.warmup-rounds with codec.scale-error-feedback: the device-fitted round's 2-bit scale delta
+    plus the residual the node keeps is exactly what it trained (nothing is dropped in warm-up rounds)."""
+    import numpy as np
+
+    from lordba_fl.base.models import load_model
+    from lordba_fl.data import Example
+    from lordba_fl.methods import make_method
+    from lordba_fl.methods.lordba import RESIDUAL_KEY
+    from lordba_fl.methods.lordba.codec import decode_state, decode_update
+    from lordba_fl.methods.lordba.layout import read_scales
+    from lordba_fl.runconfig import parse_run_config
+
+    cfg = parse_run_config({"model": "tiny-llama", "rank": 4, "train.local-steps": 2, "train.batch-size": 2,
+                            "init.warmup-rounds": 1, "server.seeded-base": False, "codec.scale-encoding": "q2",
+                            "codec.scale-rounding": "nearest", "codec.scale-error-feedback": True})
+    server = make_method(cfg)
+    server.init_server(server.adapt(load_model("tiny-llama")[0]))
+    model, tok = load_model("tiny-llama")
+    client = make_method(cfg)
+    model = client.adapt(model)
+    down, state = server.downlink(1, 1), {}
+    glob = decode_state(down, client.spec, client.state_options)
+    examples = [Example(t[:5], t[5:]) for t in (f"{a} {b} {a} {b} {a}" for a in "abcd" for b in "ijkl")]
+    frame, _ = client.client_train(model, tok, down, state, examples, 1, seed=0)
+    sent = decode_update(frame, client.spec, client.options).scale_delta.numpy()
+    residual = np.frombuffer(state[RESIDUAL_KEY]["values"], np.float32)
+    trained = (read_scales(model, client.spec) - glob.scales).numpy()
+    assert np.abs(residual).max() > 0  # 2-bit codes lose something, which is kept
+    np.testing.assert_allclose(sent + residual, trained, rtol=0, atol=1e-6)
+
+
 def test_scale_lr_ratio_sets_the_scales_learning_rate_only(monkeypatch):
     """scale-lr-ratio: a client's optimizer gets every scale at ratio x lr and the latents at
     flip.latent-lr, unchanged; a ratio <= 0 is refused with the key named."""

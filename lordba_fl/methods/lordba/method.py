@@ -279,7 +279,7 @@ class LoRDBAMethod(Method):
         self.node_versions: dict[int, int] = {}
         self.participations: dict[int, int] = {}  # dp: privatized uplinks received per node
         self.node_ranks: dict[int, int] = {}  # heterogeneous devices: the rank each node trains
-        # codec.state-scale-encoding q8/q4/q2: the scales each node holds (with node_versions), and
+        # codec.state-scale-encoding q8/q4/q3/q2: the scales each node holds (with node_versions), and
         # those of the frame in flight to it until its reply confirms the version
         self.node_scales: dict[int, torch.Tensor] = {}
         self.pending_scales: dict[int, tuple[int, torch.Tensor]] = {}
@@ -344,7 +344,7 @@ class LoRDBAMethod(Method):
 
     @property
     def quantized_downlink(self) -> bool:
-        """``codec.state-scale-encoding`` q8/q4/q2: each node's scales move toward the global ones by
+        """``codec.state-scale-encoding`` q8/q4/q3/q2: each node's scales move toward the global ones by
         nearest-rounded codes, and the server keeps what every node holds (its error feedback)."""
         return self.state_options.state_scale_encoding != "fp16"
 
@@ -484,7 +484,7 @@ class LoRDBAMethod(Method):
 
     def _rebased(self, node_id: int, u: Update) -> Update:
         """A node's scale delta against the global scales: it trained from its own held scales
-        (``codec.state-scale-encoding`` q8/q4/q2), so its scales are those plus its delta; with
+        (``codec.state-scale-encoding`` q8/q4/q3/q2), so its scales are those plus its delta; with
         ``server.rebase-scales = false`` the delta is a change to the global scales as it came."""
         held = self.node_scales.get(node_id)
         if held is None or not self.cfg.rebase_scales:

@@ -75,7 +75,7 @@ class LoRDBASettings(MethodSettings):
         "uplink scale deltas: q8 | q4 | q3 | q2 (codes in [-127,127] / [-7,7] / [-3,3] / [-1,1], one fp16 step per layer, rounded as "
         "codec.scale-rounding says) | fp16")
     scale_rounding: str = option("stochastic", "codec.scale-rounding",
-        "q8/q4/q2 uplink codes: stochastic (no-clip step, unbiased) | nearest (the least-squares step per layer, "
+        "q8/q4/q3/q2 uplink codes: stochastic (no-clip step, unbiased) | nearest (the least-squares step per layer, "
         "codes clip; biased toward zero: pair it with codec.scale-error-feedback)")
     scale_error_feedback: bool = option(False, "codec.scale-error-feedback",
         "each client keeps what quantizing its scale delta lost and adds it to its next one (state: 4 bytes a scale)")
